@@ -1,0 +1,209 @@
+"""Everything Horovod: the ONLY module of the package that imports horovod.
+
+Training loops call these helpers so that they stay importable and testable without MPI: a plain `python`
+process is a size-1 Horovod job.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import torch
+import torch.nn as nn
+
+from .errors import ConsistencyError
+
+_INSTALL_HINT = ("Horovod is not installed (or does not import) in this environment: run `make setup` or "
+                 "`PYTHON=.venv/bin/python scripts/install_horovod.sh` (it patches Horovod 0.28.1 to build "
+                 "against torch 2.14)")
+
+
+def _hvd():
+    try:
+        import horovod.torch as hvd
+    except Exception as e:  # ImportError, or a broken build's OSError/undefined symbol
+        raise SystemExit(f"error: {_INSTALL_HINT} [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]")
+    return hvd
+
+
+def hvd():
+    """The horovod.torch module (one clear line and exit 1 if Horovod is missing)."""
+    return _hvd()
+
+
+def init() -> None:
+    h = _hvd()
+    if not h.is_initialized():
+        h.init()
+
+
+def rank() -> int:
+    return _hvd().rank()
+
+
+def size() -> int:
+    return _hvd().size()
+
+
+def local_rank() -> int:
+    return _hvd().local_rank()
+
+
+def local_size() -> int:
+    return _hvd().local_size()
+
+
+def is_root() -> bool:
+    return rank() == 0
+
+
+def setup_device(want_gpu: bool | None = None) -> torch.device:
+    """One process per GPU, pinned by local rank; the CPU where no GPU is visible."""
+    if torch.cuda.is_available() and want_gpu is not False:
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    # several ranks share a CPU machine: give each its share of the cores
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size())))
+    return torch.device("cpu")
+
+
+# --- collectives --------------------------------------------------------------------------------------------
+def allreduce(t: torch.Tensor, name: str | None = None, average: bool = True) -> torch.Tensor:
+    h = _hvd()
+    return h.allreduce(t, name=name, op=h.Average if average else h.Sum)
+
+
+def allreduce_sum(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """Differentiable Sum-allreduce (its backward allreduces the gradient)."""
+    h = _hvd()
+    return h.allreduce(t, name=name, op=h.Sum)
+
+
+def grouped_average(tensors: list[torch.Tensor], name: str) -> list[torch.Tensor]:
+    h = _hvd()
+    if h.size() == 1:
+        return list(tensors)
+    return h.grouped_allreduce(list(tensors), name=name, op=h.Average)
+
+
+def allgather_object(obj):
+    return _hvd().allgather_object(obj)
+
+
+def broadcast_object(obj, root_rank: int = 0, name: str | None = None):
+    h = _hvd()
+    if h.size() == 1:
+        return obj
+    return h.broadcast_object(obj, root_rank=root_rank, name=name)
+
+
+def broadcast_parameters(module: nn.Module, root_rank: int = 0) -> None:
+    """Parameters and buffers (weights, alphas, betas, BN statistics) from root to every rank."""
+    h = _hvd()
+    if h.size() > 1:
+        h.broadcast_parameters(module.state_dict(), root_rank=root_rank)
+
+
+def broadcast_optimizer(optimizer: torch.optim.Optimizer, root_rank: int = 0, name: str = "opt") -> None:
+    """Broadcast an optimizer's whole state_dict from root.
+
+    Deliberately not `hvd.broadcast_optimizer_state`: for a fresh optimizer that one runs a real step with zero
+    gradients, which with weight decay changes the weights and the momentum buffers - a one-rank run would then
+    differ from the published recipe.
+    """
+    h = _hvd()
+    if h.size() == 1:
+        return
+    state = h.broadcast_object(optimizer.state_dict(), root_rank=root_rank, name=f"bcast.{name}")
+    optimizer.load_state_dict(state)
+
+
+def barrier() -> None:
+    h = _hvd()
+    if h.size() > 1:
+        h.allreduce(torch.zeros(1), name="barrier", op=h.Sum)
+
+
+def distributed_optimizer(optimizer, named_parameters, fp16_allreduce: bool = False):
+    h = _hvd()
+    compression = h.Compression.fp16 if fp16_allreduce else h.Compression.none
+    return h.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=compression)
+
+
+def sum_metrics(values: list[float], name: str) -> list[float]:
+    """Sum a few float64 scalars over ranks (loss sums, correct counts, sample counts)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if size() > 1:
+        t = allreduce_sum(t, name=name)
+    return t.tolist()
+
+
+# --- consistency ---------------------------------------------------------------------------------------------
+def tensors_checksum(tensors) -> int:
+    """CRC32 over the raw bytes of the tensors, in order: equal iff the ranks hold bit-identical values."""
+    crc = 0
+    for t in tensors:
+        crc = zlib.crc32(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), crc)
+    return crc
+
+
+def check_consistency(named_tensors: dict[str, list[torch.Tensor]], where: str) -> dict[str, int]:
+    """Every rank computes a checksum per group; any disagreement stops every rank with a clear error."""
+    local = {k: tensors_checksum(v) for k, v in named_tensors.items()}
+    if size() == 1:
+        return local
+    everyone = allgather_object(local)
+    bad = [k for k in local if len({d[k] for d in everyone}) != 1]
+    if bad:
+        detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={d[k]:08x}" for r, d in enumerate(everyone)) for k in bad)
+        raise ConsistencyError(f"ranks disagree on {', '.join(bad)} at {where} ({detail}): the replicas have "
+                               f"diverged, stopping every rank")
+    return local
+
+
+# --- synchronized batch norm ---------------------------------------------------------------------------------
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch over all ranks.
+
+    The per-channel sums and sums of squares are Sum-allreduced (differentiable: the backward allreduces the
+    gradient), so it works on CPU and GPU alike - unlike hvd.SyncBatchNorm, which refuses CPU tensors. In eval
+    mode it is an ordinary BatchNorm2d (no communication).
+    """
+
+    def forward(self, x):
+        if not self.training or size() == 1:
+            return super().forward(x)
+        C = x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)),
+                           torch.tensor([x.numel() / C], device=x.device, dtype=torch.float32)])
+        tot = allreduce_sum(local)
+        n = tot[-1]
+        mean = tot[:C] / n
+        var = (tot[C:2 * C] / n - mean * mean).clamp_min(0.0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (n / (n - 1).clamp_min(1.0))
+                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.detach().to(self.running_var.dtype), alpha=m)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by GlobalBatchNorm2d, keeping parameters, buffers and settings."""
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
+        new = GlobalBatchNorm2d(module.num_features, eps=module.eps, momentum=module.momentum,
+                                affine=module.affine, track_running_stats=module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child))
+    return module

@@ -1,0 +1,200 @@
+"""The PC-DARTS search supernet: partial-channel mixed ops with edge normalization.
+
+Architecture parameters (`alphas_normal`, `alphas_reduce`: edges x ops; `betas_normal`, `betas_reduce`: edges)
+are registered nn.Parameters so they broadcast, checkpoint and roll back with the module; they are exposed by
+`arch_parameters()` and kept out of `weight_parameters()`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..genotypes import PRIMITIVES, Genotype
+from ..ops import OPS, FactorizedReduce, ReLUConvBN, channel_shuffle
+
+ARCH_PARAM_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
+
+
+class MixedOp(nn.Module):
+    """Partial-channel mixed op: the first C/K channels go through the softmax(alpha)-weighted candidate ops,
+    the other channels bypass (max-pooled on stride-2 edges); concatenate, then shuffle with K groups."""
+
+    def __init__(self, C: int, stride: int, k: int = 4):
+        super().__init__()
+        if C % k:
+            raise ValueError(f"channels {C} must be divisible by the partial-channel K={k}")
+        self.k = k
+        self.stride = stride
+        self.mp = nn.MaxPool2d(2, 2)
+        self._ops = nn.ModuleList()
+        for primitive in PRIMITIVES:
+            op = OPS[primitive](C // k, stride, False)
+            if "pool" in primitive:
+                op = nn.Sequential(op, nn.BatchNorm2d(C // k, affine=False))
+            self._ops.append(op)
+
+    def forward(self, x, weights):
+        dim = x.shape[1] // self.k
+        xa, xb = x[:, :dim], x[:, dim:]
+        mixed = sum(w * op(xa) for w, op in zip(weights, self._ops))
+        if mixed.shape[2] != x.shape[2]:
+            xb = self.mp(xb)
+        return channel_shuffle(torch.cat([mixed, xb], dim=1), self.k)
+
+
+class SearchCell(nn.Module):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, k=4):
+        super().__init__()
+        self.reduction = reduction
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self._steps = steps
+        self._multiplier = multiplier
+        self._ops = nn.ModuleList()
+        for i in range(steps):
+            for j in range(2 + i):
+                stride = 2 if reduction and j < 2 else 1
+                self._ops.append(MixedOp(C, stride, k))
+
+    def forward(self, s0, s1, weights, edge_weights):
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self._steps):
+            s = sum(edge_weights[offset + j] * self._ops[offset + j](h, weights[offset + j])
+                    for j, h in enumerate(states))
+            offset += len(states)
+            states.append(s)
+        return torch.cat(states[-self._multiplier:], dim=1)
+
+
+def num_edges(steps: int) -> int:
+    return sum(2 + i for i in range(steps))
+
+
+def edge_softmax(betas: torch.Tensor, steps: int) -> torch.Tensor:
+    """Edge normalization: softmax over each intermediate node's incoming edges, concatenated."""
+    parts, start = [], 0
+    for i in range(steps):
+        n = 2 + i
+        parts.append(F.softmax(betas[start:start + n], dim=-1))
+        start += n
+    return torch.cat(parts, dim=0)
+
+
+class SearchNetwork(nn.Module):
+    """`SearchNetwork(C, num_classes, layers, steps=4, multiplier=4, stem_multiplier=3, partial_k=4,
+    stem='cifar')`. `stem='imagenet'` gives the three-conv stride-2 stem of the 224-px ImageNet search."""
+
+    def __init__(self, C, num_classes, layers, steps=4, multiplier=4, stem_multiplier=3, partial_k=4,
+                 stem="cifar", arch_init_scale=1e-3):
+        super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        self._C, self._num_classes, self._layers = C, num_classes, layers
+        self._steps, self._multiplier, self.partial_k, self.stem_type = steps, multiplier, partial_k, stem
+        if stem == "cifar":
+            C_curr = stem_multiplier * C
+            self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+            C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+            reduction_prev = False
+        else:
+            self.stem0 = nn.Sequential(
+                nn.Conv2d(3, C // 2, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C // 2),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(C // 2, C, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C),
+            )
+            self.stem1 = nn.Sequential(
+                nn.ReLU(inplace=True),
+                nn.Conv2d(C, C, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C),
+            )
+            C_prev_prev, C_prev, C_curr = C, C, C
+            reduction_prev = True
+        self.cells = nn.ModuleList()
+        for i in range(layers):
+            reduction = i in (layers // 3, 2 * layers // 3)
+            if reduction:
+                C_curr *= 2
+            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, partial_k)
+            reduction_prev = reduction
+            self.cells.append(cell)
+            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+        k, n_ops = num_edges(steps), len(PRIMITIVES)
+        self.alphas_normal = nn.Parameter(arch_init_scale * torch.randn(k, n_ops))
+        self.alphas_reduce = nn.Parameter(arch_init_scale * torch.randn(k, n_ops))
+        self.betas_normal = nn.Parameter(arch_init_scale * torch.randn(k))
+        self.betas_reduce = nn.Parameter(arch_init_scale * torch.randn(k))
+
+    # --- parameter groups -------------------------------------------------------------------------------
+    def arch_parameters(self):
+        return [getattr(self, n) for n in ARCH_PARAM_NAMES]
+
+    def named_arch_parameters(self):
+        return [(n, getattr(self, n)) for n in ARCH_PARAM_NAMES]
+
+    def named_weight_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if n not in ARCH_PARAM_NAMES]
+
+    def weight_parameters(self):
+        return [p for _, p in self.named_weight_parameters()]
+
+    # --- forward ---------------------------------------------------------------------------------------
+    def forward(self, x):
+        if self.stem_type == "cifar":
+            s0 = s1 = self.stem(x)
+        else:
+            s0 = self.stem0(x)
+            s1 = self.stem1(s0)
+        w_normal = F.softmax(self.alphas_normal, dim=-1)
+        w_reduce = F.softmax(self.alphas_reduce, dim=-1)
+        e_normal = edge_softmax(self.betas_normal, self._steps)
+        e_reduce = edge_softmax(self.betas_reduce, self._steps)
+        for cell in self.cells:
+            if cell.reduction:
+                s0, s1 = s1, cell(s0, s1, w_reduce, e_reduce)
+            else:
+                s0, s1 = s1, cell(s0, s1, w_normal, e_normal)
+        out = self.global_pooling(s1)
+        return self.classifier(out.flatten(1))
+
+    # --- the derived cell --------------------------------------------------------------------------------
+    def genotype(self) -> Genotype:
+        with torch.no_grad():
+            gene_normal = derive_cell(self.alphas_normal, self.betas_normal, self._steps)
+            gene_reduce = derive_cell(self.alphas_reduce, self.betas_reduce, self._steps)
+        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
+        return Genotype(normal=gene_normal, normal_concat=concat, reduce=gene_reduce, reduce_concat=concat)
+
+    def arch_state(self) -> dict:
+        """Raw (unnormalized) architecture parameters as nested lists, for genotype.json and metrics."""
+        return {n: getattr(self, n).detach().cpu().double().tolist() for n in ARCH_PARAM_NAMES}
+
+
+def derive_cell(alphas: torch.Tensor, betas: torch.Tensor, steps: int):
+    """PC-DARTS derivation: per node, weight each incoming edge's op probabilities softmax(alpha) by the node's
+    edge-normalized softmax(beta); keep the two edges with the largest non-`none` value; take each kept edge's
+    best non-`none` op. Ties resolve to the lower index, as Python's stable sort does in the original."""
+    W = F.softmax(alphas.detach().double().cpu(), dim=-1)
+    E = edge_softmax(betas.detach().double().cpu(), steps)
+    none = PRIMITIVES.index("none")
+    gene, start = [], 0
+    for i in range(steps):
+        n = 2 + i
+        w = W[start:start + n] * E[start:start + n, None]
+        strength = [max(float(w[j, k]) for k in range(w.shape[1]) if k != none) for j in range(n)]
+        edges = sorted(range(n), key=lambda j: -strength[j])[:2]
+        for j in edges:
+            best = max((k for k in range(w.shape[1]) if k != none), key=lambda k: (float(w[j, k]), -k))
+            gene.append((PRIMITIVES[best], j))
+        start += n
+    return gene
