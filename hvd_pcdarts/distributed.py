@@ -33,6 +33,9 @@ def hvd():
 
 
 def init() -> None:
+    # Synchronized batch norm issues two named allreduces per BN layer and step (well over a thousand in the
+    # search supernet): give Horovod's response cache room for all of them, unless the user chose a size.
+    os.environ.setdefault("HOROVOD_CACHE_CAPACITY", "16384")
     h = _hvd()
     if not h.is_initialized():
         h.init()
@@ -164,6 +167,25 @@ def check_consistency(named_tensors: dict[str, list[torch.Tensor]], where: str) 
 
 
 # --- synchronized batch norm ---------------------------------------------------------------------------------
+class _NamedSumAllreduce(torch.autograd.Function):
+    """Sum-allreduce whose forward and backward collectives carry fixed names, so Horovod's response cache
+    recognizes them step after step (unnamed ones get a new name per call and are negotiated every time)."""
+
+    @staticmethod
+    def forward(ctx, t, name):
+        ctx.name = name
+        h = _hvd()
+        return h.allreduce(t, name=f"{name}.fwd", op=h.Sum)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h = _hvd()
+        return h.allreduce(grad.contiguous(), name=f"{ctx.name}.bwd", op=h.Sum), None
+
+
+_BN_COUNTER = [0]
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch over all ranks.
 
@@ -177,12 +199,20 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         C = x.shape[1]
         xf = x.float()
-        local = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)),
+        # shift by the running mean (identical on every rank) so E[d^2] - E[d]^2 keeps float32 precision
+        shift = (self.running_mean.detach().float() if self.running_mean is not None
+                 else torch.zeros(C, device=x.device))
+        d = xf - shift[None, :, None, None]
+        local = torch.cat([d.sum(dim=(0, 2, 3)), (d * d).sum(dim=(0, 2, 3)),
                            torch.tensor([x.numel() / C], device=x.device, dtype=torch.float32)])
-        tot = allreduce_sum(local)
+        if not hasattr(self, "_sync_name"):
+            _BN_COUNTER[0] += 1
+            self._sync_name = f"syncbn.{_BN_COUNTER[0]}"
+        tot = _NamedSumAllreduce.apply(local, self._sync_name)
         n = tot[-1]
-        mean = tot[:C] / n
-        var = (tot[C:2 * C] / n - mean * mean).clamp_min(0.0)
+        dmean = tot[:C] / n
+        var = (tot[C:2 * C] / n - dmean * dmean).clamp_min(0.0)
+        mean = dmean + shift
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked += 1

@@ -27,7 +27,7 @@ class MixedOp(nn.Module):
             raise ValueError(f"channels {C} must be divisible by the partial-channel K={k}")
         self.k = k
         self.stride = stride
-        self.mp = nn.MaxPool2d(2, 2)
+        self.mp = nn.MaxPool2d(2, 2, ceil_mode=True)  # ceil: odd maps match the stride-2 ops
         self._ops = nn.ModuleList()
         for primitive in PRIMITIVES:
             op = OPS[primitive](C // k, stride, False)

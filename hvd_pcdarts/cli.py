@@ -1,0 +1,106 @@
+"""Command-line plumbing shared by the bin/ scripts: error reporting, argument types, presets."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import ConsistencyError, UsageError
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr with exit status 2 (no usage dump)."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def run_main(fn, argv=None, prog=None) -> int:
+    """Run `fn(argv)`; UsageError -> one line + exit 2, ConsistencyError -> one line + exit 1."""
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        rc = fn(argv)
+        return int(rc or 0)
+    except UsageError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        sys.stderr.flush()
+        _abort_peers(2)
+        return 2
+    except ConsistencyError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        sys.stderr.flush()
+        _abort_peers(1)
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return 130
+
+
+def _abort_peers(code: int) -> None:
+    """Errors are detected on every rank alike (same arguments, same agreed checks), so plain exit is safe;
+    flush and leave without running Horovod's shutdown, which could wait for peers that already left."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# --- argument types -----------------------------------------------------------------------------------------
+def positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def nonneg_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def positive_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return v
+
+
+def nonneg_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}")
+    return v
+
+
+def fraction(s):
+    v = nonneg_float(s)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {s}")
+    return v
+
+
+def apply_preset(parser: argparse.ArgumentParser, argv, presets: dict):
+    """Parse with the chosen preset's values as defaults: explicit flags always win."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.preset is not None:
+        if known.preset not in presets:
+            parser.error(f"argument --preset: unknown preset {known.preset!r} (choose from {', '.join(presets)})")
+        parser.set_defaults(**presets[known.preset])
+    return parser.parse_args(argv)

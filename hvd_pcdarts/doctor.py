@@ -1,0 +1,604 @@
+"""The cluster doctor: check a cluster before a long job, from inside the job's own launcher.
+
+Run it with the same launcher, hosts and flags as the real job (``mpirun ... python bin/doctor.py`` or
+``horovodrun ... python bin/doctor.py``). Every rank describes itself (host, ranks, GPUs, CUDA/NCCL/torch/Horovod/
+Python versions, the dataset at ``--data-dir`` with a fingerprint of its file list, free space for
+``--output-dir``) and takes part in a Horovod allreduce whose result is known in advance. Rank 0 prints one table
+(a row per rank), then one line per inconsistency; every rank exits with the same status: 0 when all is well,
+1 when anything is inconsistent.
+
+Gathering uses mpi4py when the MPI world has more than one process (``mpirun``, ``horovodrun`` with the MPI
+controller) - so a broken Horovod shows up in the table instead of hanging the job - and Horovod's own
+``allgather_object`` otherwise (``horovodrun --gloo``, where every process is an MPI singleton).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import threading
+import time
+
+from .errors import UsageError
+
+# torch and Horovod (via .distributed) are imported where needed, so that a bad command line is answered at once.
+
+DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "synthetic")
+CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py",
+                [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
+    "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
+}
+FAKE_MISSING_ENV = "HVD_PCDARTS_DOCTOR_FAKE_MISSING_DATA_RANK"
+VERSION_FIELDS = ("torch", "horovod", "horovod_build", "cuda", "nccl", "python")
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher announced it (before any initialization); 0 when unknown."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK"):
+        v = os.environ.get(var, "")
+        if v.isdigit():
+            return int(v)
+    return 0
+
+
+# --- gathering ------------------------------------------------------------------------------------------------
+class _MPIGroup:
+    kind = "mpi4py"
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
+
+    def bcast(self, obj):
+        return self.comm.bcast(obj, root=0)
+
+
+class _HorovodGroup:
+    kind = "horovod"
+
+    def __init__(self):
+        from . import distributed
+
+        self.rank = distributed.rank()
+        self.size = distributed.size()
+
+    def allgather(self, obj):
+        from . import distributed
+
+        return distributed.allgather_object(obj) if self.size > 1 else [obj]
+
+    def bcast(self, obj):
+        from . import distributed
+
+        return distributed.broadcast_object(obj, root_rank=0, name="doctor.verdict")
+
+
+def _mpi_world():
+    """mpi4py's COMM_WORLD, or None when mpi4py is unusable."""
+    try:
+        from mpi4py import MPI
+    except Exception:  # not installed, or no MPI library
+        return None
+    return MPI.COMM_WORLD
+
+
+def _horovod_error() -> str | None:
+    """None when horovod.torch imports; otherwise its one-line error."""
+    from . import distributed
+
+    try:
+        distributed.hvd()
+    except SystemExit as e:
+        return str(e).removeprefix("error: ")
+    return None
+
+
+class _Watchdog:
+    """Ends this process with a clear line if a collective step never finishes (a rank died or hangs)."""
+
+    def __init__(self, seconds: float, rank: int):
+        self.step = "start-up"
+        self.rank = rank
+        self.deadline = time.monotonic() + seconds
+        self.seconds = seconds
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while time.monotonic() < self.deadline:
+            time.sleep(0.5)
+        if self.rank == 0:
+            print(f"doctor: FAILED: no answer from the other ranks within {self.seconds:.0f} s during "
+                  f"'{self.step}' (a rank hung, died or cannot reach the others)", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+# --- what one rank sees ---------------------------------------------------------------------------------------
+def _fingerprint(root: str, relpaths) -> str:
+    h = hashlib.sha1()
+    for rel in sorted(relpaths):
+        size = os.path.getsize(os.path.join(root, rel))
+        h.update(f"{rel}\0{size}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:12]
+
+
+def _walk_files(root: str, top: str) -> list[str]:
+    out = []
+    for d, dirs, files in os.walk(os.path.join(root, top), followlinks=True):
+        dirs.sort()
+        for f in files:
+            if not f.startswith("."):
+                out.append(os.path.relpath(os.path.join(d, f), root))
+    return out
+
+
+def dataset_status(dataset: str, data_dir: str) -> dict:
+    """``{"present": bool, "detail": str, "fingerprint": str | None, "files": int}`` for this process."""
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {dataset!r} (choose from {', '.join(DATASETS)})")
+    if dataset in ("digits", "synthetic"):
+        return {"present": True, "detail": "built in", "fingerprint": "builtin", "files": 0}
+    if not os.path.isdir(data_dir):
+        what = "is not a folder" if os.path.exists(data_dir) else "does not exist"
+        return {"present": False, "detail": f"{data_dir} {what}", "fingerprint": None, "files": 0}
+    try:
+        if dataset in CIFAR_FILES:
+            sub, names = CIFAR_FILES[dataset]
+            rel = [os.path.join(sub, n) for n in names]
+            missing = [r for r in rel if not os.path.isfile(os.path.join(data_dir, r))]
+            if missing:
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                return {"present": False, "detail": f"missing {', '.join(missing[:3])}{more} in {data_dir}",
+                        "fingerprint": None, "files": len(rel) - len(missing)}
+        else:  # imagefolder: DATA/train/<class>/<images> (and DATA/val/... when there)
+            train = os.path.join(data_dir, "train")
+            classes = sorted(c for c in os.listdir(train) if os.path.isdir(os.path.join(train, c))) \
+                if os.path.isdir(train) else []
+            rel = _walk_files(data_dir, "train")
+            if not classes or not rel:
+                return {"present": False, "detail": f"{train} has no <class>/<image> files",
+                        "fingerprint": None, "files": 0}
+            if os.path.isdir(os.path.join(data_dir, "val")):
+                rel += _walk_files(data_dir, "val")
+        return {"present": True, "detail": f"{len(rel)} files", "fingerprint": _fingerprint(data_dir, rel),
+                "files": len(rel)}
+    except OSError as e:
+        return {"present": False, "detail": f"cannot read {data_dir}: {e.strerror or e}", "fingerprint": None,
+                "files": 0}
+
+
+def nearest_existing(path: str) -> str:
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return p
+
+
+def output_status(output_dir: str) -> dict:
+    """Free space and writability where `output_dir` is or will be created (nothing is created)."""
+    where = nearest_existing(output_dir)
+    info = {"path": where, "free_gb": None, "writable": False, "error": None}
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        info["error"] = f"{output_dir} is a file, not a folder"
+        return info
+    try:
+        info["free_gb"] = round(shutil.disk_usage(where).free / 1e9, 2)
+    except OSError as e:
+        info["error"] = f"cannot stat {where}: {e.strerror or e}"
+    info["writable"] = os.access(where, os.W_OK | os.X_OK)
+    return info
+
+
+def gpu_status() -> dict:
+    import torch
+
+    info = {"count": 0, "names": [], "uuids": []}
+    try:
+        if torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            info["count"] = n
+            for i in range(n):
+                props = torch.cuda.get_device_properties(i)
+                info["names"].append(props.name)
+                uuid = getattr(props, "uuid", None)
+                info["uuids"].append(str(uuid) if uuid is not None else None)
+    except Exception as e:  # a broken driver: report it instead of failing
+        info["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return info
+
+
+def _nccl_version() -> str | None:
+    import torch
+
+    try:
+        v = torch.cuda.nccl.version()
+    except Exception:
+        return None
+    if isinstance(v, tuple):
+        return ".".join(str(x) for x in v)
+    return str(v) if v else None
+
+
+def horovod_status(initialized: bool, error: str | None) -> dict:
+    """Horovod's version, build and (once initialized) rank/size/controller; `error`: why it does not import."""
+    info = {"version": None, "build": None, "nccl_built": None, "mpi_built": None, "gloo_built": None,
+            "controller": None, "rank": None, "size": None, "local_rank": None, "error": error}
+    if error is not None:
+        return info
+    from . import distributed
+
+    h = distributed.hvd()
+    import importlib
+
+    info["version"] = getattr(importlib.import_module(h.__name__.split(".")[0]), "__version__", None)
+    info["mpi_built"] = bool(h.mpi_built())
+    info["gloo_built"] = bool(h.gloo_built())
+    info["nccl_built"] = bool(h.nccl_built())
+    info["build"] = "+".join(n for n, b in (("NCCL", info["nccl_built"]), ("MPI", info["mpi_built"]),
+                                            ("Gloo", info["gloo_built"])) if b) or "none"
+    if initialized:
+        info["controller"] = "mpi" if h.mpi_enabled() else ("gloo" if h.gloo_enabled() else "?")
+        info["rank"], info["size"], info["local_rank"] = h.rank(), h.size(), h.local_rank()
+    return info
+
+
+def allreduce_check(rank: int, size: int, timeout: float, local_rank: int | None = None) -> dict:
+    """Sum rank+1 over all ranks with Horovod; the answer must be n(n+1)/2. Never waits more than `timeout`.
+
+    Where a GPU is visible the tensor lives on this rank's GPU (local rank modulo the GPUs), so the check goes
+    through the same path as the training's gradients (NCCL); otherwise it is a CPU tensor (MPI or Gloo).
+    """
+    import torch
+
+    from . import distributed
+
+    expected = size * (size + 1) / 2
+    box: dict = {}
+    device = "cpu"
+    try:
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            idx = (local_rank or 0) % torch.cuda.device_count()
+            torch.cuda.set_device(idx)
+            device = f"cuda:{idx}"
+    except Exception:  # a broken driver: gpu_status() reports it; check the CPU path
+        device = "cpu"
+
+    def work():
+        try:
+            t0 = time.perf_counter()
+            out = distributed.allreduce(torch.tensor([float(rank + 1)], dtype=torch.float64, device=device),
+                                        name="doctor.allreduce", average=False)
+            box["value"] = float(out.item())
+            box["ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        except BaseException as e:  # noqa: B036 - any failure becomes a finding
+            box["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    th.join(timeout)
+    res = {"expected": expected, "value": box.get("value"), "ms": box.get("ms"), "error": box.get("error"),
+           "timed_out": th.is_alive(), "device": device}
+    res["ok"] = (not res["timed_out"] and res["error"] is None and res["value"] is not None
+                 and abs(res["value"] - expected) < 1e-6)
+    return res
+
+
+def _env_local_rank() -> int | None:
+    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "HOROVOD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        v = os.environ.get(var, "")
+        if v.isdigit():
+            return int(v)
+    return None
+
+
+def local_record(rank: int, dataset: str, data_dir: str, output_dir: str, hvd_info: dict,
+                 fake_missing: bool) -> dict:
+    import torch
+
+    local_rank = hvd_info.get("local_rank")
+    if local_rank is None:
+        local_rank = _env_local_rank()
+    data = dataset_status(dataset, data_dir)
+    if fake_missing:
+        data = {"present": False, "detail": "simulated missing data (--simulate-missing-data-on-rank)",
+                "fingerprint": None, "files": 0}
+    return {
+        "rank": rank,
+        "host": socket.gethostname(),
+        "local_rank": local_rank,
+        "pid": os.getpid(),
+        "gpus": gpu_status(),
+        "cuda": torch.version.cuda,
+        "nccl": _nccl_version(),
+        "torch": torch.__version__,
+        "horovod": hvd_info.get("version"),
+        "horovod_build": hvd_info.get("build"),
+        "horovod_info": hvd_info,
+        "python": platform.python_version(),
+        "data": data,
+        "output": output_status(output_dir),
+    }
+
+
+# --- verdict --------------------------------------------------------------------------------------------------
+def _ranks_text(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(str(r) for r in sorted(ranks))
+
+
+def _by_value(records: list[dict], key) -> dict:
+    """value -> {host: [ranks]} (insertion ordered by first rank)."""
+    out: dict = {}
+    for r in records:
+        out.setdefault(key(r), {}).setdefault(r["host"], []).append(r["rank"])
+    return out
+
+
+def _where(hosts: dict) -> str:
+    return ", ".join(f"host {h} ({_ranks_text(rs)})" for h, rs in hosts.items())
+
+
+def analyze(records: list[dict], dataset: str, min_free_gb: float, world_size: int) -> tuple[list[str], list[str]]:
+    """(problems, notes): one line each. Any problem makes the verdict a failure."""
+    problems: list[str] = []
+    notes: list[str] = []
+    hosts: dict = {}
+    for r in records:
+        hosts.setdefault(r["host"], []).append(r)
+
+    # Horovod itself
+    broken = _by_value([r for r in records if r["horovod_info"].get("error")], lambda r: r["horovod_info"]["error"])
+    for err, hs in broken.items():
+        problems.append(f"horovod: {_where(hs)}: {err}")
+    for r in records:
+        if r["horovod_info"].get("error"):
+            continue
+        if r["horovod_info"].get("size") not in (None, world_size):
+            problems.append(f"horovod: host {r['host']} rank {r['rank']}: Horovod sees "
+                            f"{r['horovod_info']['size']} ranks but the launcher started {world_size}")
+
+    # data: presence per node, then one fingerprint everywhere
+    for host, recs in hosts.items():
+        missing = [r for r in recs if not r["data"]["present"]]
+        if missing:
+            details = "; ".join(f"rank {r['rank']}: {r['data']['detail']}" for r in missing)
+            problems.append(f"data: {dataset} missing on host {host} ({details})")
+    present = [r for r in records if r["data"]["present"]]
+    fps = _by_value(present, lambda r: r["data"]["fingerprint"])
+    if len(fps) > 1:
+        problems.append("data: the dataset differs between ranks: " +
+                        "; ".join(f"fingerprint {fp} on {_where(hs)}" for fp, hs in fps.items()))
+
+    # versions
+    for field in VERSION_FIELDS:
+        recs = records
+        if field.startswith("horovod"):  # a rank without a working Horovod is reported above
+            recs = [r for r in records if r.get(field) is not None]
+        vals = _by_value(recs, lambda r, f=field: r.get(f))
+        if len(vals) > 1:
+            problems.append(f"versions: {field} differs: " +
+                            "; ".join(f"{v if v is not None else 'none'} on {_where(hs)}" for v, hs in vals.items()))
+
+    # GPUs per node
+    def host_gpus(recs):
+        uuids = {u for r in recs for u in r["gpus"]["uuids"] if u}
+        return max(len(uuids), max(r["gpus"]["count"] for r in recs))
+
+    gpus = {h: host_gpus(recs) for h, recs in hosts.items()}
+    for r in records:
+        if r["gpus"].get("error"):
+            problems.append(f"gpus: host {r['host']} rank {r['rank']}: CUDA error: {r['gpus']['error']}")
+    if any(gpus.values()):
+        for h, recs in hosts.items():
+            no_nccl = [r["rank"] for r in recs if r["gpus"]["count"] and r["horovod_info"].get("error") is None
+                       and r["horovod_info"].get("nccl_built") is False]
+            if no_nccl:
+                problems.append(f"horovod: host {h} ({_ranks_text(no_nccl)}): GPUs are visible but Horovod was "
+                                f"built without NCCL: rebuild with HVD_PCDARTS_GPU=1 scripts/install_horovod.sh")
+        for h, recs in hosts.items():
+            if len(recs) > gpus[h]:
+                problems.append(f"gpus: host {h} runs {len(recs)} ranks but has {gpus[h]} GPU(s): ranks would "
+                                f"share a GPU (start at most {gpus[h]} there)")
+    else:
+        notes.append(f"CPU only: no GPU visible on any node; {len(records)} rank(s) will run on CPU")
+
+    # output folder
+    for h, recs in hosts.items():
+        for path, rs in _by_value(recs, lambda r: r["output"]["path"]).items():
+            o = next(r["output"] for r in recs if r["output"]["path"] == path)
+            ranks = rs[h]
+            if o["error"]:
+                problems.append(f"output: host {h} ({_ranks_text(ranks)}): {o['error']}")
+            elif not o["writable"]:
+                problems.append(f"output: host {h} ({_ranks_text(ranks)}): {path} is not writable")
+            elif o["free_gb"] is not None and o["free_gb"] < min_free_gb:
+                problems.append(f"output: host {h} ({_ranks_text(ranks)}): only {o['free_gb']:.2f} GB free at "
+                                f"{path} (--min-free-gb {min_free_gb:g})")
+
+    # allreduce end to end
+    skipped = _by_value([r for r in records if r["allreduce"].get("skipped")], lambda r: r["allreduce"]["skipped"])
+    for why, hs in skipped.items():
+        problems.append(f"allreduce: not run on {_where(hs)} ({why})")
+    for r in records:
+        a = r["allreduce"]
+        if a.get("skipped"):
+            continue
+        if a["timed_out"]:
+            problems.append(f"allreduce: host {r['host']} rank {r['rank']}: no result within the timeout")
+        elif a["error"]:
+            problems.append(f"allreduce: host {r['host']} rank {r['rank']}: failed: {a['error']}")
+        elif not a["ok"]:
+            problems.append(f"allreduce: host {r['host']} rank {r['rank']}: got {a['value']:g}, expected "
+                            f"{a['expected']:g}")
+    return problems, notes
+
+
+def format_table(records: list[dict]) -> str:
+    def gpu_cell(g):
+        if g.get("error"):
+            return "error"
+        if not g["count"]:
+            return "0"
+        names = sorted(set(g["names"]))
+        return f"{g['count']} ({', '.join(names)})"
+
+    def ar_cell(a):
+        if a.get("skipped"):
+            return "skipped"
+        if a["timed_out"]:
+            return "TIMEOUT"
+        if a["error"]:
+            return "ERROR"
+        return f"{'ok' if a['ok'] else 'WRONG'} {a['value']:g} ({a.get('device', 'cpu')}, {a['ms']} ms)"
+
+    def data_cell(d):
+        return f"{d['fingerprint']}" if d["present"] else "MISSING"
+
+    def free_cell(o):
+        if o["error"] or o["free_gb"] is None:
+            return "error"
+        return f"{o['free_gb']:.1f} GB" + ("" if o["writable"] else " (read-only)")
+
+    header = ["rank", "host", "local", "gpus", "cuda", "nccl", "torch", "horovod", "python", "data", "free",
+              "allreduce"]
+    rows = [[str(r["rank"]), r["host"], "-" if r["local_rank"] is None else str(r["local_rank"]),
+             gpu_cell(r["gpus"]), r["cuda"] or "none", r["nccl"] or "none", r["torch"],
+             f"{r['horovod']} ({r['horovod_build']})" if r["horovod"] else "MISSING", r["python"],
+             data_cell(r["data"]), free_cell(r["output"]), ar_cell(r["allreduce"])] for r in records]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --- the whole check ------------------------------------------------------------------------------------------
+def _validate(args) -> None:
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {args.dataset!r} (choose from {', '.join(DATASETS)})")
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be positive, got {args.timeout:g}")
+    if args.min_free_gb < 0:
+        raise UsageError(f"--min-free-gb must be >= 0, got {args.min_free_gb:g}")
+    if args.json:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json):
+            raise UsageError(f"--json {args.json} is a folder; give a file path")
+        if not os.path.isdir(parent):
+            raise UsageError(f"--json {args.json}: folder {parent} does not exist")
+    if args.simulate_missing_data_on_rank is not None and args.simulate_missing_data_on_rank < 0:
+        raise UsageError(f"--simulate-missing-data-on-rank must be >= 0, got {args.simulate_missing_data_on_rank}")
+
+
+def _fake_missing_rank(args) -> int | None:
+    if args.simulate_missing_data_on_rank is not None:
+        return args.simulate_missing_data_on_rank
+    v = os.environ.get(FAKE_MISSING_ENV, "").strip()
+    if not v:
+        return None
+    if not v.isdigit():
+        raise UsageError(f"{FAKE_MISSING_ENV}={v!r} must be a rank number")
+    return int(v)
+
+
+def run(args, out=sys.stdout) -> int:
+    """Run the doctor on this rank; returns the exit status every rank agrees on (0 ok, 1 problems).
+
+    `args` has: dataset, data_dir, output_dir, json, timeout, min_free_gb, simulate_missing_data_on_rank.
+    """
+    _validate(args)
+    fake_rank = _fake_missing_rank(args)
+    from . import distributed
+
+    watchdog = _Watchdog(3 * args.timeout + 30, launcher_rank())
+
+    comm = _mpi_world()
+    hvd_initialized = False
+    if comm is not None and comm.Get_size() > 1:
+        group = _MPIGroup(comm)
+        watchdog.rank = group.rank
+        # Initialize Horovod only if every rank can import it: its init is collective and would hang otherwise.
+        watchdog.step = "checking that every rank imports Horovod"
+        err = _horovod_error()
+        errors = group.allgather(err)
+        if all(e is None for e in errors):
+            watchdog.step = "Horovod initialization"
+            distributed.init()
+            hvd_initialized = True
+    else:
+        # horovodrun --gloo (each process is an MPI singleton) or a single process: Horovod gathers.
+        watchdog.step = "Horovod initialization"
+        distributed.init()  # a missing Horovod ends here with one line (exit 1)
+        hvd_initialized = True
+        err = None
+        group = _HorovodGroup()
+        watchdog.rank = group.rank
+
+    hvd_info = horovod_status(hvd_initialized, err)
+    if fake_rank is not None and fake_rank >= group.size:
+        raise UsageError(f"--simulate-missing-data-on-rank {fake_rank}: there are only {group.size} ranks")
+    record = local_record(group.rank, args.dataset, args.data_dir, args.output_dir, hvd_info,
+                          fake_missing=fake_rank == group.rank)
+
+    if hvd_initialized:
+        watchdog.step = "the allreduce check"
+        record["allreduce"] = allreduce_check(hvd_info["rank"], hvd_info["size"], args.timeout,
+                                              hvd_info["local_rank"])
+    else:
+        record["allreduce"] = {"skipped": "Horovod is unavailable on some rank", "ok": False, "timed_out": False,
+                               "error": None, "value": None, "expected": None, "ms": None}
+    stuck = record["allreduce"]["timed_out"]
+    if stuck and group.kind == "horovod":
+        # Horovod cannot gather for us while its own collective is stuck.
+        if group.rank == 0:
+            print(f"doctor: FAILED: the Horovod allreduce did not finish within {args.timeout:g} s on rank 0 "
+                  f"(host {record['host']}); a rank is missing or the network between hosts is blocked",
+                  file=sys.stderr, flush=True)
+        os._exit(1)
+
+    watchdog.step = "gathering the reports"
+    records = sorted(group.allgather(record), key=lambda r: r["rank"])
+    status = 0
+    if group.rank == 0:
+        problems, notes = analyze(records, args.dataset, args.min_free_gb, group.size)
+        status = 1 if problems else 0
+        hosts = len({r["host"] for r in records})
+        ctrl = hvd_info.get("controller") or "unavailable"
+        print(f"hvd-pcdarts cluster doctor: {len(records)} rank(s) on {hosts} host(s); dataset {args.dataset} at "
+              f"{os.path.abspath(args.data_dir)}; gathered with {group.kind}; Horovod controller {ctrl}", file=out)
+        print(format_table(records), file=out)
+        for n in notes:
+            print(f"note: {n}", file=out)
+        for p in problems:
+            print(f"PROBLEM: {p}", file=out)
+        print(f"doctor: {'OK' if not problems else f'FAILED: {len(problems)} problem(s)'}", file=out)
+        out.flush()
+        if args.json:
+            from .checkpoint import atomic_write_text
+
+            payload = {"ok": not problems, "dataset": args.dataset, "data_dir": os.path.abspath(args.data_dir),
+                       "output_dir": os.path.abspath(args.output_dir), "world_size": group.size,
+                       "gathered_with": group.kind, "horovod_controller": hvd_info.get("controller"),
+                       "problems": problems, "notes": notes, "ranks": records}
+            try:
+                atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+            except OSError as e:
+                print(f"error: --json {args.json}: cannot write: {e.strerror or e}", file=sys.stderr, flush=True)
+                status = 2
+    watchdog.step = "sharing the verdict"
+    status = group.bcast(status)
+    if stuck:  # a Horovod thread is still blocked: a normal interpreter exit could wait on it forever
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status

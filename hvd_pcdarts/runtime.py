@@ -1,0 +1,159 @@
+"""What every training run shares: output folder (rank 0 only), log, metrics, TensorBoard, progress bar,
+learning-rate schedule, device and precision checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+
+from . import distributed as dist
+from .checkpoint import atomic_write_text
+from .errors import UsageError
+
+
+def lr_at(epoch_pos: float, base_lr: float, min_lr: float, epochs: int, warmup_epochs: float = 0.0,
+          schedule: str = "cosine", step_milestones=(0.5, 0.75), step_gamma: float = 0.1) -> float:
+    """Learning rate at fractional epoch `epoch_pos` (an integer for per-epoch schedules, as in PC-DARTS).
+
+    Linear warmup from base/(warmup steps) to base over `warmup_epochs`, then cosine to `min_lr`, linear to
+    `min_lr`, or step decay (x gamma at the given fractions of the run)."""
+    if warmup_epochs > 0 and epoch_pos < warmup_epochs:
+        # per epoch: (e+1)/warmup of the base rate; per step: the exact fraction of the warmup done so far
+        done = epoch_pos + 1 if epoch_pos == int(epoch_pos) else epoch_pos
+        return base_lr * min(1.0, done / warmup_epochs)
+    span = max(epochs - warmup_epochs, 1e-12)
+    t = min(max((epoch_pos - warmup_epochs) / span, 0.0), 1.0)
+    if schedule == "cosine":
+        return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "linear":
+        return min_lr + (base_lr - min_lr) * (1.0 - t)
+    if schedule == "step":
+        return base_lr * step_gamma ** sum(1 for m in step_milestones if t >= m)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def pick_device(args) -> torch.device:
+    """One process per GPU pinned by local rank, else the CPU; GPU-only requests fail clearly without one."""
+    has_gpu = torch.cuda.is_available()
+    if getattr(args, "device", "auto") == "cuda" and not has_gpu:
+        raise UsageError("--device cuda was requested but no CUDA GPU is visible: use --device cpu (or auto)")
+    if getattr(args, "amp", False) and not has_gpu:
+        raise UsageError("--amp needs a CUDA GPU and none is visible: drop --amp to train in float32 on the CPU")
+    want = {"auto": None, "cpu": False, "cuda": True}[getattr(args, "device", "auto")]
+    return dist.setup_device(want)
+
+
+def default_output_dir(kind: str) -> str:
+    """runs/<kind>-<time>, chosen on rank 0 and shared, so every rank agrees."""
+    name = os.path.join("runs", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return dist.broadcast_object(name, name="outdir")
+
+
+def check_writable(out_dir: str) -> None:
+    """Rank 0 creates the output folder and proves it can write there; every rank learns the verdict."""
+    err = None
+    if dist.is_root():
+        try:
+            if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+                raise OSError(f"{out_dir} exists and is not a folder")
+            os.makedirs(out_dir, exist_ok=True)
+            probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.unlink(probe)
+        except OSError as e:
+            err = f"output folder {out_dir} cannot be written ({e.strerror or e}): choose another --output-dir"
+    err = dist.broadcast_object(err, name="outdir_ok")
+    if err:
+        raise UsageError(err)
+
+
+class RunOutput:
+    """Rank-0 writer of args.json, log.txt, metrics.jsonl and TensorBoard events; a no-op on other ranks."""
+
+    def __init__(self, out_dir: str, args_dict: dict, resume_epoch: int = 0, tensorboard: bool = True):
+        self.out_dir = out_dir
+        self.root = dist.is_root()
+        self.log = logging.getLogger(f"hvd_pcdarts.{id(self)}")
+        self.log.propagate = False
+        self.log.setLevel(logging.INFO)
+        self.tb = None
+        if not self.root:
+            self.log.addHandler(logging.NullHandler())
+            return
+        fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+        fh = logging.FileHandler(os.path.join(out_dir, "log.txt"))
+        fh.setFormatter(fmt)
+        sh = logging.StreamHandler(sys.stdout)
+        sh.setFormatter(fmt)
+        self.log.addHandler(fh)
+        self.log.addHandler(sh)
+        atomic_write_text(os.path.join(out_dir, "args.json"), json.dumps(args_dict, indent=2, sort_keys=True) + "\n")
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self._truncate_metrics(resume_epoch)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=os.path.join(out_dir, "tb"), purge_step=resume_epoch)
+            except Exception as e:  # tensorboard missing: keep going, say so
+                self.log.info(f"TensorBoard disabled ({type(e).__name__}: {e})")
+
+    def _truncate_metrics(self, resume_epoch: int) -> None:
+        """Keep exactly the epochs before the resume point, so every epoch appears once."""
+        lines = []
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(rec, dict) and rec.get("epoch", 1 << 30) < resume_epoch:
+                        lines.append(json.dumps(rec) + "\n")
+        atomic_write_text(self.metrics_path, "".join(lines))
+
+    def info(self, msg: str) -> None:
+        self.log.info(msg)
+
+    def metrics(self, record: dict) -> None:
+        if not self.root:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, record["epoch"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        for h in list(self.log.handlers):
+            h.close()
+            self.log.removeHandler(h)
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled or not dist.is_root():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)):
+    """Number of correct predictions at each k (k capped at the number of classes)."""
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target[:, None])
+    return [float(hit[:, :min(k, maxk)].any(dim=1).sum()) for k in topk]

@@ -1,0 +1,442 @@
+"""The distributed PC-DARTS search: `python bin/train_search.py ...` under horovodrun, mpirun or alone.
+
+Order of one step (first-order PC-DARTS): from `--arch-start-epoch` on, an architecture step on a batch of the
+architecture half (Adam over alphas and betas; gradients by torch.autograd.grad, averaged over ranks with a
+named grouped allreduce; no weight gradient is produced), then a weight step on a batch of the weight half
+(hvd.DistributedOptimizer over the weights only; gradients clipped after averaging).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from . import distributed as dist
+from .checkpoint import atomic_save, check_config, load_checkpoint
+from .cli import (ArgParser, apply_preset, fraction, nonneg_float, nonneg_int, positive_float, positive_int)
+from .data import (DATASETS, SeededView, ShardSampler, EvalShardSampler, class_sample_split, load_dataset,
+                   make_loader, make_transform, search_split)
+from .errors import UsageError
+from .genotypes import save_genotype, to_dict
+from .models import SearchNetwork
+from .runtime import (RunOutput, accuracy_counts, check_writable, default_output_dir, lr_at, pick_device,
+                      progress_bar)
+
+CHECKPOINT_FORMAT = "hvd-pcdarts-search-v1"
+
+SEARCH_PRESETS = {
+    "cifar10": {},
+    "imagenet": dict(dataset="imagefolder", partial_k=2, stem="imagenet", batch_size=1024, lr=0.5, arch_lr=6e-3,
+                     arch_start_epoch=35, epochs=50, warmup_epochs=5, class_sample_fractions=[0.1, 0.025],
+                     image_size=224),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgParser(prog="train_search.py", description="Distributed PC-DARTS architecture search (Horovod). "
+                  "Defaults are the PC-DARTS CIFAR-10 recipe; learning rates are for the global batch.")
+    a = p.add_argument
+    a("--preset", choices=sorted(SEARCH_PRESETS), default=None,
+      help="recipe defaults: cifar10 (the defaults below) or imagenet (K=2, 224-px stem, per-class sample)")
+    a("--dataset", choices=DATASETS, default="cifar10")
+    a("--data-dir", default="./data")
+    a("--download", action="store_true", help="download CIFAR if missing (one process per node)")
+    a("--image-size", type=positive_int, default=None, help="imagefolder/synthetic image size")
+    a("--synthetic-size", type=positive_int, default=2048, help="synthetic: number of training images")
+    a("--batch-size", type=positive_int, default=256, help="GLOBAL batch, split evenly over the ranks")
+    a("--lr", type=positive_float, default=0.1)
+    a("--lr-min", type=nonneg_float, default=0.0)
+    a("--lr-schedule", choices=["cosine", "linear", "step"], default="cosine")
+    a("--lr-per-step", action="store_true", help="update the learning rate every step (default: every epoch)")
+    a("--momentum", type=nonneg_float, default=0.9)
+    a("--weight-decay", type=nonneg_float, default=3e-4)
+    a("--epochs", type=positive_int, default=50)
+    a("--warmup-epochs", type=nonneg_float, default=0.0)
+    a("--arch-lr", type=positive_float, default=6e-4)
+    a("--arch-weight-decay", type=nonneg_float, default=1e-3)
+    a("--arch-start-epoch", type=nonneg_int, default=15)
+    a("--train-portion", type=fraction, default=0.5)
+    a("--class-sample-fractions", type=fraction, nargs=2, metavar=("WEIGHTS", "ARCH"), default=None,
+      help="per-class sample of the training set instead of the portion split (ImageNet recipe: 0.1 0.025)")
+    a("--init-channels", type=positive_int, default=16)
+    a("--layers", type=positive_int, default=8)
+    a("--partial-k", type=positive_int, default=4)
+    a("--stem", choices=["cifar", "imagenet"], default="cifar")
+    a("--grad-clip", type=nonneg_float, default=5.0, help="0 disables clipping")
+    a("--seed", type=nonneg_int, default=2)
+    a("--workers", type=nonneg_int, default=2, help="data loader processes per rank")
+    a("--sync-bn", action="store_true", help="batch norm statistics of the global batch")
+    a("--fp16-allreduce", action="store_true", help="compress weight gradients to fp16 for the allreduce")
+    a("--amp", action="store_true", help="mixed precision (CUDA only)")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--no-augment", action="store_true")
+    a("--output-dir", default=None, help="default runs/search-<time>")
+    a("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
+      help="continue from OUTPUT_DIR/checkpoint.pt (auto) or from PATH")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None)
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    a("--steps-per-epoch", type=positive_int, default=None, help="cap an epoch at N steps (quick runs)")
+    a("--no-tensorboard", action="store_true")
+    a("--trace-indices", default=None, help=argparse.SUPPRESS)  # testing aid: per-rank sample indices
+    return p
+
+
+def parse_args(argv=None):
+    args = apply_preset(build_parser(), argv, SEARCH_PRESETS)
+    if args.arch_start_epoch >= args.epochs:
+        raise UsageError(f"--arch-start-epoch {args.arch_start_epoch} is not before the last epoch "
+                         f"(--epochs {args.epochs}): the architecture would never be trained")
+    if args.lr_min > args.lr:
+        raise UsageError(f"--lr-min {args.lr_min} is larger than --lr {args.lr}")
+    if args.warmup_epochs >= args.epochs:
+        raise UsageError(f"--warmup-epochs {args.warmup_epochs:g} must be less than --epochs {args.epochs}")
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()
+    return args
+
+
+def model_config(args, num_classes: int) -> dict:
+    return dict(init_channels=args.init_channels, layers=args.layers, partial_k=args.partial_k,
+                stem=args.stem, num_classes=num_classes, dataset=args.dataset)
+
+
+class Searcher:
+    """Holds the model, optimizers and data pipeline of one rank; `run()` executes the whole search."""
+
+    def __init__(self, args):
+        self.args = args
+        dist.init()
+        self.world, self.rank = dist.size(), dist.rank()
+        a = args
+        if a.batch_size % self.world:
+            raise UsageError(f"--batch-size {a.batch_size} does not divide by the {self.world} ranks: use a "
+                             f"multiple of {self.world}")
+        self.local_batch = a.batch_size // self.world
+        self.device = pick_device(a)
+        if a.output_dir is None:
+            a.output_dir = default_output_dir("search")
+        self._prepare_data()
+        torch.manual_seed(a.seed)
+        random.seed(a.seed)
+        self.model = SearchNetwork(a.init_channels, self.num_classes, a.layers, partial_k=a.partial_k,
+                                   stem=a.stem).to(self.device)
+        if a.sync_bn and self.world > 1:
+            dist.convert_sync_batchnorm(self.model)
+        self.criterion = nn.CrossEntropyLoss()
+        self.arch_params = self.model.arch_parameters()
+        w_opt = torch.optim.SGD(self.model.weight_parameters(), lr=a.lr, momentum=a.momentum,
+                                weight_decay=a.weight_decay)
+        self.w_opt = dist.distributed_optimizer(w_opt, self.model.named_weight_parameters(), a.fp16_allreduce)
+        self.a_opt = torch.optim.Adam(self.arch_params, lr=a.arch_lr, betas=(0.5, 0.999),
+                                      weight_decay=a.arch_weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if a.amp else None
+        self.start_epoch, self.arch_pass, self.arch_pos, self.global_step = 0, 0, 0, 0
+        self._resume()
+        # identical start everywhere: weights, alphas, betas, BN statistics, both optimizers' states
+        dist.broadcast_parameters(self.model, 0)
+        dist.broadcast_optimizer(self.w_opt, 0, name="w_opt")
+        dist.broadcast_optimizer(self.a_opt, 0, name="a_opt")
+        self._build_loaders()
+
+    # --- setup ----------------------------------------------------------------------------------------------
+    def _prepare_data(self):
+        a = self.args
+        bundle = load_dataset(a.dataset, a.data_dir, download=a.download, image_size=a.image_size,
+                              need_test=False, seed=a.seed, synthetic_size=a.synthetic_size,
+                              is_local_root=dist.local_rank() == 0, barrier=dist.barrier,
+                              agree=lambda ok: all(dist.allgather_object(bool(ok))))
+        self.num_classes = bundle.num_classes
+        n = len(bundle.train)
+        if a.class_sample_fractions:
+            targets = getattr(bundle.train, "targets", None)
+            w_idx, a_idx = class_sample_split(targets, a.class_sample_fractions[0], a.class_sample_fractions[1],
+                                              a.seed)
+        else:
+            w_idx, a_idx = search_split(n, a.train_portion)
+        for name, idx in (("weight", w_idx), ("architecture", a_idx)):
+            if len(idx) < a.batch_size:
+                raise UsageError(f"the {name} half has {len(idx)} images, fewer than one global batch "
+                                 f"(--batch-size {a.batch_size}): lower the batch size or use more data")
+        tf_train = make_transform(bundle, train=True, augment=not a.no_augment, dataset=a.dataset)
+        tf_eval = make_transform(bundle, train=False, augment=False, dataset=a.dataset)
+        self.weight_set = SeededView(bundle.train, w_idx, tf_train, a.seed, stream=0)
+        self.arch_set = SeededView(bundle.train, a_idx, tf_train, a.seed, stream=1)
+        self.valid_set = SeededView(bundle.train, a_idx, tf_eval, a.seed, stream=2)
+        self.image_size = bundle.image_size
+
+    def _resume(self):
+        a = self.args
+        path = None
+        if a.resume == "auto":
+            cand = os.path.join(a.output_dir, "checkpoint.pt")
+            path = cand if os.path.exists(cand) else None
+        elif a.resume is not None:
+            path = a.resume
+        if path is None:
+            return
+        ckpt, err = None, None
+        if dist.is_root():
+            try:
+                ckpt = load_checkpoint(path)
+                if ckpt.get("format") != CHECKPOINT_FORMAT:
+                    raise UsageError(f"checkpoint {path} is not a search checkpoint ({ckpt.get('format')!r})")
+                check_config(ckpt["config"], model_config(a, self.num_classes), path)
+                if ckpt["epoch"] > a.epochs:
+                    raise UsageError(f"checkpoint {path} is at epoch {ckpt['epoch']}, past --epochs {a.epochs}")
+            except UsageError as e:
+                err, ckpt = str(e), None
+        err = dist.broadcast_object(err, name="resume_err")
+        if err:
+            raise UsageError(err)
+        ckpt = dist.broadcast_object(ckpt, name="resume_ckpt")
+        self.model.load_state_dict(ckpt["model"])
+        self.w_opt.load_state_dict(ckpt["w_opt"])
+        self.a_opt.load_state_dict(ckpt["a_opt"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.arch_pass, self.arch_pos = int(ckpt["arch_pass"]), int(ckpt["arch_pos"])
+        self.global_step = int(ckpt["global_step"])
+        torch.set_rng_state(ckpt["rng_torch"])
+        self.resumed_from = path
+
+    def _build_loaders(self):
+        a = self.args
+        workers = a.workers
+        pin = self.device.type == "cuda"
+        self.w_sampler = ShardSampler(self.weight_set, self.world, self.rank, a.seed)
+        self.a_sampler = ShardSampler(self.arch_set, self.world, self.rank, a.seed + 1)
+        self.loader_kw = dict(workers=workers, pin=pin)
+        self.steps_per_epoch = len(self.weight_set) // a.batch_size
+        if a.steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, a.steps_per_epoch)
+        self._arch_iter = None
+        self.v_sampler = EvalShardSampler(len(self.valid_set), self.world, self.rank)
+        self.v_loader = make_loader(self.valid_set, self.local_batch, self.v_sampler, drop_last=False,
+                                    **self.loader_kw)
+
+    def _new_loader(self, dataset, sampler):
+        return make_loader(dataset, self.local_batch, sampler, drop_last=True, **self.loader_kw)
+
+    def _arch_batch(self):
+        """Next batch of the architecture half from a persistent iterator; a new shuffled pass when it ends."""
+        while True:
+            if self._arch_iter is None:
+                self.a_sampler.set_epoch(self.arch_pass)
+                self.a_sampler.set_start(self.arch_pos * self.local_batch)
+                self.arch_set.set_epoch(self.arch_pass)
+                self._arch_iter = iter(self._new_loader(self.arch_set, self.a_sampler))
+            try:
+                batch = next(self._arch_iter)
+                self.arch_pos += 1
+                return batch
+            except StopIteration:
+                self._arch_iter = None
+                self.arch_pass += 1
+                self.arch_pos = 0
+
+    # --- one step -------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.scaler is None:
+            return torch.autocast("cpu", enabled=False)
+        return torch.autocast("cuda", dtype=torch.float16)
+
+    def arch_step(self, x, y):
+        self.a_opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.criterion(self.model(x), y)
+        scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+        grads = torch.autograd.grad(loss * scale, self.arch_params)
+        grads = dist.grouped_average([g / scale for g in grads], name="arch_grads")
+        if self.scaler is not None and not all(torch.isfinite(g).all() for g in grads):
+            return float(loss.detach())  # overflow: skip, on every rank alike (the grads were averaged)
+        for p, g in zip(self.arch_params, grads):
+            p.grad = g
+        self.a_opt.step()
+        return float(loss.detach())
+
+    def weight_step(self, x, y):
+        a = self.args
+        self.w_opt.zero_grad()
+        with self._autocast():
+            logits = self.model(x)
+            loss = self.criterion(logits, y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.w_opt.synchronize()
+            self.scaler.unscale_(self.w_opt)
+        else:
+            loss.backward()
+            self.w_opt.synchronize()
+        if a.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.weight_parameters(), a.grad_clip)
+        with self.w_opt.skip_synchronize():
+            if self.scaler is not None:
+                self.scaler.step(self.w_opt)
+                self.scaler.update()
+            else:
+                self.w_opt.step()
+        return logits.detach(), loss.detach()
+
+    def set_lr(self, epoch_pos: float):
+        a = self.args
+        lr = lr_at(epoch_pos, a.lr, a.lr_min, a.epochs, a.warmup_epochs, a.lr_schedule)
+        for g in self.w_opt.param_groups:
+            g["lr"] = lr
+        return lr
+
+    # --- epochs ---------------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int, out: RunOutput):
+        a = self.args
+        self.model.train()
+        self.w_sampler.set_epoch(epoch)
+        self.weight_set.set_epoch(epoch)
+        loader = self._new_loader(self.weight_set, self.w_sampler)
+        arch_on = epoch >= a.arch_start_epoch
+        loss_sum = correct = count = 0.0
+        arch_images = 0
+        lr = self.set_lr(epoch)
+        trace = [] if a.trace_indices else None
+        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch + 1}/{a.epochs}", a.progress)
+        t0 = time.time()
+        for step, (x, y, idx) in enumerate(loader):
+            if step >= self.steps_per_epoch:
+                break
+            if a.lr_per_step:
+                lr = self.set_lr(epoch + step / self.steps_per_epoch)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if arch_on:
+                xa, ya, ia = self._arch_batch()
+                self.arch_step(xa.to(self.device, non_blocking=True), ya.to(self.device, non_blocking=True))
+                arch_images += len(ya)
+                if trace is not None:
+                    trace.append({"epoch": epoch, "step": step, "kind": "arch", "idx": ia.tolist()})
+            logits, loss = self.weight_step(x, y)
+            if trace is not None:
+                trace.append({"epoch": epoch, "step": step, "kind": "weight", "idx": idx.tolist()})
+            n = len(y)
+            loss_sum += float(loss) * n
+            correct += float((logits.argmax(1) == y).sum())
+            count += n
+            self.global_step += 1
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.4f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        train_time = time.time() - t0
+        if trace is not None:
+            os.makedirs(a.trace_indices, exist_ok=True)
+            with open(os.path.join(a.trace_indices, f"rank{self.rank}.jsonl"), "a") as f:
+                for rec in trace:
+                    f.write(json.dumps(rec) + "\n")
+        s_loss, s_correct, s_count, s_arch = dist.sum_metrics([loss_sum, correct, count, arch_images], "train_m")
+        return dict(lr=lr, train_loss=s_loss / max(s_count, 1), train_acc=100.0 * s_correct / max(s_count, 1),
+                    train_time=train_time, images=s_count + s_arch)
+
+    @torch.no_grad()
+    def validate(self):
+        """Search-validation on the architecture half, every sample exactly once over all ranks."""
+        self.model.eval()
+        loss_sum = correct = count = 0.0
+        for x, y, _ in self.v_loader:
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                logits = self.model(x)
+            loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+            correct += accuracy_counts(logits, y, (1,))[0]
+            count += len(y)
+        s_loss, s_correct, s_count = dist.sum_metrics([loss_sum, correct, count], "valid_m")
+        return s_loss / max(s_count, 1), 100.0 * s_correct / max(s_count, 1)
+
+    def checksums(self, where: str):
+        return dist.check_consistency({
+            "weights": [p for _, p in self.model.named_weight_parameters()],
+            "arch": self.arch_params,
+        }, where)
+
+    def save(self, epoch_done: int, out: RunOutput):
+        if not dist.is_root():
+            return
+        a = self.args
+        ckpt = dict(format=CHECKPOINT_FORMAT, config=model_config(a, self.num_classes), epoch=epoch_done,
+                    model=self.model.state_dict(), w_opt=self.w_opt.state_dict(), a_opt=self.a_opt.state_dict(),
+                    scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                    arch_pass=self.arch_pass, arch_pos=self.arch_pos, global_step=self.global_step,
+                    rng_torch=torch.get_rng_state(), world_size=self.world, args=_jsonable(vars(a)))
+        atomic_save(ckpt, os.path.join(a.output_dir, "checkpoint.pt"))
+
+    def write_genotype(self):
+        if not dist.is_root():
+            return
+        geno = self.model.genotype()
+        save_genotype(geno, os.path.join(self.args.output_dir, "genotype.json"), extra=self.model.arch_state())
+        return geno
+
+    def run(self):
+        a = self.args
+        check_writable(a.output_dir)
+        out = RunOutput(a.output_dir, _jsonable(vars(a)) | {"world_size": self.world},
+                        resume_epoch=self.start_epoch, tensorboard=not a.no_tensorboard)
+        n_w = sum(p.numel() for p in self.model.weight_parameters())
+        out.info(f"search: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size} "
+                 f"({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, {n_w} weights, "
+                 f"weight/arch images {len(self.weight_set)}/{len(self.arch_set)}, output {a.output_dir}")
+        if self.start_epoch:
+            out.info(f"resumed from {self.resumed_from} at epoch {self.start_epoch}")
+        self.checksums("start")
+        for epoch in range(self.start_epoch, a.epochs):
+            t0 = time.time()
+            tr = self.train_epoch(epoch, out)
+            v_loss, v_acc = self.validate()
+            self.checksums(f"end of epoch {epoch}")
+            epoch_time = time.time() - t0
+            geno = self.model.genotype()
+            rec = dict(epoch=epoch, lr=tr["lr"], train_loss=tr["train_loss"], train_acc=tr["train_acc"],
+                       valid_loss=v_loss, valid_acc=v_acc, epoch_time_s=epoch_time,
+                       images_per_s=tr["images"] / max(tr["train_time"], 1e-9), world_size=self.world,
+                       genotype=to_dict(geno), arch=self.model.arch_state())
+            out.metrics(rec)
+            out.info(f"epoch {epoch + 1}/{a.epochs} lr {tr['lr']:.5f} train loss {tr['train_loss']:.4f} "
+                     f"acc {tr['train_acc']:.2f} | search-valid loss {v_loss:.4f} acc {v_acc:.2f} | "
+                     f"{epoch_time:.1f}s, {rec['images_per_s']:.0f} img/s")
+            self.write_genotype()
+            self.save(epoch + 1, out)
+        geno = self.write_genotype()
+        if dist.is_root():
+            out.info(f"genotype: {geno}")
+            out.info(f"wrote {os.path.join(a.output_dir, 'genotype.json')}, metrics.jsonl, checkpoint.pt")
+            _render_pictures(geno, a.output_dir, out)
+        out.close()
+        dist.barrier()
+        return 0
+
+
+def _render_pictures(geno, out_dir, out):
+    try:
+        from .visualize import have_graphviz, render_genotype
+    except Exception:
+        return
+    if have_graphviz():
+        try:
+            files = render_genotype(geno, os.path.join(out_dir, "cells"))
+            out.info(f"cell pictures: {', '.join(files)}")
+        except Exception as e:  # a picture must never cost a search result
+            out.info(f"cell pictures skipped ({type(e).__name__}: {e})")
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return Searcher(args).run()

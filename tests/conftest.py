@@ -1,0 +1,64 @@
+"""Shared pytest fixtures. Subprocess helpers live in tests/helpers.py (``from helpers import launch``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if _TESTS_DIR not in sys.path:  # `from helpers import ...` works whatever pytest's import mode
+    sys.path.insert(0, _TESTS_DIR)
+
+import helpers  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    """The repository root (a pathlib.Path)."""
+    return helpers.REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def python_exe():
+    """The project's interpreter (.venv/bin/python when present)."""
+    return helpers.python_exe()
+
+
+@pytest.fixture(scope="session")
+def run_ranks():
+    """`run_ranks(cmd_list, timeout=120, env=None, cwd=None)` -> CompletedProcess: helpers.launch, i.e. the
+    command with .venv/bin on PATH, Open MPI allowed as root and the repo on PYTHONPATH."""
+    return helpers.launch
+
+
+@pytest.fixture(scope="session")
+def horovodrun_exe():
+    exe = helpers.find_exe("horovodrun")
+    if exe is None:
+        pytest.fail("horovodrun not found in .venv/bin or on PATH: run `make setup`")
+    return exe
+
+
+@pytest.fixture(scope="session")
+def mpirun_exe():
+    exe = helpers.find_exe("mpirun")
+    if exe is None:
+        pytest.skip("mpirun (Open MPI) is not installed on this machine")
+    return exe
+
+
+@pytest.fixture
+def torch_single_thread():
+    """One intra-op thread for the duration of a test, restored afterwards. Small CPU models gain nothing from
+    more, and on a busy 2-core machine OpenMP threads that spin against other processes slow tests ~5x.
+    Opt in with `pytestmark = pytest.mark.usefixtures("torch_single_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,109 @@
+"""Shared test helpers: launching subprocesses (plain python, horovodrun, mpirun) with the project environment.
+
+Import as ``from helpers import launch`` (tests/conftest.py puts this directory on sys.path).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+DEFAULT_TIMEOUT = 120
+
+
+def python_exe() -> str:
+    """The project's interpreter: .venv/bin/python when present, else the one running the tests."""
+    p = VENV_BIN / "python"
+    return str(p) if p.exists() else sys.executable
+
+
+def find_exe(name: str) -> str | None:
+    """An executable from .venv/bin first, then from PATH; None if absent."""
+    p = VENV_BIN / name
+    if p.exists() and os.access(p, os.X_OK):
+        return str(p)
+    return shutil.which(name)
+
+
+def launch_env(extra: dict | None = None) -> dict:
+    """os.environ plus: .venv/bin first on PATH, Open MPI allowed to run as root, the repo on PYTHONPATH, one
+    OpenMP thread per process (several ranks share the cores). Keys of `extra` mapped to None are removed."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+    env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    pp = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pp if pp else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    for k, v in (extra or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = str(v)
+    return env
+
+
+def launch(cmd: list, timeout: float = DEFAULT_TIMEOUT, env: dict | None = None, cwd=None,
+           input: str | None = None) -> subprocess.CompletedProcess:
+    """Run `cmd` (a list; items are str()-ed) to completion with `launch_env(env)`, capturing text stdout/stderr.
+
+    The command runs in its own session; on timeout its whole process group (launcher and ranks) is killed and
+    the returned CompletedProcess has returncode -9 and the output collected so far, with a note on stderr.
+    """
+    cmd = [str(c) for c in cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                            text=True, env=launch_env(env), cwd=str(cwd or REPO_ROOT), start_new_session=True)
+    try:
+        out, err = proc.communicate(input=input, timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        return subprocess.CompletedProcess(cmd, -9, out, (err or "") + f"\n[launch] TIMEOUT after {timeout}s: "
+                                                                          f"{' '.join(cmd)}\n")
+
+
+def describe(res: subprocess.CompletedProcess) -> str:
+    """A readable dump of a finished command for assertion messages."""
+    return (f"command: {' '.join(map(str, res.args))}\nexit status: {res.returncode}\n"
+            f"--- stdout ---\n{res.stdout[-6000:]}\n--- stderr ---\n{res.stderr[-6000:]}")
+
+
+def horovodrun_cmd(np_: int, script_args: list, controller: str = "gloo", hosts: str | None = None) -> list:
+    """`horovodrun --gloo|--mpi -np N -H localhost:N python ARGS...`."""
+    exe = find_exe("horovodrun") or "horovodrun"
+    return [exe, f"--{controller}", "-np", str(np_), "-H", hosts or f"localhost:{np_}", python_exe(),
+            *map(str, script_args)]
+
+
+def mpirun_cmd(np_: int, script_args: list) -> list:
+    """Open MPI `mpirun --allow-run-as-root --oversubscribe -np N python ARGS...`."""
+    return [find_exe("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np_),
+            python_exe(), *map(str, script_args)]
+
+
+_TAG = re.compile(r"^\[[0-9,]+\]<std(?:out|err)>:")
+
+
+def output_lines(text: str) -> list[str]:
+    """Lines of launcher output with horovodrun/mpirun rank tags (``[1]<stdout>:``, ``[1,0]<stdout>:``) removed.
+    Open MPI's --tag-output can glue a tag to the end of another rank's line; those tags are split off too."""
+    lines = []
+    for raw in text.splitlines():
+        for piece in re.split(r"(?=\[[0-9,]+\]<std(?:out|err)>:)", raw):
+            piece = _TAG.sub("", piece).strip()
+            if piece:
+                lines.append(piece)
+    return lines
