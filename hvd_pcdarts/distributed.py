@@ -198,13 +198,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not self.training or size() == 1:
             return super().forward(x)
         C = x.shape[1]
-        xf = x.float()
+        xf = x if x.dtype == torch.float64 else x.float()
         # shift by the running mean (identical on every rank) so E[d^2] - E[d]^2 keeps float32 precision
-        shift = (self.running_mean.detach().float() if self.running_mean is not None
-                 else torch.zeros(C, device=x.device))
+        shift = (self.running_mean.detach() if self.running_mean is not None
+                 else torch.zeros(C, device=x.device)).to(xf.dtype)
         d = xf - shift[None, :, None, None]
         local = torch.cat([d.sum(dim=(0, 2, 3)), (d * d).sum(dim=(0, 2, 3)),
-                           torch.tensor([x.numel() / C], device=x.device, dtype=torch.float32)])
+                           torch.tensor([x.numel() / C], device=x.device, dtype=xf.dtype)])
         if not hasattr(self, "_sync_name"):
             _BN_COUNTER[0] += 1
             self._sync_name = f"syncbn.{_BN_COUNTER[0]}"

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fp16-allreduce", action="store_true", help="compress weight gradients to fp16 for the allreduce")
     a("--amp", action="store_true", help="mixed precision (CUDA only)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--fp64", action="store_true",
+      help="verification mode: compute in float64 (slow); rank-count equivalence checks use it so that float32 "
+           "rounding, amplified by BN on near-constant channels, cannot hide or fake a difference")
     a("--no-augment", action="store_true")
     a("--output-dir", default=None, help="default runs/search-<time>")
     a("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
@@ -128,6 +131,11 @@ class Searcher:
         random.seed(a.seed)
         self.model = SearchNetwork(a.init_channels, self.num_classes, a.layers, partial_k=a.partial_k,
                                    stem=a.stem).to(self.device)
+        self.dtype = torch.float64 if a.fp64 else torch.float32
+        if a.fp64:
+            if a.amp:
+                raise UsageError("--fp64 and --amp exclude each other")
+            self.model.double()
         if a.sync_bn and self.world > 1:
             dist.convert_sync_batchnorm(self.model)
         self.criterion = nn.CrossEntropyLoss()
@@ -312,10 +320,10 @@ class Searcher:
                 break
             if a.lr_per_step:
                 lr = self.set_lr(epoch + step / self.steps_per_epoch)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = x.to(self.device, self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
             if arch_on:
                 xa, ya, ia = self._arch_batch()
-                self.arch_step(xa.to(self.device, non_blocking=True), ya.to(self.device, non_blocking=True))
+                self.arch_step(xa.to(self.device, self.dtype, non_blocking=True), ya.to(self.device, non_blocking=True))
                 arch_images += len(ya)
                 if trace is not None:
                     trace.append({"epoch": epoch, "step": step, "kind": "arch", "idx": ia.tolist()})
@@ -348,7 +356,7 @@ class Searcher:
         self.model.eval()
         loss_sum = correct = count = 0.0
         for x, y, _ in self.v_loader:
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = x.to(self.device, self.dtype), y.to(self.device)
             with self._autocast():
                 logits = self.model(x)
             loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The demo: a 2-rank horovodrun PC-DARTS search on the embedded digits dataset (a few minutes on 2 CPU cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+OUT=${DEMO_OUT:-runs/demo}
+rm -rf "$OUT/search"
+echo "== search: horovodrun -np 2 (Gloo) on digits, output $OUT/search"
+horovodrun --gloo -np 2 -H localhost:2 python bin/train_search.py \
+  --dataset digits --epochs 8 --arch-start-epoch 3 --batch-size 64 --init-channels 8 --layers 5 \
+  --workers 0 --progress --output-dir "$OUT/search"
+echo
+echo "genotype:      $OUT/search/genotype.json"
+echo "metrics:       $OUT/search/metrics.jsonl  (one JSON object per epoch)"
+echo "checkpoint:    $OUT/search/checkpoint.pt  (resume with --resume auto)"
+echo "log:           $OUT/search/log.txt, TensorBoard events in $OUT/search/tb"
+if [ -d "$OUT/search/cells" ]; then echo "cell pictures: $OUT/search/cells/{normal,reduction}.{png,svg}"; fi
+if python bin/plot_search.py "$OUT/search" >/dev/null 2>&1; then
+  echo "arch weights:  $OUT/search/arch_weights.png"
+fi
