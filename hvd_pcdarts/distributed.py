@@ -231,6 +231,9 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
         new = GlobalBatchNorm2d(module.num_features, eps=module.eps, momentum=module.momentum,
                                 affine=module.affine, track_running_stats=module.track_running_stats)
+        ref = next(iter(module.state_dict().values()), None)
+        if ref is not None and ref.is_floating_point():
+            new = new.to(device=ref.device, dtype=ref.dtype)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 OUT=${DEMO_OUT:-runs/demo}
-rm -rf "$OUT/search"
+rm -rf "$OUT/search" "$OUT/train"
 echo "== search: horovodrun -np 2 (Gloo) on digits, output $OUT/search"
 horovodrun --gloo -np 2 -H localhost:2 python bin/train_search.py \
   --dataset digits --epochs 8 --arch-start-epoch 3 --batch-size 64 --init-channels 8 --layers 5 \
@@ -18,3 +18,18 @@ if [ -d "$OUT/search/cells" ]; then echo "cell pictures: $OUT/search/cells/{norm
 if python bin/plot_search.py "$OUT/search" >/dev/null 2>&1; then
   echo "arch weights:  $OUT/search/arch_weights.png"
 fi
+
+echo
+echo "== retrain the found cell: horovodrun -np 2 bin/train.py (brief), output $OUT/train"
+horovodrun --gloo -np 2 -H localhost:2 python bin/train.py --genotype "$OUT/search/genotype.json" \
+  --dataset digits --epochs 4 --batch-size 64 --lr 0.1 --init-channels 8 --layers 5 --cutout-length 4 \
+  --drop-path-prob 0.1 --workers 0 --progress --output-dir "$OUT/train"
+echo
+echo "== evaluate $OUT/train/best.pt"
+python bin/evaluate.py "$OUT/train/best.pt" --workers 0 | tee "$OUT/eval.txt" | head -n 1
+python - "$OUT/train/eval.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"test accuracy of the retrained cell: top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}% "
+      f"({r['params']} parameters, {r['macs']} MACs per image)")
+PY

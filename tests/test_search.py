@@ -118,8 +118,14 @@ def test_halves_never_share_an_index_on_any_rank(tmp_path):
             w_all += w
             a_all += a
         assert len(set(w_all)) == len(w_all), "two ranks drew the same weight sample in one epoch"
-        assert len(set(a_all)) == len(a_all), "two ranks drew the same arch sample in one pass"
         assert set(w_all).isdisjoint(a_all)
+    # the architecture iterator persists across epochs: within one pass over the arch half (719 // 64 = 11
+    # global batches) no sample may repeat, over both ranks
+    arch_batches = {r: [rec["idx"] for rec in recs[r] if rec["kind"] == "arch"] for r in (0, 1)}
+    assert len(arch_batches[0]) == 18
+    for start in (0, 11):
+        seen = [i for r in (0, 1) for b in arch_batches[r][start:start + 11] for i in b]
+        assert len(set(seen)) == len(seen), "two ranks drew the same arch sample in one pass"
 
 
 @pytest.mark.slow
@@ -258,4 +264,7 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, extra, needle):
     res = launch(horovodrun_cmd(2, cmd) if "33" in extra else [python_exe(), *cmd], timeout=120)
     assert res.returncode == 2 or (res.returncode != 0 and "33" in extra), describe(res)
     assert needle in res.stderr + res.stdout
-    assert "Traceback" not in res.stderr
+    # the ranks print one line each; (horovodrun's own launcher adds its report when a rank exits non-zero)
+    rank_lines = [ln for ln in (res.stderr + res.stdout).splitlines() if ln.startswith("[")] if "33" in extra \
+        else res.stderr.splitlines()
+    assert not any("Traceback" in ln for ln in rank_lines), describe(res)

@@ -1,0 +1,320 @@
+"""Distributed retraining of a searched cell from scratch: `python bin/train.py --genotype NAME|PATH ...`.
+
+Defaults are the PC-DARTS CIFAR-10 retraining recipe; `--preset imagenet` gives the ImageNet one. Evaluation on
+the test split every epoch is sharded over the ranks without padding, so it is exact: N ranks report exactly
+what 1 rank reports for the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from . import distributed as dist
+from .checkpoint import atomic_save, check_config, load_checkpoint
+from .cli import ArgParser, apply_preset, nonneg_float, nonneg_int, positive_float, positive_int
+from .data import DATASETS, EvalShardSampler, SeededView, ShardSampler, load_dataset, make_loader, make_transform
+from .errors import UsageError
+from .genotypes import from_dict, load_genotype, to_dict
+from .models import NetworkCIFAR, NetworkImageNet, count_parameters
+from .runtime import (RunOutput, accuracy_counts, check_writable, default_output_dir, lr_at, pick_device,
+                      progress_bar)
+
+CHECKPOINT_FORMAT = "hvd-pcdarts-train-v1"
+
+TRAIN_PRESETS = {
+    "cifar10": {},
+    "imagenet": dict(dataset="imagefolder", network="imagenet", init_channels=48, layers=14, batch_size=1024,
+                     lr=0.5, weight_decay=3e-5, epochs=250, lr_schedule="linear", warmup_epochs=5,
+                     label_smoothing=0.1, color_jitter=True, cutout=False, image_size=224, drop_path_prob=0.0),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgParser(prog="train.py", description="Distributed retraining of a PC-DARTS cell (Horovod). Defaults "
+                  "are the PC-DARTS CIFAR-10 recipe; learning rates are for the global batch.")
+    a = p.add_argument
+    a("--genotype", required=True, help="a published name (PCDARTS, PC_DARTS_cifar, PC_DARTS_image) or a "
+      "genotype.json written by a search")
+    a("--preset", choices=sorted(TRAIN_PRESETS), default=None)
+    a("--dataset", choices=DATASETS, default="cifar10")
+    a("--data-dir", default="./data")
+    a("--download", action="store_true")
+    a("--image-size", type=positive_int, default=None)
+    a("--synthetic-size", type=positive_int, default=2048)
+    a("--network", choices=["cifar", "imagenet"], default="cifar", help="eval network family (stem, aux head)")
+    a("--batch-size", type=positive_int, default=96, help="GLOBAL batch, split evenly over the ranks")
+    a("--lr", type=positive_float, default=0.025)
+    a("--lr-min", type=nonneg_float, default=0.0)
+    a("--lr-schedule", choices=["cosine", "linear", "step"], default="cosine")
+    a("--lr-per-step", action="store_true")
+    a("--momentum", type=nonneg_float, default=0.9)
+    a("--weight-decay", type=nonneg_float, default=3e-4)
+    a("--epochs", type=positive_int, default=600)
+    a("--warmup-epochs", type=nonneg_float, default=0.0)
+    a("--init-channels", type=positive_int, default=36)
+    a("--layers", type=positive_int, default=20)
+    a("--auxiliary", dest="auxiliary", action="store_true", default=True)
+    a("--no-auxiliary", dest="auxiliary", action="store_false")
+    a("--auxiliary-weight", type=nonneg_float, default=0.4)
+    a("--cutout", dest="cutout", action="store_true", default=True)
+    a("--no-cutout", dest="cutout", action="store_false")
+    a("--cutout-length", type=positive_int, default=16)
+    a("--color-jitter", action="store_true", default=False)
+    a("--drop-path-prob", type=nonneg_float, default=0.3, help="ramped linearly from 0 over the epochs")
+    a("--label-smoothing", type=nonneg_float, default=0.0)
+    a("--grad-clip", type=nonneg_float, default=5.0)
+    a("--seed", type=nonneg_int, default=0)
+    a("--workers", type=nonneg_int, default=2)
+    a("--sync-bn", action="store_true")
+    a("--fp16-allreduce", action="store_true")
+    a("--amp", action="store_true")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--no-augment", action="store_true")
+    a("--output-dir", default=None, help="default runs/train-<time>")
+    a("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None)
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    a("--steps-per-epoch", type=positive_int, default=None)
+    a("--no-tensorboard", action="store_true")
+    return p
+
+
+def parse_args(argv=None):
+    args = apply_preset(build_parser(), argv, TRAIN_PRESETS)
+    if args.drop_path_prob >= 1:
+        raise UsageError(f"--drop-path-prob must be below 1, got {args.drop_path_prob}")
+    if args.label_smoothing >= 1:
+        raise UsageError(f"--label-smoothing must be below 1, got {args.label_smoothing}")
+    if args.warmup_epochs >= args.epochs:
+        raise UsageError(f"--warmup-epochs {args.warmup_epochs:g} must be less than --epochs {args.epochs}")
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()
+    return args
+
+
+def build_network(network: str, C: int, num_classes: int, layers: int, auxiliary: bool, genotype):
+    cls = NetworkCIFAR if network == "cifar" else NetworkImageNet
+    return cls(C, num_classes, layers, auxiliary, genotype)
+
+
+def evaluate(model, loader, device, amp=False):
+    """Sums over this rank's shard, combined over ranks: (loss, top1 %, top5 %, count)."""
+    model.eval()
+    loss_sum = c1 = c5 = n = 0.0
+    with torch.no_grad():
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1].to(device)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                logits, _ = model(x)
+            loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+            k1, k5 = accuracy_counts(logits, y, (1, 5))
+            c1, c5, n = c1 + k1, c5 + k5, n + len(y)
+    loss_sum, c1, c5, n = dist.sum_metrics([loss_sum, c1, c5, n], "eval_m")
+    return loss_sum / max(n, 1), 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1), int(n)
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = a = args
+        dist.init()
+        self.world, self.rank = dist.size(), dist.rank()
+        if a.batch_size % self.world:
+            raise UsageError(f"--batch-size {a.batch_size} does not divide by the {self.world} ranks: use a "
+                             f"multiple of {self.world}")
+        self.local_batch = a.batch_size // self.world
+        self.genotype = load_genotype(a.genotype)
+        self.device = pick_device(a)
+        if a.output_dir is None:
+            a.output_dir = default_output_dir("train")
+        bundle = load_dataset(a.dataset, a.data_dir, download=a.download, image_size=a.image_size, need_test=True,
+                              seed=a.seed, synthetic_size=a.synthetic_size, is_local_root=dist.local_rank() == 0,
+                              barrier=dist.barrier, agree=lambda ok: all(dist.allgather_object(bool(ok))))
+        self.num_classes = bundle.num_classes
+        if len(bundle.train) < a.batch_size:
+            raise UsageError(f"the training set has {len(bundle.train)} images, fewer than one global batch "
+                             f"(--batch-size {a.batch_size})")
+        tf_train = make_transform(bundle, True, not a.no_augment, a.dataset, color_jitter=a.color_jitter,
+                                  cutout=a.cutout_length if a.cutout else 0)
+        tf_test = make_transform(bundle, False, False, a.dataset)
+        self.train_set = SeededView(bundle.train, range(len(bundle.train)), tf_train, a.seed, stream=0)
+        self.test_set = SeededView(bundle.test, range(len(bundle.test)), tf_test, a.seed, stream=3)
+        torch.manual_seed(a.seed)
+        random.seed(a.seed)
+        self.model = build_network(a.network, a.init_channels, self.num_classes, a.layers, a.auxiliary,
+                                   self.genotype).to(self.device)
+        if a.sync_bn and self.world > 1:
+            dist.convert_sync_batchnorm(self.model)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
+        opt = torch.optim.SGD(self.model.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
+        self.opt = dist.distributed_optimizer(opt, list(self.model.named_parameters()), a.fp16_allreduce)
+        self.scaler = torch.amp.GradScaler("cuda") if a.amp else None
+        self.start_epoch, self.best_top1 = 0, -1.0
+        self._resume()
+        dist.broadcast_parameters(self.model, 0)
+        dist.broadcast_optimizer(self.opt, 0, name="opt")
+        # different drop-path masks on different ranks (same masks would correlate the shards)
+        torch.manual_seed(a.seed * 1000 + self.rank + 1 + self.start_epoch * 7919)
+        self.sampler = ShardSampler(self.train_set, self.world, self.rank, a.seed)
+        pin = self.device.type == "cuda"
+        self.test_loader = make_loader(self.test_set, self.local_batch,
+                                       EvalShardSampler(len(self.test_set), self.world, self.rank),
+                                       a.workers, drop_last=False, pin=pin)
+        self.steps_per_epoch = len(self.train_set) // a.batch_size
+        if a.steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, a.steps_per_epoch)
+
+    def config(self) -> dict:
+        a = self.args
+        return dict(network=a.network, init_channels=a.init_channels, layers=a.layers, auxiliary=a.auxiliary,
+                    num_classes=self.num_classes, dataset=a.dataset, genotype=to_dict(self.genotype))
+
+    def _resume(self):
+        a = self.args
+        path = None
+        if a.resume == "auto":
+            cand = os.path.join(a.output_dir, "checkpoint.pt")
+            path = cand if os.path.exists(cand) else None
+        elif a.resume is not None:
+            path = a.resume
+        if path is None:
+            return
+        ckpt, err = None, None
+        if dist.is_root():
+            try:
+                ckpt = load_checkpoint(path)
+                if ckpt.get("format") != CHECKPOINT_FORMAT:
+                    raise UsageError(f"checkpoint {path} is not a training checkpoint ({ckpt.get('format')!r})")
+                check_config(ckpt["config"], self.config(), path)
+            except UsageError as e:
+                err, ckpt = str(e), None
+        err = dist.broadcast_object(err, name="resume_err")
+        if err:
+            raise UsageError(err)
+        ckpt = dist.broadcast_object(ckpt, name="resume_ckpt")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.start_epoch, self.best_top1 = int(ckpt["epoch"]), float(ckpt["best_top1"])
+        self.resumed_from = path
+
+    def _checkpoint(self, epoch_done: int) -> dict:
+        return dict(format=CHECKPOINT_FORMAT, config=self.config(), epoch=epoch_done, model=self.model.state_dict(),
+                    opt=self.opt.state_dict(), best_top1=self.best_top1, world_size=self.world)
+
+    def train_epoch(self, epoch: int):
+        a = self.args
+        self.model.train()
+        self.model.drop_path_prob = a.drop_path_prob * epoch / a.epochs
+        self.sampler.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
+        loader = make_loader(self.train_set, self.local_batch, self.sampler, a.workers, drop_last=True,
+                             pin=self.device.type == "cuda")
+        lr = self._set_lr(epoch)
+        loss_sum = c1 = c5 = n = 0.0
+        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch + 1}/{a.epochs}", a.progress)
+        t0 = time.time()
+        for step, (x, y, _) in enumerate(loader):
+            if step >= self.steps_per_epoch:
+                break
+            if a.lr_per_step:
+                lr = self._set_lr(epoch + step / self.steps_per_epoch)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self.opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.scaler is not None):
+                logits, logits_aux = self.model(x)
+                loss = self.criterion(logits, y)
+                if logits_aux is not None and a.auxiliary_weight > 0:
+                    loss = loss + a.auxiliary_weight * self.criterion(logits_aux, y)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.opt.synchronize()
+                self.scaler.unscale_(self.opt)
+            else:
+                loss.backward()
+                self.opt.synchronize()
+            if a.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
+            with self.opt.skip_synchronize():
+                if self.scaler is not None:
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
+                else:
+                    self.opt.step()
+            k1, k5 = accuracy_counts(logits.detach(), y, (1, 5))
+            loss_sum += float(loss.detach()) * len(y)
+            c1, c5, n = c1 + k1, c5 + k5, n + len(y)
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.4f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        train_time = time.time() - t0
+        loss_sum, c1, c5, n = dist.sum_metrics([loss_sum, c1, c5, n], "train_m")
+        return dict(lr=lr, train_loss=loss_sum / max(n, 1), train_top1=100 * c1 / max(n, 1),
+                    train_top5=100 * c5 / max(n, 1), images_per_s=n / max(train_time, 1e-9))
+
+    def _set_lr(self, pos):
+        a = self.args
+        lr = lr_at(pos, a.lr, a.lr_min, a.epochs, a.warmup_epochs, a.lr_schedule)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def run(self):
+        a = self.args
+        check_writable(a.output_dir)
+        out = RunOutput(a.output_dir, _jsonable(vars(a)) | {"world_size": self.world,
+                                                             "genotype_resolved": to_dict(self.genotype)},
+                        resume_epoch=self.start_epoch, tensorboard=not a.no_tensorboard)
+        out.info(f"train: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size}, "
+                 f"{self.steps_per_epoch} steps/epoch, {count_parameters(self.model)} parameters "
+                 f"(auxiliary head excluded), output {a.output_dir}")
+        for epoch in range(self.start_epoch, a.epochs):
+            t0 = time.time()
+            tr = self.train_epoch(epoch)
+            te_loss, te1, te5, n_test = evaluate(self.model, self.test_loader, self.device, self.scaler is not None)
+            dist.check_consistency({"weights": list(self.model.parameters())}, f"end of epoch {epoch}")
+            rec = dict(epoch=epoch, lr=tr["lr"], train_loss=tr["train_loss"], train_top1=tr["train_top1"],
+                       train_top5=tr["train_top5"], test_loss=te_loss, test_top1=te1, test_top5=te5,
+                       test_images=n_test, epoch_time_s=time.time() - t0, images_per_s=tr["images_per_s"],
+                       world_size=self.world, drop_path_prob=self.model.drop_path_prob)
+            out.metrics(rec)
+            out.info(f"epoch {epoch + 1}/{a.epochs} lr {tr['lr']:.5f} train loss {tr['train_loss']:.4f} "
+                     f"top1 {tr['train_top1']:.2f} | test loss {te_loss:.4f} top1 {te1:.2f} top5 {te5:.2f}")
+            improved = te1 > self.best_top1
+            self.best_top1 = max(self.best_top1, te1)
+            if dist.is_root():
+                ckpt = self._checkpoint(epoch + 1)
+                if improved:
+                    atomic_save(ckpt, os.path.join(a.output_dir, "best.pt"))
+                atomic_save(ckpt, os.path.join(a.output_dir, "checkpoint.pt"))
+        out.info(f"best test top1 {self.best_top1:.2f}; checkpoints in {a.output_dir}")
+        out.close()
+        dist.barrier()
+        return 0
+
+
+def _jsonable(d):
+    import json
+
+    return json.loads(json.dumps(d, default=str))
+
+
+def network_from_checkpoint(ckpt: dict):
+    cfg = ckpt["config"]
+    geno = from_dict(cfg["genotype"], where="checkpoint genotype")
+    model = build_network(cfg["network"], cfg["init_channels"], cfg["num_classes"], cfg["layers"],
+                          cfg["auxiliary"], geno)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def main(argv=None) -> int:
+    return Trainer(parse_args(argv)).run()

@@ -1,0 +1,149 @@
+"""Retraining (bin/train.py) and evaluation (bin/evaluate.py): 2 real ranks, exact sharded evaluation, the
+search -> retrain -> evaluate chain, ImageNet presets on a tiny ImageFolder tree."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import REPO_ROOT, describe, horovodrun_cmd, launch, python_exe
+
+TRAIN = str(REPO_ROOT / "bin" / "train.py")
+EVAL = str(REPO_ROOT / "bin" / "evaluate.py")
+SEARCH = str(REPO_ROOT / "bin" / "train_search.py")
+SMALL = ["--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard", "--no-progress",
+         "--cutout-length", "4", "--drop-path-prob", "0.1", "--lr", "0.1"]
+
+
+def _png_tree(root, classes=3, n_train=10, n_val=5, size=20, seed=0):
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.full((size, size, 3), 40 + 80 * c, dtype=np.uint8) + rng.randint(0, 30, (size, size, 3)).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+
+
+def _metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_rank_retraining_improves_and_writes_outputs(tmp_path):
+    out = tmp_path / "tr"
+    res = launch(horovodrun_cmd(2, [TRAIN, "--genotype", "PCDARTS", "--dataset", "digits", *SMALL,
+                                    "--batch-size", "64", "--epochs", "4", "--output-dir", out]), timeout=900)
+    assert res.returncode == 0, describe(res)
+    m = _metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in m] == [0, 1, 2, 3]
+    assert all(r["world_size"] == 2 and r["test_images"] == 360 for r in m)
+    assert m[-1]["test_top1"] > m[0]["test_top1"] + 10, [r["test_top1"] for r in m]
+    for name in ("args.json", "log.txt", "checkpoint.pt", "best.pt"):
+        assert (out / name).exists(), name
+    args = json.loads((out / "args.json").read_text())
+    assert args["batch_size"] == 64 and args["auxiliary"] is True
+
+
+def test_sharded_evaluation_equals_one_rank_exactly(tmp_path):
+    _png_tree(tmp_path / "data", n_val=5)  # 15 test images: does not divide by 2 ranks
+    out = tmp_path / "tr"
+    res = launch([python_exe(), TRAIN, "--genotype", "PC_DARTS_cifar", "--dataset", "imagefolder", "--data-dir",
+                  tmp_path / "data", "--image-size", "16", "--batch-size", "6", "--epochs", "1", "--init-channels",
+                  "4", "--layers", "3", "--workers", "0", "--no-tensorboard", "--output-dir", out], timeout=300)
+    assert res.returncode == 0, describe(res)
+    results = {}
+    for ranks in (1, 2):
+        cmd = [EVAL, out / "checkpoint.pt", "--data-dir", tmp_path / "data", "--image-size", "16", "--batch-size",
+               "4", "--workers", "0", "--output", tmp_path / f"eval{ranks}.json"]
+        res = launch([python_exe(), *cmd] if ranks == 1 else horovodrun_cmd(2, cmd), timeout=300)
+        assert res.returncode == 0, describe(res)
+        results[ranks] = json.loads((tmp_path / f"eval{ranks}.json").read_text())
+        last = [ln for ln in res.stdout.splitlines() if ln.strip()][-1]
+        last = last.split(":", 1)[1] if last.startswith("[") else last
+        assert set(json.loads(last)) >= {"top1", "top5", "loss", "params", "macs"}
+    assert results[1]["images"] == results[2]["images"] == 15
+    assert results[1]["top1"] == results[2]["top1"] and results[1]["top5"] == results[2]["top5"]
+    # the loss is a float32 sum whose order depends on the sharding: equal to rounding
+    assert abs(results[1]["loss"] - results[2]["loss"]) < 1e-6
+    assert results[1]["params"] == results[2]["params"] > 0 and results[1]["macs"] > 0
+
+
+@pytest.mark.slow
+def test_search_retrain_evaluate_chain(tmp_path):
+    s_out, t_out = tmp_path / "search", tmp_path / "train"
+    res = launch([python_exe(), SEARCH, "--dataset", "digits", "--init-channels", "8", "--layers", "5",
+                  "--workers", "0", "--no-tensorboard", "--epochs", "2", "--arch-start-epoch", "1",
+                  "--batch-size", "64", "--steps-per-epoch", "4", "--output-dir", s_out], timeout=600)
+    assert res.returncode == 0, describe(res)
+    res = launch(horovodrun_cmd(2, [TRAIN, "--genotype", s_out / "genotype.json", "--dataset", "digits", *SMALL,
+                                    "--batch-size", "64", "--epochs", "2", "--output-dir", t_out]), timeout=600)
+    assert res.returncode == 0, describe(res)
+    args = json.loads((t_out / "args.json").read_text())
+    searched = json.loads((s_out / "genotype.json").read_text())["genotype"]
+    assert args["genotype_resolved"] == searched
+    res = launch([python_exe(), EVAL, t_out / "best.pt", "--workers", "0"], timeout=300)
+    assert res.returncode == 0, describe(res)
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    best = max(r["test_top1"] for r in _metrics(t_out / "metrics.jsonl"))
+    assert abs(result["top1"] - best) < 1e-9
+
+
+def test_class_sample_split_fractions_balance_and_determinism():
+    from hvd_pcdarts.data import class_sample_split
+
+    targets = [c for c in range(4) for _ in range(40)]
+    w, a = class_sample_split(targets, 0.1, 0.025, seed=7)
+    assert len(w) == 16 and len(a) == 4 and set(w).isdisjoint(a)
+    assert [sum(targets[i] == c for i in w) for c in range(4)] == [4, 4, 4, 4]
+    assert [sum(targets[i] == c for i in a) for c in range(4)] == [1, 1, 1, 1]
+    assert class_sample_split(targets, 0.1, 0.025, seed=7) == (w, a)  # every rank computes the same sample
+    assert class_sample_split(targets, 0.1, 0.025, seed=8) != (w, a)
+
+
+def test_imagenet_presets_on_tiny_imagefolder(tmp_path):
+    _png_tree(tmp_path / "data", classes=2, n_train=16, n_val=3, size=40)
+    out = tmp_path / "s"
+    res = launch([python_exe(), SEARCH, "--preset", "imagenet", "--data-dir", tmp_path / "data", "--image-size",
+                  "32", "--batch-size", "4", "--init-channels", "4", "--layers", "3", "--epochs", "2",
+                  "--arch-start-epoch", "0", "--warmup-epochs", "1", "--class-sample-fractions", "0.5", "0.25",
+                  "--workers", "0", "--no-tensorboard", "--output-dir", out], timeout=300)
+    assert res.returncode == 0, describe(res)
+    args = json.loads((out / "args.json").read_text())
+    assert args["partial_k"] == 2 and args["stem"] == "imagenet" and args["arch_lr"] == 6e-3 and args["lr"] == 0.5
+    assert "weight/arch images 16/8" in res.stdout
+    t_out = tmp_path / "t"
+    res = launch([python_exe(), TRAIN, "--preset", "imagenet", "--genotype", "PC_DARTS_image", "--data-dir",
+                  tmp_path / "data", "--image-size", "32", "--batch-size", "4", "--init-channels", "8", "--layers",
+                  "3", "--epochs", "2", "--warmup-epochs", "1", "--steps-per-epoch", "2", "--workers", "0",
+                  "--no-tensorboard", "--output-dir", t_out], timeout=300)
+    assert res.returncode == 0, describe(res)
+    targs = json.loads((t_out / "args.json").read_text())
+    assert targs["network"] == "imagenet" and targs["label_smoothing"] == 0.1 and targs["weight_decay"] == 3e-5
+    assert targs["lr_schedule"] == "linear" and targs["color_jitter"] is True and targs["layers"] == 3
+    ck = torch.load(t_out / "checkpoint.pt", weights_only=True)
+    assert ck["config"]["network"] == "imagenet"
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--genotype", "nope_not_a_genotype"], "no such file"),
+    (["--genotype", "PCDARTS", "--drop-path-prob", "1.5"], "drop-path-prob"),
+])
+def test_train_bad_input_one_line(tmp_path, extra, needle):
+    res = launch([python_exe(), TRAIN, "--dataset", "digits", "--output-dir", tmp_path / "o", *extra], timeout=120)
+    assert res.returncode == 2, describe(res)
+    assert needle in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_rejects_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    res = launch([python_exe(), EVAL, bad], timeout=120)
+    assert res.returncode == 2, describe(res)
+    assert "cannot be loaded" in res.stderr and "Traceback" not in res.stderr
