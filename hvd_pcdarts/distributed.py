@@ -23,7 +23,8 @@ def _hvd():
     try:
         import horovod.torch as hvd
     except Exception as e:  # ImportError, or a broken build's OSError/undefined symbol
-        raise SystemExit(f"error: {_INSTALL_HINT} [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]")
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise SystemExit(f"error: {_INSTALL_HINT} [{type(e).__name__}: {first}]") from None
     return hvd
 
 

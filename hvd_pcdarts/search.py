@@ -20,14 +20,22 @@ import torch.nn as nn
 
 from . import distributed as dist
 from .checkpoint import atomic_save, check_config, load_checkpoint
-from .cli import (ArgParser, apply_preset, fraction, nonneg_float, nonneg_int, positive_float, positive_int)
-from .data import (DATASETS, SeededView, ShardSampler, EvalShardSampler, class_sample_split, load_dataset,
-                   make_loader, make_transform, search_split)
+from .cli import ArgParser, apply_preset, fraction, nonneg_float, nonneg_int, positive_float, positive_int
+from .data import (
+    DATASETS,
+    EvalShardSampler,
+    SeededView,
+    ShardSampler,
+    class_sample_split,
+    load_dataset,
+    make_loader,
+    make_transform,
+    search_split,
+)
 from .errors import UsageError
 from .genotypes import save_genotype, to_dict
 from .models import SearchNetwork
-from .runtime import (RunOutput, accuracy_counts, check_writable, default_output_dir, lr_at, pick_device,
-                      progress_bar)
+from .runtime import RunOutput, accuracy_counts, check_writable, default_output_dir, lr_at, pick_device, progress_bar
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-search-v1"
 

@@ -23,8 +23,7 @@ from .data import DATASETS, EvalShardSampler, SeededView, ShardSampler, load_dat
 from .errors import UsageError
 from .genotypes import from_dict, load_genotype, to_dict
 from .models import NetworkCIFAR, NetworkImageNet, count_parameters
-from .runtime import (RunOutput, accuracy_counts, check_writable, default_output_dir, lr_at, pick_device,
-                      progress_bar)
+from .runtime import RunOutput, accuracy_counts, check_writable, default_output_dir, lr_at, pick_device, progress_bar
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-train-v1"
 

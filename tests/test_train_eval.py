@@ -26,7 +26,8 @@ def _png_tree(root, classes=3, n_train=10, n_val=5, size=20, seed=0):
             d = root / split / f"class{c}"
             d.mkdir(parents=True)
             for i in range(n):
-                img = np.full((size, size, 3), 40 + 80 * c, dtype=np.uint8) + rng.randint(0, 30, (size, size, 3)).astype(np.uint8)
+                noise = rng.randint(0, 30, (size, size, 3)).astype(np.uint8)
+                img = np.full((size, size, 3), 40 + 80 * c, dtype=np.uint8) + noise
                 Image.fromarray(img).save(d / f"{i}.png")
 
 
