@@ -46,12 +46,16 @@ def one_rank_equiv(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["horovodrun-gloo", "horovodrun-mpi", "mpirun"])
+@pytest.mark.parametrize("launcher", ["horovodrun-gloo", "horovodrun-mpi", "horovodrun-hostfile", "mpirun"])
 def test_two_ranks_equal_one_rank(launcher, one_rank_equiv, tmp_path):
     out = tmp_path / "eq2"
     args = [SCRIPT, *EQUIV, "--output-dir", out]
     if launcher == "mpirun":
         cmd = mpirun_cmd(2, args)
+    elif launcher == "horovodrun-hostfile":
+        cmd = horovodrun_cmd(2, args)
+        i = cmd.index("-H")
+        cmd[i:i + 2] = ["--hostfile", str(REPO_ROOT / "hostfiles" / "localhost")]
     else:
         cmd = horovodrun_cmd(2, args, controller=launcher.split("-")[1])
     res = launch(cmd, timeout=600)
