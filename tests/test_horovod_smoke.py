@@ -17,7 +17,11 @@ ALLREDUCE_SCRIPT = textwrap.dedent("""
 
     hvd.init()
     total = hvd.allreduce(torch.tensor([float(hvd.rank() + 1)]), op=hvd.Sum, name="smoke")
-    print(f"RANK {hvd.rank()} SIZE {hvd.size()} SUM {total.item()}", flush=True)
+    import sys
+    # one write per line: with PYTHONUNBUFFERED, print() writes text and newline separately and two ranks'
+    # lines can interleave on a shared pipe
+    sys.stdout.write(f"RANK {hvd.rank()} SIZE {hvd.size()} SUM {total.item()}\\n")
+    sys.stdout.flush()
 """)
 
 _LINE = re.compile(r"RANK (\d+) SIZE (\d+) SUM ([0-9.eE+-]+)")
@@ -26,8 +30,7 @@ _LINE = re.compile(r"RANK (\d+) SIZE (\d+) SUM ([0-9.eE+-]+)")
 def _rank_results(res) -> dict:
     found = {}
     for line in output_lines(res.stdout):
-        m = _LINE.search(line)
-        if m:
+        for m in _LINE.finditer(line):  # tolerate two ranks' reports glued on one line
             rank = int(m.group(1))
             assert rank not in found, f"rank {rank} reported twice\n{describe(res)}"
             found[rank] = (int(m.group(2)), float(m.group(3)))
