@@ -124,6 +124,23 @@ def broadcast_optimizer(optimizer: torch.optim.Optimizer, root_rank: int = 0, na
     optimizer.load_state_dict(state)
 
 
+def average_buffers(module: nn.Module, name: str = "bn_stats") -> None:
+    """Average the floating-point buffers (BN running statistics) over ranks, in place.
+
+    Without synchronized BN every rank accumulates statistics of its own shards; averaging them before an
+    evaluation makes every rank (and the checkpoint, written by rank 0) hold the same network."""
+    h = _hvd()
+    if h.size() == 1:
+        return
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    out = h.grouped_allreduce(bufs, name=name, op=h.Average)
+    with torch.no_grad():
+        for b, o in zip(bufs, out):
+            b.copy_(o)
+
+
 def barrier() -> None:
     h = _hvd()
     if h.size() > 1:

@@ -412,6 +412,7 @@ class Searcher:
         for epoch in range(self.start_epoch, a.epochs):
             t0 = time.time()
             tr = self.train_epoch(epoch, out)
+            dist.average_buffers(self.model)  # identical BN statistics everywhere before evaluating/saving
             v_loss, v_acc = self.validate()
             self.checksums(f"end of epoch {epoch}")
             epoch_time = time.time() - t0

@@ -250,7 +250,7 @@ class Trainer:
             loss_sum += float(loss.detach()) * len(y)
             c1, c5, n = c1 + k1, c5 + k5, n + len(y)
             if bar is not None:
-                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.4f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.4f}")
                 bar.update(1)
         if bar is not None:
             bar.close()
@@ -278,8 +278,11 @@ class Trainer:
         for epoch in range(self.start_epoch, a.epochs):
             t0 = time.time()
             tr = self.train_epoch(epoch)
+            dist.average_buffers(self.model)  # one network on every rank: evaluated, checkpointed
             te_loss, te1, te5, n_test = evaluate(self.model, self.test_loader, self.device, self.scaler is not None)
-            dist.check_consistency({"weights": list(self.model.parameters())}, f"end of epoch {epoch}")
+            dist.check_consistency({"weights": list(self.model.parameters()),
+                                    "bn_stats": [b for b in self.model.buffers() if b.is_floating_point()]},
+                                   f"end of epoch {epoch}")
             rec = dict(epoch=epoch, lr=tr["lr"], train_loss=tr["train_loss"], train_top1=tr["train_top1"],
                        train_top5=tr["train_top5"], test_loss=te_loss, test_top1=te1, test_top5=te5,
                        test_images=n_test, epoch_time_s=time.time() - t0, images_per_s=tr["images_per_s"],
