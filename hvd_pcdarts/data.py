@@ -340,6 +340,36 @@ class ShardSampler(DistributedSampler):
         return max(0, self.num_samples - self.start)
 
 
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Batch sampler for elastic runs: resumable at any global position, for any number of ranks.
+
+    A pass is the permutation ShardSampler uses (seed + epoch). Step k takes the global batch of
+    `world * local_batch` samples starting at `start + k * world * local_batch` and gives rank r its positions
+    r, r+W, ... - the very batches ShardSampler gives when nothing changes. When the job shrinks or grows,
+    the samples of the pass not yet consumed are re-split over the new ranks from the committed position.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, world: int, rank: int, local_batch: int, start: int = 0):
+        self.n, self.seed, self.epoch = n, seed, epoch
+        self.world, self.rank, self.local_batch, self.start = world, rank, local_batch, start
+
+    @property
+    def global_batch(self) -> int:
+        return self.world * self.local_batch
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        pos, G = self.start, self.global_batch
+        while pos + G <= self.n:
+            yield perm[pos + self.rank:pos + G:self.world]
+            pos += G
+
+    def __len__(self):
+        return max(0, (self.n - self.start) // self.global_batch)
+
+
 class EvalShardSampler(torch.utils.data.Sampler):
     """Rank r evaluates samples r, r+W, r+2W, ...: every sample exactly once, no padding, no repeats."""
 
@@ -356,3 +386,8 @@ class EvalShardSampler(torch.utils.data.Sampler):
 def make_loader(dataset, batch_size: int, sampler, workers: int, drop_last: bool, pin: bool = False):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        drop_last=drop_last, pin_memory=pin, persistent_workers=False)
+
+
+def make_batch_loader(dataset, batch_sampler, workers: int, pin: bool = False):
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin,
+                                       persistent_workers=False)

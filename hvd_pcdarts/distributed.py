@@ -40,6 +40,40 @@ def init() -> None:
     h = _hvd()
     if not h.is_initialized():
         h.init()
+    _install_lost_peer_hook()
+
+
+def _install_lost_peer_hook() -> None:
+    """Make an uncaught HorovodInternalError (a collective failed or timed out: a rank died or the network between
+    the nodes broke) one clear line on stderr and exit status 1, and leave at once: Horovod's shutdown at exit
+    could wait for peers that are gone. Elastic runs catch these errors themselves and never get here."""
+    import sys
+
+    prev = sys.excepthook
+    if getattr(prev, "_hvd_pcdarts", False):
+        return
+
+    def hook(etype, value, tb):
+        try:
+            from horovod.common.exceptions import HorovodInternalError
+        except Exception:  # pragma: no cover - Horovod imported fine in init()
+            HorovodInternalError = None
+        if HorovodInternalError is None or not issubclass(etype, HorovodInternalError):
+            return prev(etype, value, tb)
+        import socket
+
+        rank = next((os.environ[v] for v in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+                     if os.environ.get(v, "").isdigit()), "?")
+        sys.stdout.flush()
+        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: rank {rank} on host {socket.gethostname()} lost "
+                         f"contact with the other ranks: a rank died or the network between the nodes failed "
+                         f"(Horovod's own error is above). Stopped; the last checkpoint written is intact "
+                         f"(search/retraining: rerun with --resume auto to continue from it)\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    hook._hvd_pcdarts = True
+    sys.excepthook = hook
 
 
 def rank() -> int:
@@ -258,3 +292,68 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, convert_sync_batchnorm(child))
     return module
+
+
+# --- elastic (Horovod Elastic: workers may leave or join; the job goes on from the last commit) ---------------
+def elastic_enabled() -> bool:
+    """True inside a job launched by `horovodrun --min-np/--max-np/--host-discovery-script` (elastic mode)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
+def elastic_state(stateful: dict, **counters):
+    """An `hvd.elastic` state holding everything a run needs to continue after a reset.
+
+    `stateful` maps names to objects with state_dict()/load_state_dict() (the model - whose parameters include
+    the alphas and betas, so they roll back with the weights -, both optimizers, a grad scaler); `counters` are
+    plain values (epoch, step, sample positions, metric sums) exposed as attributes of the state.
+    commit() keeps a deep copy in host memory; restore() goes back to it after a failed collective; sync()
+    makes every rank equal to rank 0 after a reset. Optimizer states are broadcast as whole state_dicts (never
+    `hvd.broadcast_optimizer_state`, which steps a fresh optimizer with zero gradients and so applies weight
+    decay once).
+    """
+    import copy
+
+    from horovod.common.elastic import State
+
+    h = _hvd()
+
+    class _ElasticState(State):
+        def __init__(self):
+            super().__init__(bcast_object=lambda obj: broadcast_object(obj, name="elastic.host_updates"),
+                             get_rank=h.rank)
+            self._stateful = dict(stateful)
+            self._counter_names = list(counters)
+            for k, v in counters.items():
+                setattr(self, k, v)
+            self.save()
+
+        def save(self):
+            self._saved = {k: copy.deepcopy(o.state_dict()) for k, o in self._stateful.items()}
+            self._saved_counters = copy.deepcopy({k: getattr(self, k) for k in self._counter_names})
+
+        def restore(self):
+            for k, o in self._stateful.items():
+                o.load_state_dict(copy.deepcopy(self._saved[k]))
+            for k, v in copy.deepcopy(self._saved_counters).items():
+                setattr(self, k, v)
+
+        def sync(self):
+            for k, o in self._stateful.items():
+                if isinstance(o, nn.Module):
+                    broadcast_parameters(o, 0)
+                elif isinstance(o, torch.optim.Optimizer):
+                    broadcast_optimizer(o, 0, name=f"elastic.{k}")
+                else:
+                    o.load_state_dict(broadcast_object(o.state_dict(), name=f"elastic.{k}"))
+            for k, v in broadcast_object({k: getattr(self, k) for k in self._counter_names},
+                                         name="elastic.counters").items():
+                setattr(self, k, v)
+            self.save()
+
+    return _ElasticState()
+
+
+def elastic_run(fn):
+    """`hvd.elastic.run`: call fn(state) after a sync; on a lost worker restore the last commit, re-form the
+    ring with the survivors (reset callbacks run), sync and call fn again."""
+    return _hvd().elastic.run(fn)

@@ -55,20 +55,24 @@ def default_output_dir(kind: str) -> str:
     return dist.broadcast_object(name, name="outdir")
 
 
+def writable_error(out_dir: str) -> str | None:
+    """Create the output folder and prove a file can be written there; the one-line error, or None."""
+    try:
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise OSError(f"{out_dir} exists and is not a folder")
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        return f"output folder {out_dir} cannot be written ({e.strerror or e}): choose another --output-dir"
+    return None
+
+
 def check_writable(out_dir: str) -> None:
     """Rank 0 creates the output folder and proves it can write there; every rank learns the verdict."""
-    err = None
-    if dist.is_root():
-        try:
-            if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-                raise OSError(f"{out_dir} exists and is not a folder")
-            os.makedirs(out_dir, exist_ok=True)
-            probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.unlink(probe)
-        except OSError as e:
-            err = f"output folder {out_dir} cannot be written ({e.strerror or e}): choose another --output-dir"
+    err = writable_error(out_dir) if dist.is_root() else None
     err = dist.broadcast_object(err, name="outdir_ok")
     if err:
         raise UsageError(err)

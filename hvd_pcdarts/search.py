@@ -19,18 +19,28 @@ import torch
 import torch.nn as nn
 
 from . import distributed as dist
+from . import fastpath
 from .checkpoint import atomic_save, check_config, load_checkpoint
 from .cli import ArgParser, apply_preset, fraction, nonneg_float, nonneg_int, positive_float, positive_int
 from .data import (
     DATASETS,
     EvalShardSampler,
+    GlobalBatchSampler,
     SeededView,
-    ShardSampler,
     class_sample_split,
     load_dataset,
+    make_batch_loader,
     make_loader,
     make_transform,
     search_split,
+)
+from .elastic import (
+    LocalState,
+    add_elastic_args,
+    check_elastic_args,
+    check_writable_locally,
+    local_checks_only,
+    per_rank_batch,
 )
 from .errors import UsageError
 from .genotypes import save_genotype, to_dict
@@ -83,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sync-bn", action="store_true", help="batch norm statistics of the global batch")
     a("--fp16-allreduce", action="store_true", help="compress weight gradients to fp16 for the allreduce")
     a("--amp", action="store_true", help="mixed precision (CUDA only)")
+    a("--cuda-graph", action="store_true", help="fast path (CUDA only): replay the forward+backward of the arch "
+      "and weight steps as CUDA graphs; gradient averaging and optimizer steps stay outside (benchmarks/)")
+    a("--channels-last", action="store_true", help="fast path: NHWC memory format for weights and images")
+    a("--gpu-data", action="store_true", help="fast path: keep both halves of the training set on the device as "
+      "uint8 and augment a batch there (the same crops and flips as the loader; tensor datasets only)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a("--fp64", action="store_true",
       help="verification mode: compute in float64 (slow); rank-count equivalence checks use it so that float32 "
@@ -97,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--steps-per-epoch", type=positive_int, default=None, help="cap an epoch at N steps (quick runs)")
     a("--no-tensorboard", action="store_true")
     a("--trace-indices", default=None, help=argparse.SUPPRESS)  # testing aid: per-rank sample indices
+    add_elastic_args(p)
     return p
 
 
@@ -111,6 +127,7 @@ def parse_args(argv=None):
         raise UsageError(f"--warmup-epochs {args.warmup_epochs:g} must be less than --epochs {args.epochs}")
     if args.progress is None:
         args.progress = sys.stderr.isatty()
+    check_elastic_args(args)
     return args
 
 
@@ -134,6 +151,9 @@ class Searcher:
         self.device = pick_device(a)
         if a.output_dir is None:
             a.output_dir = default_output_dir("search")
+        # elastic: no collective before the elastic loop (a worker joining later would meet it alone); the
+        # loop's first sync makes every rank equal to rank 0
+        self.elastic = bool(a.elastic)
         self._prepare_data()
         torch.manual_seed(a.seed)
         random.seed(a.seed)
@@ -146,29 +166,37 @@ class Searcher:
             self.model.double()
         if a.sync_bn and self.world > 1:
             dist.convert_sync_batchnorm(self.model)
+        fastpath.check_fast_flags(a, self.device, self.world)
+        if a.channels_last:
+            fastpath.to_channels_last(self.model)
+        self.graphed = None  # --cuda-graph: fastpath.GraphedSearchStep, captured at the first step
         self.criterion = nn.CrossEntropyLoss()
         self.arch_params = self.model.arch_parameters()
         w_opt = torch.optim.SGD(self.model.weight_parameters(), lr=a.lr, momentum=a.momentum,
                                 weight_decay=a.weight_decay)
-        self.w_opt = dist.distributed_optimizer(w_opt, self.model.named_weight_parameters(), a.fp16_allreduce)
+        # --cuda-graph: a plain SGD; the graphed step averages the gradients itself (hooks do not replay in a graph)
+        self.w_opt = w_opt if a.cuda_graph else dist.distributed_optimizer(w_opt, self.model.named_weight_parameters(),
+                                                                           a.fp16_allreduce)
         self.a_opt = torch.optim.Adam(self.arch_params, lr=a.arch_lr, betas=(0.5, 0.999),
                                       weight_decay=a.arch_weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if a.amp else None
-        self.start_epoch, self.arch_pass, self.arch_pos, self.global_step = 0, 0, 0, 0
+        self.start = dict(epoch=0, arch_pass=0, arch_sample=0, global_step=0)
         self._resume()
-        # identical start everywhere: weights, alphas, betas, BN statistics, both optimizers' states
-        dist.broadcast_parameters(self.model, 0)
-        dist.broadcast_optimizer(self.w_opt, 0, name="w_opt")
-        dist.broadcast_optimizer(self.a_opt, 0, name="a_opt")
+        if not self.elastic:
+            # identical start everywhere: weights, alphas, betas, BN statistics, both optimizers' states
+            dist.broadcast_parameters(self.model, 0)
+            dist.broadcast_optimizer(self.w_opt, 0, name="w_opt")
+            dist.broadcast_optimizer(self.a_opt, 0, name="a_opt")
         self._build_loaders()
 
     # --- setup ----------------------------------------------------------------------------------------------
     def _prepare_data(self):
         a = self.args
+        sync = local_checks_only() if a.elastic else dict(
+            is_local_root=dist.local_rank() == 0, barrier=dist.barrier,
+            agree=lambda ok: all(dist.allgather_object(bool(ok))))
         bundle = load_dataset(a.dataset, a.data_dir, download=a.download, image_size=a.image_size,
-                              need_test=False, seed=a.seed, synthetic_size=a.synthetic_size,
-                              is_local_root=dist.local_rank() == 0, barrier=dist.barrier,
-                              agree=lambda ok: all(dist.allgather_object(bool(ok))))
+                              need_test=False, seed=a.seed, synthetic_size=a.synthetic_size, **sync)
         self.num_classes = bundle.num_classes
         n = len(bundle.train)
         if a.class_sample_fractions:
@@ -186,6 +214,12 @@ class Searcher:
         self.weight_set = SeededView(bundle.train, w_idx, tf_train, a.seed, stream=0)
         self.arch_set = SeededView(bundle.train, a_idx, tf_train, a.seed, stream=1)
         self.valid_set = SeededView(bundle.train, a_idx, tf_eval, a.seed, stream=2)
+        self.device_images = None
+        if a.gpu_data:  # both halves on the device as uint8; batches augmented there, identical to the loader's
+            spec = fastpath.augment_spec(bundle, True, not a.no_augment, a.dataset)
+            dt = torch.float64 if a.fp64 else torch.float32
+            self.device_images = {id(v): fastpath.DeviceImages(v, spec, self.device, dt, a.channels_last)
+                                  for v in (self.weight_set, self.arch_set)}
         self.image_size = bundle.image_size
 
     def _resume(self):
@@ -196,42 +230,52 @@ class Searcher:
             path = cand if os.path.exists(cand) else None
         elif a.resume is not None:
             path = a.resume
-        if path is None:
+        if self.elastic:
+            # every rank reads the checkpoint itself (shared run folder), no collective; sync() then makes
+            # every rank equal to rank 0's copy
+            if path is not None:
+                self._load(self._read_checkpoint(path), path)
             return
         ckpt, err = None, None
-        if dist.is_root():
+        if path is not None and dist.is_root():
             try:
-                ckpt = load_checkpoint(path)
-                if ckpt.get("format") != CHECKPOINT_FORMAT:
-                    raise UsageError(f"checkpoint {path} is not a search checkpoint ({ckpt.get('format')!r})")
-                check_config(ckpt["config"], model_config(a, self.num_classes), path)
-                if ckpt["epoch"] > a.epochs:
-                    raise UsageError(f"checkpoint {path} is at epoch {ckpt['epoch']}, past --epochs {a.epochs}")
+                ckpt = self._read_checkpoint(path)
             except UsageError as e:
                 err, ckpt = str(e), None
         err = dist.broadcast_object(err, name="resume_err")
         if err:
             raise UsageError(err)
-        ckpt = dist.broadcast_object(ckpt, name="resume_ckpt")
+        found = dist.broadcast_object(path is not None, name="resume_found")
+        if found:
+            self._load(dist.broadcast_object(ckpt, name="resume_ckpt"), path)
+
+    def _read_checkpoint(self, path: str) -> dict:
+        a = self.args
+        ckpt = load_checkpoint(path)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"checkpoint {path} is not a search checkpoint ({ckpt.get('format')!r})")
+        check_config(ckpt["config"], model_config(a, self.num_classes), path)
+        if ckpt["epoch"] > a.epochs:
+            raise UsageError(f"checkpoint {path} is at epoch {ckpt['epoch']}, past --epochs {a.epochs}")
+        return ckpt
+
+    def _load(self, ckpt: dict, path: str) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.w_opt.load_state_dict(ckpt["w_opt"])
         self.a_opt.load_state_dict(ckpt["a_opt"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.start_epoch = int(ckpt["epoch"])
-        self.arch_pass, self.arch_pos = int(ckpt["arch_pass"]), int(ckpt["arch_pos"])
-        self.global_step = int(ckpt["global_step"])
+        arch_sample = ckpt.get("arch_sample", int(ckpt["arch_pos"]) * self.args.batch_size)
+        self.start = dict(epoch=int(ckpt["epoch"]), arch_pass=int(ckpt["arch_pass"]), arch_sample=int(arch_sample),
+                          global_step=int(ckpt["global_step"]))
         torch.set_rng_state(ckpt["rng_torch"])
         self.resumed_from = path
 
     def _build_loaders(self):
+        """Everything that depends on the number of ranks (rebuilt after an elastic reset)."""
         a = self.args
-        workers = a.workers
-        pin = self.device.type == "cuda"
-        self.w_sampler = ShardSampler(self.weight_set, self.world, self.rank, a.seed)
-        self.a_sampler = ShardSampler(self.arch_set, self.world, self.rank, a.seed + 1)
-        self.loader_kw = dict(workers=workers, pin=pin)
-        self.steps_per_epoch = len(self.weight_set) // a.batch_size
+        self.loader_kw = dict(workers=a.workers, pin=self.device.type == "cuda")
+        self.steps_per_epoch = len(self.weight_set) // (self.local_batch * self.world)
         if a.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, a.steps_per_epoch)
         self._arch_iter = None
@@ -239,25 +283,29 @@ class Searcher:
         self.v_loader = make_loader(self.valid_set, self.local_batch, self.v_sampler, drop_last=False,
                                     **self.loader_kw)
 
-    def _new_loader(self, dataset, sampler):
-        return make_loader(dataset, self.local_batch, sampler, drop_last=True, **self.loader_kw)
+    def _batches(self, dataset, seed: int, epoch: int, start: int):
+        """Loader of the global batches of one pass from global sample position `start` (GlobalBatchSampler:
+        the same global batches for any number of ranks, resumable anywhere)."""
+        sampler = GlobalBatchSampler(len(dataset), seed, epoch, self.world, self.rank, self.local_batch, start)
+        if self.device_images is not None:
+            return fastpath.DeviceLoader(self.device_images[id(dataset)], batch_sampler=sampler)
+        return make_batch_loader(dataset, sampler, self.loader_kw["workers"], self.loader_kw["pin"])
 
-    def _arch_batch(self):
+    def _arch_batch(self, st):
         """Next batch of the architecture half from a persistent iterator; a new shuffled pass when it ends."""
         while True:
             if self._arch_iter is None:
-                self.a_sampler.set_epoch(self.arch_pass)
-                self.a_sampler.set_start(self.arch_pos * self.local_batch)
-                self.arch_set.set_epoch(self.arch_pass)
-                self._arch_iter = iter(self._new_loader(self.arch_set, self.a_sampler))
+                self.arch_set.set_epoch(st.arch_pass)
+                self._arch_iter = iter(self._batches(self.arch_set, self.args.seed + 1, st.arch_pass,
+                                                     st.arch_sample))
             try:
                 batch = next(self._arch_iter)
-                self.arch_pos += 1
+                st.arch_sample += self.local_batch * self.world
                 return batch
             except StopIteration:
                 self._arch_iter = None
-                self.arch_pass += 1
-                self.arch_pos = 0
+                st.arch_pass += 1
+                st.arch_sample = 0
 
     # --- one step -------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -265,7 +313,18 @@ class Searcher:
             return torch.autocast("cpu", enabled=False)
         return torch.autocast("cuda", dtype=torch.float16)
 
+    def _graphed_step(self):
+        if self.graphed is None:
+            self.graphed = fastpath.GraphedSearchStep(
+                self.model, self.criterion, self.arch_params, self.model.weight_parameters(), self.a_opt, self.w_opt,
+                self.args.grad_clip, average_arch=lambda g: dist.grouped_average(g, name="arch_grads"),
+                average_weights=lambda g: dist.grouped_average(g, name="w_grads"),
+                channels_last=self.args.channels_last)
+        return self.graphed
+
     def arch_step(self, x, y):
+        if self.args.cuda_graph:
+            return float(self._graphed_step().arch_step(x, y))
         self.a_opt.zero_grad(set_to_none=True)
         with self._autocast():
             loss = self.criterion(self.model(x), y)
@@ -281,6 +340,8 @@ class Searcher:
 
     def weight_step(self, x, y):
         a = self.args
+        if a.cuda_graph:
+            return self._graphed_step().weight_step(x, y)
         self.w_opt.zero_grad()
         with self._autocast():
             logits = self.model(x)
@@ -310,53 +371,70 @@ class Searcher:
         return lr
 
     # --- epochs ---------------------------------------------------------------------------------------------
-    def train_epoch(self, epoch: int, out: RunOutput):
+    def train_epoch(self, st):
+        """Train the rest of epoch `st.epoch` from step `st.step` (an elastic restart continues mid-epoch)."""
         a = self.args
         self.model.train()
-        self.w_sampler.set_epoch(epoch)
+        epoch = st.epoch
         self.weight_set.set_epoch(epoch)
-        loader = self._new_loader(self.weight_set, self.w_sampler)
+        loader = self._batches(self.weight_set, a.seed, epoch, st.pos)
         arch_on = epoch >= a.arch_start_epoch
-        loss_sum = correct = count = 0.0
-        arch_images = 0
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, correct, images, arch images - of this rank since the last flush
         lr = self.set_lr(epoch)
         trace = [] if a.trace_indices else None
-        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch + 1}/{a.epochs}", a.progress)
+        bar = progress_bar(self.steps_per_epoch - st.step, f"epoch {epoch + 1}/{a.epochs}", a.progress)
         t0 = time.time()
-        for step, (x, y, idx) in enumerate(loader):
-            if step >= self.steps_per_epoch:
+        for x, y, idx in loader:
+            if st.step >= self.steps_per_epoch:
                 break
             if a.lr_per_step:
-                lr = self.set_lr(epoch + step / self.steps_per_epoch)
+                lr = self.set_lr(epoch + st.step / self.steps_per_epoch)
             x, y = x.to(self.device, self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
             if arch_on:
-                xa, ya, ia = self._arch_batch()
+                xa, ya, ia = self._arch_batch(st)
                 self.arch_step(xa.to(self.device, self.dtype, non_blocking=True), ya.to(self.device, non_blocking=True))
-                arch_images += len(ya)
+                sums[3] += len(ya)
                 if trace is not None:
-                    trace.append({"epoch": epoch, "step": step, "kind": "arch", "idx": ia.tolist()})
+                    trace.append({"epoch": epoch, "step": st.step, "kind": "arch", "idx": ia.tolist()})
             logits, loss = self.weight_step(x, y)
             if trace is not None:
-                trace.append({"epoch": epoch, "step": step, "kind": "weight", "idx": idx.tolist()})
+                trace.append({"epoch": epoch, "step": st.step, "kind": "weight", "idx": idx.tolist()})
             n = len(y)
-            loss_sum += float(loss) * n
-            correct += float((logits.argmax(1) == y).sum())
-            count += n
-            self.global_step += 1
+            sums[0] += float(loss) * n
+            sums[1] += float((logits.argmax(1) == y).sum())
+            sums[2] += n
+            st.step += 1
+            st.pos += self.local_batch * self.world
+            st.global_step += 1
+            self.live_steps += 1
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.4f}")
                 bar.update(1)
+            if self.elastic and st.step % a.commit_interval == 0 and st.step < self.steps_per_epoch:
+                sums = self._flush(st, sums, time.time() - t0)
+                t0 = time.time()
+                self._write_trace(trace)
+                st.commit()
         if bar is not None:
             bar.close()
-        train_time = time.time() - t0
-        if trace is not None:
-            os.makedirs(a.trace_indices, exist_ok=True)
-            with open(os.path.join(a.trace_indices, f"rank{self.rank}.jsonl"), "a") as f:
+        self._flush(st, sums, time.time() - t0)
+        self._write_trace(trace)
+        return lr
+
+    def _flush(self, st, sums, seconds):
+        """Add this stretch's metric sums (summed over ranks) to the state's; identical on every rank."""
+        total = dist.sum_metrics(list(sums), "train_m")
+        st.sums = [u + v for u, v in zip(st.sums, total)]
+        st.train_time += seconds
+        return [0.0, 0.0, 0.0, 0.0]
+
+    def _write_trace(self, trace):
+        if trace:
+            os.makedirs(self.args.trace_indices, exist_ok=True)
+            with open(os.path.join(self.args.trace_indices, f"rank{self.rank}.jsonl"), "a") as f:
                 for rec in trace:
                     f.write(json.dumps(rec) + "\n")
-        s_loss, s_correct, s_count, s_arch = dist.sum_metrics([loss_sum, correct, count, arch_images], "train_m")
-        return dict(lr=lr, train_loss=s_loss / max(s_count, 1), train_acc=100.0 * s_correct / max(s_count, 1),
-                    train_time=train_time, images=s_count + s_arch)
+            trace.clear()
 
     @torch.no_grad()
     def validate(self):
@@ -377,17 +455,19 @@ class Searcher:
         return dist.check_consistency({
             "weights": [p for _, p in self.model.named_weight_parameters()],
             "arch": self.arch_params,
+            "bn_stats": [b for b in self.model.buffers() if b.is_floating_point()],
         }, where)
 
-    def save(self, epoch_done: int, out: RunOutput):
+    def save(self, st):
         if not dist.is_root():
             return
         a = self.args
-        ckpt = dict(format=CHECKPOINT_FORMAT, config=model_config(a, self.num_classes), epoch=epoch_done,
+        ckpt = dict(format=CHECKPOINT_FORMAT, config=model_config(a, self.num_classes), epoch=st.epoch,
                     model=self.model.state_dict(), w_opt=self.w_opt.state_dict(), a_opt=self.a_opt.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                    arch_pass=self.arch_pass, arch_pos=self.arch_pos, global_step=self.global_step,
-                    rng_torch=torch.get_rng_state(), world_size=self.world, args=_jsonable(vars(a)))
+                    arch_pass=st.arch_pass, arch_pos=st.arch_sample // a.batch_size, arch_sample=st.arch_sample,
+                    global_step=st.global_step, rng_torch=torch.get_rng_state(), world_size=self.world,
+                    args=_jsonable(vars(a)))
         atomic_save(ckpt, os.path.join(a.output_dir, "checkpoint.pt"))
 
     def write_genotype(self):
@@ -397,39 +477,105 @@ class Searcher:
         save_genotype(geno, os.path.join(self.args.output_dir, "genotype.json"), extra=self.model.arch_state())
         return geno
 
+    # --- the whole search -----------------------------------------------------------------------------------
+    def _counters(self) -> dict:
+        return dict(**self.start, step=0, pos=0, sums=[0.0, 0.0, 0.0, 0.0], train_time=0.0, resets=0,
+                    steps_redone=0)
+
     def run(self):
         a = self.args
-        check_writable(a.output_dir)
-        out = RunOutput(a.output_dir, _jsonable(vars(a)) | {"world_size": self.world},
-                        resume_epoch=self.start_epoch, tensorboard=not a.no_tensorboard)
+        self.live_steps, self.out = None, None
+        if not self.elastic:
+            check_writable(a.output_dir)
+            st = LocalState(**self._counters())
+            self._begin(st)
+            return self._epochs(st)
+        check_writable_locally(a.output_dir)
+        stateful = {"model": self.model, "w_opt": self.w_opt, "a_opt": self.a_opt}
+        if self.scaler is not None:
+            stateful["scaler"] = self.scaler
+        st = dist.elastic_state(stateful, **self._counters())
+        st.register_reset_callbacks([lambda: self._on_reset(st)])
+
+        @dist.elastic_run
+        def search(st):
+            self._begin(st)
+            return self._epochs(st)
+
+        return search(st)
+
+    def _on_reset(self, st):
+        """Elastic reset (a worker was lost or added; the state is back at its last commit on survivors): count
+        the steps that will be redone, then rebuild everything that depends on the number of ranks."""
+        if self.live_steps is not None:
+            st.steps_redone += max(0, self.live_steps - st.global_step)
+        st.resets += 1
+        self.world, self.rank = dist.size(), dist.rank()
+        self.local_batch, self.batch_warning = per_rank_batch(self.args.batch_size, self.world)
+        self._build_loaders()
+
+    def _begin(self, st):
+        """Start of the loop, and again after every elastic reset once the state is synced from rank 0."""
+        a = self.args
+        self._arch_iter = None
+        self.live_steps = st.global_step
+        if self.out is not None:
+            self.out.close()
+        # rank 0 writes the outputs (after a reset maybe another process than before); metrics.jsonl keeps
+        # exactly the epochs before the one in progress, so an epoch redone after a reset appears once
+        self.out = out = RunOutput(a.output_dir, _jsonable(vars(a)) | {"world_size": self.world},
+                                   resume_epoch=st.epoch, tensorboard=not a.no_tensorboard)
+        if st.resets:
+            out.info(f"elastic reset {st.resets}: {self.world} rank(s) now, {self.local_batch}/rank; continuing "
+                     f"at epoch {st.epoch + 1} step {st.step} (last commit); {st.steps_redone} step(s) redone "
+                     f"so far")
+            if getattr(self, "batch_warning", None):
+                out.info(f"warning: {self.batch_warning}")
+            self.checksums("elastic reset")
+            return
         n_w = sum(p.numel() for p in self.model.weight_parameters())
         out.info(f"search: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size} "
                  f"({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, {n_w} weights, "
-                 f"weight/arch images {len(self.weight_set)}/{len(self.arch_set)}, output {a.output_dir}")
-        if self.start_epoch:
-            out.info(f"resumed from {self.resumed_from} at epoch {self.start_epoch}")
+                 f"weight/arch images {len(self.weight_set)}/{len(self.arch_set)}, output {a.output_dir}"
+                 + (f", elastic (commit every {a.commit_interval} steps)" if self.elastic else ""))
+        if st.epoch:
+            out.info(f"resumed from {self.resumed_from} at epoch {st.epoch}")
         self.checksums("start")
-        for epoch in range(self.start_epoch, a.epochs):
+
+    def _epochs(self, st):
+        a = self.args
+        out = self.out
+        while st.epoch < a.epochs:
+            epoch = st.epoch
             t0 = time.time()
-            tr = self.train_epoch(epoch, out)
+            lr = self.train_epoch(st)
             dist.average_buffers(self.model)  # identical BN statistics everywhere before evaluating/saving
             v_loss, v_acc = self.validate()
             self.checksums(f"end of epoch {epoch}")
-            epoch_time = time.time() - t0
+            s_loss, s_correct, s_count, s_arch = st.sums
             geno = self.model.genotype()
-            rec = dict(epoch=epoch, lr=tr["lr"], train_loss=tr["train_loss"], train_acc=tr["train_acc"],
-                       valid_loss=v_loss, valid_acc=v_acc, epoch_time_s=epoch_time,
-                       images_per_s=tr["images"] / max(tr["train_time"], 1e-9), world_size=self.world,
-                       genotype=to_dict(geno), arch=self.model.arch_state())
+            rec = dict(epoch=epoch, lr=lr, train_loss=s_loss / max(s_count, 1),
+                       train_acc=100.0 * s_correct / max(s_count, 1), valid_loss=v_loss, valid_acc=v_acc,
+                       epoch_time_s=time.time() - t0, images_per_s=(s_count + s_arch) / max(st.train_time, 1e-9),
+                       world_size=self.world, genotype=to_dict(geno), arch=self.model.arch_state())
+            if self.elastic:
+                rec.update(resets=st.resets, steps_redone=st.steps_redone)
             out.metrics(rec)
-            out.info(f"epoch {epoch + 1}/{a.epochs} lr {tr['lr']:.5f} train loss {tr['train_loss']:.4f} "
-                     f"acc {tr['train_acc']:.2f} | search-valid loss {v_loss:.4f} acc {v_acc:.2f} | "
-                     f"{epoch_time:.1f}s, {rec['images_per_s']:.0f} img/s")
+            out.info(f"epoch {epoch + 1}/{a.epochs} lr {lr:.5f} train loss {rec['train_loss']:.4f} "
+                     f"acc {rec['train_acc']:.2f} | search-valid loss {v_loss:.4f} acc {v_acc:.2f} | "
+                     f"{rec['epoch_time_s']:.1f}s, {rec['images_per_s']:.0f} img/s")
+            st.epoch, st.step, st.pos, st.sums, st.train_time = epoch + 1, 0, 0, [0.0, 0.0, 0.0, 0.0], 0.0
             self.write_genotype()
-            self.save(epoch + 1, out)
+            self.save(st)
+            st.commit()
+        final = self.checksums("end of search")
         geno = self.write_genotype()
         if dist.is_root():
             out.info(f"genotype: {geno}")
+            out.info(f"all {self.world} rank(s) hold identical parameters (crc32 weights {final['weights']:08x}, "
+                     f"arch {final['arch']:08x})")
+            if self.elastic:
+                out.info(f"elastic: {st.resets} reset(s), {st.steps_redone} step(s) redone")
             out.info(f"wrote {os.path.join(a.output_dir, 'genotype.json')}, metrics.jsonl, checkpoint.pt")
             _render_pictures(geno, a.output_dir, out)
         out.close()

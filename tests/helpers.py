@@ -107,3 +107,54 @@ def output_lines(text: str) -> list[str]:
             if piece:
                 lines.append(piece)
     return lines
+
+
+def start(cmd: list, log_path, env: dict | None = None, cwd=None) -> subprocess.Popen:
+    """Start `cmd` in the background in its own session, stdout and stderr into `log_path`."""
+    log = open(log_path, "w")
+    try:
+        return subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=launch_env(env), cwd=str(cwd or REPO_ROOT),
+                                start_new_session=True)
+    finally:
+        log.close()
+
+
+def processes_with(marker: str) -> list[int]:
+    """PIDs of the processes whose command line contains `marker` (e.g. a unique output folder)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            pids.append(int(d.name))
+    return pids
+
+
+def process_env(pid: int) -> dict:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def kill_all(marker: str, proc: subprocess.Popen | None = None) -> None:
+    """SIGKILL every process of a run: the launcher's session and every process whose command line holds
+    `marker` (horovodrun starts its ranks in process groups of their own)."""
+    if proc is not None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in processes_with(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc is not None:
+        proc.wait()

@@ -76,6 +76,7 @@ def test_two_ranks_equal_one_rank(launcher, one_rank_equiv, tmp_path):
 
 def test_weight_optimizer_holds_no_arch_parameter_and_arch_step_changes_no_weight(tmp_path):
     """In-process (size-1 Horovod): the parameter groups are disjoint and an arch step touches only alphas/betas."""
+    from hvd_pcdarts.elastic import LocalState
     from hvd_pcdarts.search import Searcher, parse_args
 
     args = parse_args(TINY + ["--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32",
@@ -89,12 +90,14 @@ def test_weight_optimizer_holds_no_arch_parameter_and_arch_step_changes_no_weigh
     before_w = [p.detach().clone() for p in s.model.weight_parameters()]
     before_a = [p.detach().clone() for p in s.model.arch_parameters()]
     s.model.train()
-    xa, ya, _ = s._arch_batch()
+    st = LocalState(**s._counters())
+    xa, ya, _ = s._arch_batch(st)
+    assert st.arch_sample == 32
     s.arch_step(xa, ya)
     assert all(torch.equal(b, p) for b, p in zip(before_w, s.model.weight_parameters()))
     assert all(p.grad is None for p in s.model.weight_parameters())
     assert any(not torch.equal(b, p) for b, p in zip(before_a, s.model.arch_parameters()))
-    x, y, _ = next(iter(s._new_loader(s.weight_set, s.w_sampler)))
+    x, y, _ = next(iter(s._batches(s.weight_set, 0, 0, 0)))
     s.weight_step(x, y)
     after_a = [p.detach().clone() for p in s.model.arch_parameters()]
     s.weight_step(x, y)  # weight steps never move the architecture

@@ -1,0 +1,75 @@
+"""What the search and the retraining share for fault tolerance: the run state both loops advance, the
+`--elastic` flags, and the bookkeeping after a reset (per-rank batch, output writer following rank 0, steps
+redone).
+
+The loops advance one state object: in a normal run a `LocalState` (commit does nothing; checkpoints at
+epoch ends give exact resume), under `--elastic` a Horovod elastic state (distributed.elastic_state) that
+commits to host memory every `--commit-interval` steps and at each epoch end. Horovod itself is only touched
+through `distributed`.
+"""
+
+from __future__ import annotations
+
+from . import distributed as dist
+from .errors import UsageError
+from .runtime import writable_error
+
+
+class LocalState:
+    """Stand-in for the elastic state in a normal run: the same counters as attributes, nothing to commit."""
+
+    def __init__(self, **counters):
+        self.__dict__.update(counters)
+
+    def commit(self) -> None:
+        pass
+
+
+def add_elastic_args(parser) -> None:
+    from .cli import positive_int
+
+    parser.add_argument("--elastic", action="store_true",
+                        help="Horovod Elastic: survive lost workers and take in new ones (launch with horovodrun "
+                             "--min-np/--max-np --host-discovery-script; needs --output-dir on a shared file system)")
+    parser.add_argument("--commit-interval", type=positive_int, default=20,
+                        help="elastic: commit the state to host memory every N steps (and at each epoch end); "
+                             "a lost worker costs at most N steps")
+
+
+def check_elastic_args(args) -> None:
+    launched = dist.elastic_enabled()
+    if args.elastic and not launched:
+        raise UsageError("--elastic needs an elastic launch: horovodrun -np N --min-np M --max-np X "
+                         "--host-discovery-script hostfiles/discover_hosts.sh python ... --elastic")
+    if launched and not args.elastic:
+        raise UsageError("this job was launched in Horovod elastic mode (--min-np/--max-np/--host-discovery-script) "
+                         "but --elastic is not set: add --elastic, or launch with -np/-H only")
+    if args.elastic and args.output_dir is None:
+        raise UsageError("--elastic needs --output-dir (every worker, also one that joins later, must find the "
+                         "same run folder)")
+
+
+def per_rank_batch(global_batch: int, world: int) -> tuple[int, str | None]:
+    """(local batch, warning or None) after the world changed size under --elastic."""
+    if global_batch < world:
+        raise UsageError(f"the global batch {global_batch} is smaller than the {world} ranks: use a larger "
+                         f"--batch-size")
+    if global_batch % world == 0:
+        return global_batch // world, None
+    lb = global_batch // world
+    return lb, (f"global batch {global_batch} does not divide by {world} ranks: using {lb} per rank "
+                f"(global {lb * world}) until the world changes again")
+
+
+def local_checks_only() -> dict:
+    """load_dataset arguments for an elastic run: no barrier/agreement collectives before the elastic loop (a
+    worker that joins later would meet them alone and hang)."""
+    return dict(is_local_root=True, barrier=lambda: None, agree=lambda ok: ok)
+
+
+def check_writable_locally(out_dir: str) -> None:
+    """check_writable without a collective (elastic): every rank proves it could write the run folder, since
+    any of them may become rank 0."""
+    err = writable_error(out_dir)
+    if err:
+        raise UsageError(err)

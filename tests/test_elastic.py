@@ -1,0 +1,104 @@
+"""Horovod Elastic: a search started on 3 workers loses one to SIGKILL mid-epoch and finishes on the other 2.
+
+Real processes: `horovodrun -np 3 --min-np 2 --max-np 3 --host-discovery-script hostfiles/discover_hosts.sh`
+with three host names of this machine (Horovod blacklists the whole host of a failed worker, so each worker
+gets a host name of its own: localhost, 127.0.0.1 and the machine's name or address).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+
+import pytest
+from helpers import REPO_ROOT, find_exe, kill_all, process_env, processes_with, python_exe, start
+
+SCRIPT = str(REPO_ROOT / "bin" / "train_search.py")
+DISCOVER = str(REPO_ROOT / "hostfiles" / "discover_hosts.sh")
+COMMIT = 3
+ARGS = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
+        "--no-progress", "--epochs", "3", "--arch-start-epoch", "1", "--batch-size", "48", "--steps-per-epoch", "12",
+        "--elastic", "--commit-interval", str(COMMIT)]
+
+
+def _local_names() -> list[str]:
+    try:
+        from horovod.runner.util.network import get_local_host_addresses
+    except Exception:
+        return []
+    local = get_local_host_addresses()
+    names = []
+    for cand in ["localhost", "127.0.0.1", socket.gethostname(), *sorted(local)]:
+        try:
+            addr = socket.gethostbyname(cand)
+        except OSError:
+            continue
+        if addr in local and cand not in names:
+            names.append(cand)
+    return names
+
+
+def _wait_for(pred, timeout, proc, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (status {proc.returncode}) before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [2, 0], ids=["kill-rank2", "kill-rank0"])
+def test_elastic_search_survives_a_killed_worker(tmp_path, victim):
+    names = _local_names()
+    if len(names) < 3 or not find_exe("horovodrun"):
+        pytest.skip(f"needs horovodrun and three host names of this machine (found {names})")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("".join(f"{n}:1\n" for n in names[:3]))
+    out = tmp_path / "out"
+    trace = tmp_path / "trace"
+    cmd = [find_exe("horovodrun"), "-np", "3", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
+           DISCOVER, python_exe(), SCRIPT, *ARGS, "--output-dir", out, "--trace-indices", trace]
+    log = tmp_path / "log.txt"
+    proc = start(cmd, log, env={"HVD_PCDARTS_HOSTS_FILE": hosts})
+    try:
+        metrics = out / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 400, proc, "epoch 1")
+        first = json.loads(metrics.read_text().splitlines()[0])
+        assert first["world_size"] == 3
+        time.sleep(0.4 * first["epoch_time_s"])  # the middle of the second epoch
+        workers = {process_env(p).get("HOROVOD_RANK"): p for p in processes_with(str(out))
+                   if process_env(p).get("HOROVOD_ELASTIC") == "1"}
+        assert set(workers) >= {"0", "1", "2"}, workers
+        os.kill(workers[str(victim)], signal.SIGKILL)
+        proc.wait(timeout=600)
+    finally:
+        kill_all(str(out), proc)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-5000:]
+    # a valid genotype
+    from hvd_pcdarts.genotypes import load_genotype
+
+    geno = load_genotype(str(out / "genotype.json"))
+    assert len(geno.normal) == 8 and len(geno.reduce) == 8
+    # every epoch once; 3 workers before the kill, 2 after
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [0, 1, 2]
+    assert recs[0]["world_size"] == 3 and recs[2]["world_size"] == 2
+    # the survivors agree on every parameter (checked over ranks at every epoch end and at the end)
+    assert re.search(r"all 2 rank\(s\) hold identical parameters", text), text[-3000:]
+    m = re.search(r"elastic: (\d+) reset\(s\), (\d+) step\(s\) redone", text)
+    assert m, text[-3000:]
+    resets, redone = int(m.group(1)), int(m.group(2))
+    assert resets == 1 and 0 <= redone <= COMMIT
+    # the traces show every step of every epoch (the killed worker's only up to its last commit)
+    steps = {(r["epoch"], r["step"]) for f in trace.iterdir() for r in map(json.loads, f.read_text().splitlines())
+             if r["kind"] == "weight"}
+    assert sorted(steps) == [(e, s) for e in range(3) for s in range(12)]
+    print(f"elastic ({'rank 0' if victim == 0 else 'rank 2'} killed): {redone} step(s) redone")
