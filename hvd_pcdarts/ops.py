@@ -112,4 +112,8 @@ def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """ShuffleNet channel shuffle: (N, g*c, H, W) -> view (N, g, c) -> transpose -> (N, c*g, H, W)."""
     n, c, h, w = x.shape
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        # NHWC memory (--channels-last): shuffle the innermost dimension and stay NHWC (same values)
+        y = x.permute(0, 2, 3, 1).reshape(n, h, w, groups, c // groups).transpose(3, 4).reshape(n, h, w, c)
+        return y.permute(0, 3, 1, 2)
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)

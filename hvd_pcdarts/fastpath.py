@@ -1,0 +1,454 @@
+"""Fast paths for the search and retraining steps (issue 7). The eager code stays the reference; each fast path
+here computes the same thing and is checked against it (tests/test_fastpath.py on the CPU, the CUDA-graph one in
+benchmarks/run_device.sh on a GPU).
+
+- `DeviceImages` / `DeviceLoader`: the training images stay on the device as uint8 (CIFAR-10: 150 MB) and a
+  whole batch is augmented there in a few kernels (pad + random crop + horizontal flip [+ cutout], to float,
+  normalize). The random numbers are drawn per sample from the same seeded CPU generator, in the same order, as
+  `data.SeededView` + `data.make_transform` draw them, so a batch is *bit for bit* the eager loader's batch
+  (same samples, same crops, same flips, same values): results do not change with `--gpu-data`.
+- `GraphedSearchStep`: the forward+backward of the architecture step and of the weight step, each captured once
+  as a CUDA graph (static input buffers; BatchNorm in training mode updates its running statistics inside the
+  graph) and replayed every step. The gradient averaging over ranks (Horovod) and the optimizer steps run outside
+  the graphs: Python gradient hooks do not replay inside a graph.
+- `to_channels_last`: the model's 4-d weights (and the input batches) in NHWC order.
+
+This module imports no Horovod: gradient averaging is passed in as a function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .errors import UsageError
+
+
+# --- device-resident data with batched augmentation ------------------------------------------------------------
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What `data.make_transform` does to a uint8 tensor image, in order: to float in [0, 1]; zero-pad by `pad`
+    and random-crop back to the image size (when pad > 0); random horizontal flip (when `flip`); normalize;
+    cutout of side `cutout` (when > 0, after normalization, as data.Cutout)."""
+
+    mean: tuple
+    std: tuple
+    pad: int = 0
+    flip: bool = False
+    cutout: int = 0
+
+
+def augment_spec(bundle, train: bool, augment: bool, dataset: str, cutout: int = 0) -> AugmentSpec:
+    """The AugmentSpec equal to `data.make_transform(bundle, train, augment, dataset, cutout=cutout)` for tensor
+    datasets (cifar10, cifar100, digits, synthetic); image-folder data (PIL) cannot live on the device."""
+    if bundle.kind != "tensor":
+        raise UsageError(f"--gpu-data needs a dataset held as tensors (cifar10, cifar100, digits, synthetic); "
+                         f"{dataset} is decoded from image files: drop --gpu-data")
+    pad, flip = 0, False
+    if train and augment:
+        if dataset == "digits":
+            pad = 2
+        elif dataset != "synthetic":
+            pad, flip = 4, True
+    return AugmentSpec(tuple(float(m) for m in bundle.mean), tuple(float(s) for s in bundle.std), pad, flip,
+                       cutout if (train and augment) else 0)
+
+
+def draw_params(spec: AugmentSpec, seeds, height: int, width: int) -> torch.Tensor:
+    """Per-sample random numbers, (N, 5) int64: crop top, crop left, flip (0/1), cutout centre y, x.
+
+    Sample n's numbers come from `torch.manual_seed(seeds[n])` followed by exactly the draws that torchvision's
+    RandomCrop (`get_params`), RandomHorizontalFlip and data.Cutout make, in the same order, on a private
+    generator (the global RNG is untouched). So they equal what the eager per-sample transform uses. Cost: about
+    12 microseconds a sample on one CPU core (3 ms for 256)."""
+    out = torch.zeros(len(seeds), 5, dtype=torch.int64)
+    if spec.pad == 0 and not spec.flip and spec.cutout == 0:
+        return out
+    g = torch.Generator()  # the default CPU generator's algorithm (mt19937): same seed, same numbers
+    rows = []
+    for s in seeds:
+        g.manual_seed(int(s))
+        top = left = fl = cy = cx = 0
+        if spec.pad > 0:
+            top = int(torch.randint(0, 2 * spec.pad + 1, size=(1,), generator=g))
+            left = int(torch.randint(0, 2 * spec.pad + 1, size=(1,), generator=g))
+        if spec.flip:
+            fl = int(bool(torch.rand(1, generator=g) < 0.5))
+        if spec.cutout > 0:
+            cy = int(torch.randint(0, height, (1,), generator=g))
+            cx = int(torch.randint(0, width, (1,), generator=g))
+        rows.append((top, left, fl, cy, cx))
+    if rows:
+        out = torch.tensor(rows, dtype=torch.int64)
+    return out
+
+
+def augment_batch(images: torch.Tensor, params: torch.Tensor, spec: AugmentSpec, dtype=torch.float32,
+                  channels_last: bool = False) -> torch.Tensor:
+    """Augment a uint8 batch (N, C, H, W) on its own device with per-sample `params` (from `draw_params`).
+
+    Crop and flip are one gather; the float conversion and normalization are those of torchvision's
+    ConvertImageDtype and Normalize (x / 255, then (x - mean) / std), so values are bit-identical to the eager
+    transform. Returns (N, C, H, W) `dtype`, NHWC in memory when `channels_last`."""
+    n, c, h, w = images.shape
+    dev = images.device
+    p = params.to(dev)
+    x = images
+    if spec.pad > 0 or spec.flip:
+        if spec.pad > 0:
+            x = nn.functional.pad(x, (spec.pad, spec.pad, spec.pad, spec.pad))
+        ar_h = torch.arange(h, device=dev)
+        ar_w = torch.arange(w, device=dev)
+        rows = p[:, 0:1] + ar_h  # (N, H)
+        flip = p[:, 2:3].bool()
+        cols = p[:, 1:2] + torch.where(flip, (w - 1) - ar_w, ar_w)  # (N, W)
+        bidx = torch.arange(n, device=dev)[:, None, None]
+        x = x[bidx, :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+        x = x.permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
+    x = x.to(dtype) / 255.0
+    mean = torch.as_tensor(spec.mean, dtype=dtype, device=dev)[:, None, None]
+    std = torch.as_tensor(spec.std, dtype=dtype, device=dev)[:, None, None]
+    x = (x - mean) / std
+    if spec.cutout > 0:
+        half = spec.cutout // 2
+        cy, cx = p[:, 3:4], p[:, 4:5]
+        ys = torch.arange(h, device=dev)
+        xs = torch.arange(w, device=dev)
+        in_y = (ys >= (cy - half).clamp_min(0)) & (ys < (cy + half).clamp_max(h))  # (N, H)
+        in_x = (xs >= (cx - half).clamp_min(0)) & (xs < (cx + half).clamp_max(w))  # (N, W)
+        box = in_y[:, None, :, None] & in_x[:, None, None, :]
+        x = x.masked_fill(box, 0.0)
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=mf)
+
+
+class DeviceImages:
+    """A `data.SeededView` whose images live on `device` as uint8 and are augmented a batch at a time.
+
+    `batch(positions)` returns (x, y, base_indices) for positions into the view, exactly as stacking
+    `view[i]` for i in positions would (the per-sample seeds are the view's), but on the device."""
+
+    def __init__(self, view, spec: AugmentSpec, device, dtype=torch.float32, channels_last: bool = False):
+        from .data import _mix
+
+        base = view.base
+        if not (hasattr(base, "images") and hasattr(base, "labels")):
+            raise UsageError("--gpu-data needs a dataset held as tensors (cifar10, cifar100, digits, synthetic)")
+        idx = torch.as_tensor(view.indices, dtype=torch.long)
+        self.view, self.spec, self.device, self.dtype, self.channels_last = view, spec, device, dtype, channels_last
+        self.images = base.images[idx].to(device)  # uint8, (N, C, H, W)
+        self.labels = torch.as_tensor(base.labels)[idx].to(device)
+        self.base_indices = idx
+        self._mix = _mix
+
+    def __len__(self):
+        return len(self.base_indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.view.set_epoch(epoch)
+
+    def batch(self, positions):
+        pos = torch.as_tensor(list(positions), dtype=torch.long)
+        base_idx = self.base_indices[pos]
+        v = self.view
+        h, w = self.images.shape[-2:]
+        seeds = [self._mix(v.seed, v.stream, v.epoch, int(i)) for i in base_idx]
+        params = draw_params(self.spec, seeds, h, w)
+        pos_d = pos.to(self.device)
+        x = augment_batch(self.images[pos_d], params, self.spec, self.dtype, self.channels_last)
+        return x, self.labels[pos_d], base_idx
+
+
+class DeviceLoader:
+    """A drop-in replacement for a DataLoader over the same view: yields `DeviceImages.batch` results for the
+    batches of `batch_sampler` (lists of positions), or of `sampler` cut into batches of `batch_size` (the last
+    partial batch dropped when `drop_last`)."""
+
+    def __init__(self, images: DeviceImages, batch_size: int | None = None, sampler=None, drop_last: bool = True,
+                 batch_sampler=None):
+        if (sampler is None) == (batch_sampler is None):
+            raise ValueError("give either sampler (with batch_size) or batch_sampler")
+        self.images, self.batch_size, self.sampler, self.drop_last = images, batch_size, sampler, drop_last
+        self.batch_sampler = batch_sampler
+
+    def __len__(self):
+        if self.batch_sampler is not None:
+            return len(self.batch_sampler)
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        if self.batch_sampler is not None:
+            for positions in self.batch_sampler:
+                yield self.images.batch(positions)
+            return
+        buf = []
+        for i in self.sampler:
+            buf.append(i)
+            if len(buf) == self.batch_size:
+                yield self.images.batch(buf)
+                buf = []
+        if buf and not self.drop_last:
+            yield self.images.batch(buf)
+
+
+# --- memory format ------------------------------------------------------------------------------------------------
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """4-d weights in NHWC order, so that convolutions produce NHWC outputs (with NHWC inputs: any).
+
+    1x1 kernels stay in the standard layout: for them both layouts hold the same order, but NHWC strides of a
+    (O, I, 1, 1) tensor have a last stride of I, which byte views (distributed.tensors_checksum) refuse."""
+    model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 4 and p.stride(-1) != 1:
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return model
+
+
+# --- batch norm as plain reductions ----------------------------------------------------------------------------
+class CompositeBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode forward is plain tensor ops (var_mean over N, H, W; then an elementwise
+    normalize), differentiated by autograd. Same function as nn.BatchNorm2d (running statistics with the unbiased
+    variance, momentum or cumulative average); evaluation mode is nn.BatchNorm2d's.
+
+    Why: the search net's partial-channel ops normalize 4 to 16 channels over N*H*W up to 262,144 values each;
+    the library BN kernels parallelize over channels and were 54% of the GPU time of a step (issue 7's profile),
+    while a generic reduction splits each channel over many blocks. More kernels per BN, which a CUDA graph
+    makes cheap; more saved activations (x - mean), which costs memory."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        x_in = x
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()  # statistics in float32 under bf16/fp16 autocast, as the library kernels keep them
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        n = x.numel() // x.shape[1]
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var.detach() * (n / max(n - 1, 1))
+                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        inv = torch.rsqrt(var + self.eps)
+        y = (x - mean[None, :, None, None]) * inv[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x_in.dtype)
+
+
+def use_composite_bn(module: nn.Module) -> nn.Module:
+    """Turn every plain nn.BatchNorm2d into a CompositeBatchNorm2d in place (a class swap: the same parameter
+    and buffer objects, so optimizers built before still hold them)."""
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = CompositeBatchNorm2d
+    return module
+
+
+# --- CUDA graphs of the search step ---------------------------------------------------------------------------
+def _bn_buffers(model: nn.Module):
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+
+class EagerSearchStep:
+    """The eager search step of one rank without Horovod: `search.Searcher.arch_step` / `weight_step` with the
+    averaging functions passed in (None on one rank). The reference that the fast paths are compared with, and
+    the baseline of benchmarks/search_step.py."""
+
+    def __init__(self, model: nn.Module, criterion, arch_params, weight_params, a_opt, w_opt, grad_clip: float = 0.0,
+                 average_arch=None, autocast_dtype=None, channels_last: bool = False):
+        self.model, self.criterion = model, criterion
+        self.arch_params, self.weight_params = list(arch_params), list(weight_params)
+        self.a_opt, self.w_opt, self.grad_clip = a_opt, w_opt, grad_clip
+        self.average_arch, self.autocast_dtype, self.channels_last = average_arch, autocast_dtype, channels_last
+
+    def _autocast(self, x):
+        if self.autocast_dtype is None:
+            return torch.autocast(x.device.type, enabled=False)
+        return torch.autocast(x.device.type, dtype=self.autocast_dtype)
+
+    def _in(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def arch_step(self, x, y) -> torch.Tensor:
+        x = self._in(x)
+        self.a_opt.zero_grad(set_to_none=True)
+        with self._autocast(x):
+            loss = self.criterion(self.model(x), y)
+        grads = torch.autograd.grad(loss, self.arch_params)
+        if self.average_arch is not None:
+            grads = self.average_arch(list(grads))
+        for p, g in zip(self.arch_params, grads):
+            p.grad = g
+        self.a_opt.step()
+        return loss.detach().float()
+
+    def weight_step(self, x, y):
+        x = self._in(x)
+        self.w_opt.zero_grad()
+        with self._autocast(x):
+            logits = self.model(x)
+            loss = self.criterion(logits, y)
+        loss.backward()
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.weight_params, self.grad_clip)
+        self.w_opt.step()
+        return logits.detach(), loss.detach().float()
+
+
+def build_search(C: int = 16, layers: int = 8, partial_k: int = 4, num_classes: int = 10, seed: int = 2,
+                 device="cpu", lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 3e-4,
+                 arch_lr: float = 6e-4, arch_weight_decay: float = 1e-3, channels_last: bool = False):
+    """A search network with the recipe's two optimizers (SGD for weights, Adam(0.5, 0.999) for alphas/betas),
+    built as `search.Searcher` builds them: (model, arch_params, weight_params, a_opt, w_opt)."""
+    from .models import SearchNetwork
+
+    torch.manual_seed(seed)
+    model = SearchNetwork(C, num_classes, layers, partial_k=partial_k).to(device)
+    if channels_last:
+        to_channels_last(model)
+    arch, weights = model.arch_parameters(), model.weight_parameters()
+    w_opt = torch.optim.SGD(weights, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    a_opt = torch.optim.Adam(arch, lr=arch_lr, betas=(0.5, 0.999), weight_decay=arch_weight_decay)
+    return model, arch, weights, a_opt, w_opt
+
+
+class GraphedSearchStep:
+    """The PC-DARTS first-order search step with the forward+backward of each half captured as a CUDA graph.
+
+    Semantics are those of `search.Searcher.arch_step` / `weight_step` (the eager reference):
+    - arch step: loss on the architecture batch, gradients of the architecture parameters only
+      (torch.autograd.grad), averaged by `average_arch`, then `a_opt.step()`;
+    - weight step: loss.backward() into the weights' .grad, averaged by `average_weights`, clipped to
+      `grad_clip` (0: no clipping), then `w_opt.step()` (a plain optimizer: no Horovod hooks).
+
+    Each graph is captured lazily at its first call, from that call's batch, after `warmup` eager passes on a
+    side stream (cuDNN picks its algorithms there). Warm-up and capture change nothing: BN buffers are restored
+    and the gradients set to None, so the first replay computes exactly the first eager step. The two graphs
+    share one memory pool: that is safe because each call consumes its graph's outputs (gradients, loss,
+    logits) before the other graph replays. Do not set the weights' .grad to None between steps (that is what
+    optimizer.zero_grad() does): the graph writes into the .grad tensors it allocated at capture.
+    Batch shapes must stay the same (drop_last loaders).
+    """
+
+    def __init__(self, model: nn.Module, criterion, arch_params, weight_params, a_opt, w_opt, grad_clip: float = 0.0,
+                 average_arch=None, average_weights=None, autocast_dtype=None, channels_last: bool = False,
+                 warmup: int = 3):
+        self.model, self.criterion = model, criterion
+        self.arch_params, self.weight_params = list(arch_params), list(weight_params)
+        self.a_opt, self.w_opt, self.grad_clip = a_opt, w_opt, grad_clip
+        self.average_arch, self.average_weights = average_arch, average_weights
+        self.autocast_dtype, self.channels_last, self.warmup = autocast_dtype, channels_last, warmup
+        self.pool = torch.cuda.graph_pool_handle()
+        self._arch = None  # (graph, x, y, loss, grads)
+        self._weight = None  # (graph, x, y, logits, loss)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast("cuda", enabled=False)
+        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _static(self, x, y):
+        mf = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.detach().clone().contiguous(memory_format=mf), y.detach().clone()
+
+    def _arch_fwd_bwd(self, x, y):
+        with self._autocast():
+            loss = self.criterion(self.model(x), y)
+        grads = torch.autograd.grad(loss, self.arch_params)
+        return loss.detach().float(), [g.detach() for g in grads]
+
+    def _weight_fwd_bwd(self, x, y):
+        with self._autocast():
+            logits = self.model(x)
+            loss = self.criterion(logits, y)
+        # weights only: the eager step's backward also fills the alphas' .grad, which nobody reads (the arch step
+        # replaces them); leaving them out keeps every tensor the graph writes owned by this graph
+        torch.autograd.backward(loss, inputs=self.weight_params)
+        return logits.detach(), loss.detach().float()
+
+    def _capture(self, fn, x, y, clear):
+        """Warm up `fn` on a side stream, then capture it; `clear` are the parameters whose .grad `fn` writes
+        (set to None first, so the captured backward allocates them instead of accumulating into them)."""
+        bn = _bn_buffers(self.model)
+        saved = [b.detach().clone() for b in bn]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                for p in clear:
+                    p.grad = None
+                fn(x, y)
+        torch.cuda.current_stream().wait_stream(side)
+        for p in clear:
+            p.grad = None
+        g = torch.cuda.CUDAGraph()
+        # thread_local: Horovod's background thread may touch CUDA while this thread captures
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+            out = fn(x, y)
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            for b, s in zip(bn, saved):
+                b.copy_(s)
+        return g, out
+
+    def arch_step(self, x, y) -> torch.Tensor:
+        if self._arch is None:
+            sx, sy = self._static(x, y)
+            g, (loss, grads) = self._capture(self._arch_fwd_bwd, sx, sy, clear=[])
+            self._arch = (g, sx, sy, loss, grads)
+        g, sx, sy, loss, grads = self._arch
+        sx.copy_(x, non_blocking=True)
+        sy.copy_(y, non_blocking=True)
+        g.replay()
+        out = [t.clone() for t in grads]
+        if self.average_arch is not None:
+            out = self.average_arch(out)
+        self.a_opt.zero_grad(set_to_none=True)
+        for p, t in zip(self.arch_params, out):
+            p.grad = t
+        self.a_opt.step()
+        return loss.clone()
+
+    def weight_step(self, x, y):
+        if self._weight is None:
+            sx, sy = self._static(x, y)
+            g, (logits, loss) = self._capture(self._weight_fwd_bwd, sx, sy, clear=self.weight_params)
+            missing = [i for i, p in enumerate(self.weight_params) if p.grad is None]
+            if missing:
+                raise RuntimeError(f"{len(missing)} weight parameters got no gradient in the captured step")
+            self._weight = (g, sx, sy, logits, loss)
+        g, sx, sy, logits, loss = self._weight
+        sx.copy_(x, non_blocking=True)
+        sy.copy_(y, non_blocking=True)
+        g.replay()
+        grads = [p.grad for p in self.weight_params]
+        if self.average_weights is not None:
+            avg = self.average_weights(grads)
+            with torch.no_grad():
+                for t, a in zip(grads, avg):
+                    if a is not t:
+                        t.copy_(a)
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.weight_params, self.grad_clip)
+        self.w_opt.step()
+        return logits.clone(), loss.clone()
+
+
+def check_fast_flags(args, device: torch.device, world: int) -> None:
+    """One clear usage error for fast-path flags that cannot work with this device or these other flags."""
+    if getattr(args, "cuda_graph", False):
+        if device.type != "cuda":
+            raise UsageError("--cuda-graph needs a CUDA GPU and this run is on the CPU: drop --cuda-graph")
+        for flag, bad in (("--amp", "amp"), ("--sync-bn", "sync_bn"), ("--fp16-allreduce", "fp16_allreduce"),
+                          ("--fp64", "fp64")):
+            if getattr(args, bad, False) and (bad != "sync_bn" or world > 1):
+                raise UsageError(f"--cuda-graph and {flag} exclude each other (the graph holds no collectives "
+                                 f"and no loss scaling): drop one")
+        if getattr(args, "elastic", False):
+            raise UsageError("--cuda-graph is not supported with --elastic yet: drop one")

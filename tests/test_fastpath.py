@@ -1,0 +1,193 @@
+"""Fast paths (hvd_pcdarts/fastpath.py) against the eager reference: device-resident data with batched
+augmentation (bit-identical batches), channels_last and batch norm as plain reductions (float64, to 1e-9),
+flags of train_search.py. The CUDA-graph step needs a GPU: its test is skipped on the CPU, and
+benchmarks/run_device.sh runs the same comparison on the GPU (results in benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import REPO_ROOT, describe, launch, python_exe
+
+from hvd_pcdarts import fastpath as fp
+from hvd_pcdarts.data import DataBundle, SeededView, ShardSampler, _digits, _synthetic, make_loader, make_transform
+from hvd_pcdarts.errors import UsageError
+from hvd_pcdarts.ops import channel_shuffle
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+SCRIPT = str(REPO_ROOT / "bin" / "train_search.py")
+
+
+# --- device-resident data ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dataset,cutout,augment", [("cifar10", 0, True), ("cifar10", 16, True), ("digits", 0, True),
+                                                    ("synthetic", 0, True), ("cifar10", 0, False)])
+def test_device_loader_batches_equal_eager_loader(dataset, cutout, augment):
+    bundle = _digits() if dataset == "digits" else _synthetic(32, 10, 300, 8, 1)
+    tf = make_transform(bundle, True, augment, dataset, cutout=cutout)
+    view = SeededView(bundle.train, range(7, 250), tf, seed=5, stream=1)
+    view.set_epoch(3)
+    sampler = ShardSampler(view, 2, 1, seed=5)
+    sampler.set_epoch(3)
+    spec = fp.augment_spec(bundle, True, augment, dataset, cutout=cutout)
+    dev = fp.DeviceLoader(fp.DeviceImages(view, spec, torch.device("cpu")), 16, sampler)
+    ref = make_loader(view, 16, sampler, workers=0, drop_last=True)
+    assert len(dev) == len(ref) > 0
+    n = 0
+    for (x, y, i), (xr, yr, ir) in zip(dev, ref):
+        assert torch.equal(i, ir) and torch.equal(y, yr)
+        assert x.dtype == xr.dtype and x.shape == xr.shape
+        assert torch.equal(x, xr), (x - xr).abs().max()
+        n += 1
+    assert n == len(ref)
+
+
+def test_device_loader_batch_sampler_and_channels_last():
+    bundle = _synthetic(32, 10, 100, 4, 2)
+    tf = make_transform(bundle, True, True, "cifar10")
+    view = SeededView(bundle.train, range(100), tf, seed=1)
+    spec = fp.augment_spec(bundle, True, True, "cifar10")
+    images = fp.DeviceImages(view, spec, torch.device("cpu"), channels_last=True)
+    batches = [[3, 1, 4], [15, 9, 2]]
+    out = list(fp.DeviceLoader(images, batch_sampler=batches))
+    assert len(out) == 2
+    for (x, y, idx), pos in zip(out, batches):
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, torch.stack([view[p][0] for p in pos]))
+        assert idx.tolist() == pos and y.tolist() == [view[p][1] for p in pos]
+
+
+def test_draw_params_leave_global_rng_alone():
+    spec = fp.AugmentSpec(mean=(0.5,), std=(0.5,), pad=4, flip=True, cutout=8)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    p = fp.draw_params(spec, [1, 2, 3], 32, 32)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert p.shape == (3, 5) and int(p[:, :2].max()) <= 8 and set(p[:, 2].tolist()) <= {0, 1}
+
+
+def test_gpu_data_refuses_image_files():
+    bundle = DataBundle(None, None, 10, 224, (0.5,) * 3, (0.5,) * 3, "pil")
+    with pytest.raises(UsageError, match="--gpu-data"):
+        fp.augment_spec(bundle, True, True, "imagefolder")
+
+
+# --- channels_last, composite batch norm ---------------------------------------------------------------------------
+def test_channel_shuffle_channels_last_same_values():
+    x = torch.randn(3, 16, 5, 7)
+    a = channel_shuffle(x, 4)
+    b = channel_shuffle(x.contiguous(memory_format=torch.channels_last), 4)
+    assert torch.equal(a, b) and b.is_contiguous(memory_format=torch.channels_last)
+    c = channel_shuffle(x.contiguous(memory_format=torch.channels_last)[:, :8], 2)  # a non-contiguous slice
+    assert torch.equal(c, channel_shuffle(x[:, :8].contiguous(), 2))
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_composite_batchnorm_equals_batchnorm(affine):
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.BatchNorm2d(4, affine=affine)).double()
+    new = fp.use_composite_bn(nn.Sequential(nn.BatchNorm2d(4, affine=affine)).double())
+    assert isinstance(new[0], fp.CompositeBatchNorm2d)
+    if affine:
+        with torch.no_grad():
+            ref[0].weight.uniform_(0.5, 1.5)
+            ref[0].bias.uniform_(-1, 1)
+    new.load_state_dict(ref.state_dict())
+    for _ in range(3):
+        x = torch.randn(6, 4, 5, 5, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ref(xa), new(xb)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        assert torch.allclose(ya, yb, atol=1e-12) and torch.allclose(xa.grad, xb.grad, atol=1e-12)
+    for (k, a), b in zip(ref.state_dict().items(), new.state_dict().values()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-14), k
+    ref.eval()
+    new.eval()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    assert torch.allclose(ref(x), new(x), atol=1e-12)
+
+
+def _run_steps(variant: str, steps: int = 2):
+    model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, channels_last=variant == "cl")
+    model.double()
+    if variant == "bnc":
+        fp.use_composite_bn(model)
+    step = fp.EagerSearchStep(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0,
+                              channels_last=variant == "cl")
+    g = torch.Generator().manual_seed(9)
+    losses = []
+    for _ in range(steps):
+        xa, ya = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,), generator=g)
+        xw, yw = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,), generator=g)
+        losses.append(float(step.arch_step(xa, ya)))
+        losses.append(float(step.weight_step(xw, yw)[1]))
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def eager_run():
+    return _run_steps("eager")
+
+
+@pytest.mark.parametrize("variant", ["cl", "bnc"])
+def test_fast_variant_search_steps_equal_eager_float64(variant, eager_run):
+    l0, s0 = eager_run
+    l1, s1 = _run_steps(variant)
+    assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-10
+    for k in s0:
+        assert torch.allclose(s0[k].double(), s1[k].double(), rtol=1e-8, atol=1e-10), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_graphed_search_step_equals_eager_cuda():
+    torch.backends.cudnn.deterministic = True
+    res = []
+    for mode in ("eager", "graph"):
+        model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, device="cuda")
+        crit = nn.CrossEntropyLoss()
+        cls = fp.GraphedSearchStep if mode == "graph" else fp.EagerSearchStep
+        step = cls(model, crit, arch, weights, a_opt, w_opt, grad_clip=5.0)
+        g = torch.Generator().manual_seed(9)
+        losses = []
+        for _ in range(3):
+            xa, ya = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
+            xw, yw = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
+            losses += [float(step.arch_step(xa, ya)), float(step.weight_step(xw, yw)[1])]
+        res.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (l0, p0), (l1, p1) = res
+    assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-4
+    num = sum(float((a - b).double().pow(2).sum()) for a, b in zip(p0, p1)) ** 0.5
+    den = sum(float(a.double().pow(2).sum()) for a in p0) ** 0.5
+    assert num / den < 1e-4
+
+
+# --- flags of train_search.py --------------------------------------------------------------------------------------
+TINY = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
+        "--no-progress", "--epochs", "1", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "2",
+        "--seed", "3"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_graph_without_gpu_is_one_line_usage_error(tmp_path):
+    res = launch([python_exe(), SCRIPT, *TINY, "--cuda-graph", "--output-dir", tmp_path / "o"], timeout=120)
+    assert res.returncode == 2, describe(res)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--cuda-graph needs a CUDA GPU" in lines[0], describe(res)
+
+
+def test_gpu_data_search_equals_loader_search(tmp_path):
+    """--gpu-data (on the CPU here: the same code with device=cpu) gives the very same run: same batches."""
+    out = {}
+    for tag, extra in (("loader", []), ("gpu_data", ["--gpu-data"])):
+        d = tmp_path / tag
+        res = launch([python_exe(), SCRIPT, *TINY, *extra, "--device", "cpu", "--output-dir", d], timeout=300)
+        assert res.returncode == 0, describe(res)
+        out[tag] = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(out["loader"], out["gpu_data"]):
+        assert a["train_loss"] == b["train_loss"] and a["valid_loss"] == b["valid_loss"]
+        assert a["arch"] == b["arch"]
