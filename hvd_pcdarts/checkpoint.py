@@ -79,3 +79,20 @@ def check_config(ckpt_config: dict, config: dict, path: str) -> None:
     if diffs:
         raise UsageError(f"checkpoint {path} is from a different configuration ({'; '.join(diffs)}): "
                          f"use a matching --output-dir/--resume, or the same settings")
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete temporary files that a killed atomic write left in `folder` (`.<name>.<random>.tmp`)."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for n in names:
+        if n.startswith(".") and n.endswith(".tmp") and n.count(".") >= 3:
+            try:
+                os.unlink(os.path.join(folder, n))
+                removed.append(n)
+            except OSError:
+                pass
+    return removed

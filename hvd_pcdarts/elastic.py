@@ -49,13 +49,17 @@ def check_elastic_args(args) -> None:
                          "same run folder)")
 
 
-def per_rank_batch(global_batch: int, world: int) -> tuple[int, str | None]:
-    """(local batch, warning or None) after the world changed size under --elastic."""
+def per_rank_batch(global_batch: int, world: int, strict: bool = False) -> tuple[int, str | None]:
+    """(per-rank batch, warning or None) for a global batch over `world` ranks. `strict` (the start of a run):
+    the global batch must divide evenly; after an elastic resize a remainder is dropped, with a warning."""
     if global_batch < world:
-        raise UsageError(f"the global batch {global_batch} is smaller than the {world} ranks: use a larger "
-                         f"--batch-size")
+        raise UsageError(f"--batch-size {global_batch} is smaller than the number of ranks ({world}): every rank "
+                         f"needs at least one sample; use a batch of at least {world}")
     if global_batch % world == 0:
         return global_batch // world, None
+    if strict:
+        raise UsageError(f"--batch-size {global_batch} does not divide by the {world} ranks: use a multiple of "
+                         f"{world}")
     lb = global_batch // world
     return lb, (f"global batch {global_batch} does not divide by {world} ranks: using {lb} per rank "
                 f"(global {lb * world}) until the world changes again")

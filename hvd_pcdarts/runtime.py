@@ -13,7 +13,7 @@ import time
 import torch
 
 from . import distributed as dist
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, remove_stale_temporaries
 from .errors import UsageError
 
 
@@ -100,6 +100,7 @@ class RunOutput:
         self.log.addHandler(sh)
         atomic_write_text(os.path.join(out_dir, "args.json"), json.dumps(args_dict, indent=2, sort_keys=True) + "\n")
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        remove_stale_temporaries(out_dir)  # what a write killed half-way left behind
         self._truncate_metrics(resume_epoch)
         if tensorboard:
             try:

@@ -121,6 +121,9 @@ def parse_args(argv=None):
     if args.arch_start_epoch >= args.epochs:
         raise UsageError(f"--arch-start-epoch {args.arch_start_epoch} is not before the last epoch "
                          f"(--epochs {args.epochs}): the architecture would never be trained")
+    if args.init_channels % args.partial_k:
+        raise UsageError(f"--partial-k {args.partial_k} must divide --init-channels {args.init_channels} (each edge "
+                         f"computes 1/K of the channels)")
     if args.lr_min > args.lr:
         raise UsageError(f"--lr-min {args.lr_min} is larger than --lr {args.lr}")
     if args.warmup_epochs >= args.epochs:
@@ -144,10 +147,7 @@ class Searcher:
         dist.init()
         self.world, self.rank = dist.size(), dist.rank()
         a = args
-        if a.batch_size % self.world:
-            raise UsageError(f"--batch-size {a.batch_size} does not divide by the {self.world} ranks: use a "
-                             f"multiple of {self.world}")
-        self.local_batch = a.batch_size // self.world
+        self.local_batch, _ = per_rank_batch(a.batch_size, self.world, strict=True)
         self.device = pick_device(a)
         if a.output_dir is None:
             a.output_dir = default_output_dir("search")

@@ -19,7 +19,24 @@ import torch.nn as nn
 from . import distributed as dist
 from .checkpoint import atomic_save, check_config, load_checkpoint
 from .cli import ArgParser, apply_preset, nonneg_float, nonneg_int, positive_float, positive_int
-from .data import DATASETS, EvalShardSampler, SeededView, ShardSampler, load_dataset, make_loader, make_transform
+from .data import (
+    DATASETS,
+    EvalShardSampler,
+    GlobalBatchSampler,
+    SeededView,
+    load_dataset,
+    make_batch_loader,
+    make_loader,
+    make_transform,
+)
+from .elastic import (
+    LocalState,
+    add_elastic_args,
+    check_elastic_args,
+    check_writable_locally,
+    local_checks_only,
+    per_rank_batch,
+)
 from .errors import UsageError
 from .genotypes import from_dict, load_genotype, to_dict
 from .models import NetworkCIFAR, NetworkImageNet, count_parameters
@@ -83,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", dest="progress", action="store_false")
     a("--steps-per-epoch", type=positive_int, default=None)
     a("--no-tensorboard", action="store_true")
+    add_elastic_args(p)
     return p
 
 
@@ -96,6 +114,7 @@ def parse_args(argv=None):
         raise UsageError(f"--warmup-epochs {args.warmup_epochs:g} must be less than --epochs {args.epochs}")
     if args.progress is None:
         args.progress = sys.stderr.isatty()
+    check_elastic_args(args)
     return args
 
 
@@ -125,17 +144,17 @@ class Trainer:
         self.args = a = args
         dist.init()
         self.world, self.rank = dist.size(), dist.rank()
-        if a.batch_size % self.world:
-            raise UsageError(f"--batch-size {a.batch_size} does not divide by the {self.world} ranks: use a "
-                             f"multiple of {self.world}")
-        self.local_batch = a.batch_size // self.world
+        self.local_batch, _ = per_rank_batch(a.batch_size, self.world, strict=True)
         self.genotype = load_genotype(a.genotype)
         self.device = pick_device(a)
         if a.output_dir is None:
             a.output_dir = default_output_dir("train")
+        self.elastic = bool(a.elastic)  # no collective before the elastic loop: its first sync equalizes the ranks
+        sync = local_checks_only() if a.elastic else dict(
+            is_local_root=dist.local_rank() == 0, barrier=dist.barrier,
+            agree=lambda ok: all(dist.allgather_object(bool(ok))))
         bundle = load_dataset(a.dataset, a.data_dir, download=a.download, image_size=a.image_size, need_test=True,
-                              seed=a.seed, synthetic_size=a.synthetic_size, is_local_root=dist.local_rank() == 0,
-                              barrier=dist.barrier, agree=lambda ok: all(dist.allgather_object(bool(ok))))
+                              seed=a.seed, synthetic_size=a.synthetic_size, **sync)
         self.num_classes = bundle.num_classes
         if len(bundle.train) < a.batch_size:
             raise UsageError(f"the training set has {len(bundle.train)} images, fewer than one global batch "
@@ -155,18 +174,20 @@ class Trainer:
         opt = torch.optim.SGD(self.model.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
         self.opt = dist.distributed_optimizer(opt, list(self.model.named_parameters()), a.fp16_allreduce)
         self.scaler = torch.amp.GradScaler("cuda") if a.amp else None
-        self.start_epoch, self.best_top1 = 0, -1.0
+        self.start = dict(epoch=0, best_top1=-1.0, global_step=0)
         self._resume()
-        dist.broadcast_parameters(self.model, 0)
-        dist.broadcast_optimizer(self.opt, 0, name="opt")
-        # different drop-path masks on different ranks (same masks would correlate the shards)
-        torch.manual_seed(a.seed * 1000 + self.rank + 1 + self.start_epoch * 7919)
-        self.sampler = ShardSampler(self.train_set, self.world, self.rank, a.seed)
-        pin = self.device.type == "cuda"
+        if not self.elastic:
+            dist.broadcast_parameters(self.model, 0)
+            dist.broadcast_optimizer(self.opt, 0, name="opt")
+        self._build_loaders()
+
+    def _build_loaders(self):
+        """Everything that depends on the number of ranks (rebuilt after an elastic reset)."""
+        a = self.args
         self.test_loader = make_loader(self.test_set, self.local_batch,
                                        EvalShardSampler(len(self.test_set), self.world, self.rank),
-                                       a.workers, drop_last=False, pin=pin)
-        self.steps_per_epoch = len(self.train_set) // a.batch_size
+                                       a.workers, drop_last=False, pin=self.device.type == "cuda")
+        self.steps_per_epoch = len(self.train_set) // (self.local_batch * self.world)
         if a.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, a.steps_per_epoch)
 
@@ -183,47 +204,70 @@ class Trainer:
             path = cand if os.path.exists(cand) else None
         elif a.resume is not None:
             path = a.resume
-        if path is None:
+        if self.elastic:  # every rank reads it (shared run folder); the elastic sync then equalizes the ranks
+            if path is not None:
+                self._load(self._read_checkpoint(path), path)
             return
         ckpt, err = None, None
-        if dist.is_root():
+        if path is not None and dist.is_root():
             try:
-                ckpt = load_checkpoint(path)
-                if ckpt.get("format") != CHECKPOINT_FORMAT:
-                    raise UsageError(f"checkpoint {path} is not a training checkpoint ({ckpt.get('format')!r})")
-                check_config(ckpt["config"], self.config(), path)
+                ckpt = self._read_checkpoint(path)
             except UsageError as e:
                 err, ckpt = str(e), None
         err = dist.broadcast_object(err, name="resume_err")
         if err:
             raise UsageError(err)
-        ckpt = dist.broadcast_object(ckpt, name="resume_ckpt")
+        if dist.broadcast_object(path is not None, name="resume_found"):
+            self._load(dist.broadcast_object(ckpt, name="resume_ckpt"), path)
+
+    def _read_checkpoint(self, path: str) -> dict:
+        ckpt = load_checkpoint(path)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"checkpoint {path} is not a training checkpoint ({ckpt.get('format')!r})")
+        check_config(ckpt["config"], self.config(), path)
+        if ckpt["epoch"] > self.args.epochs:
+            raise UsageError(f"checkpoint {path} is at epoch {ckpt['epoch']}, past --epochs {self.args.epochs}")
+        return ckpt
+
+    def _load(self, ckpt: dict, path: str) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["opt"])
-        self.start_epoch, self.best_top1 = int(ckpt["epoch"]), float(ckpt["best_top1"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start = dict(epoch=int(ckpt["epoch"]), best_top1=float(ckpt["best_top1"]),
+                          global_step=int(ckpt.get("global_step", 0)))
         self.resumed_from = path
 
-    def _checkpoint(self, epoch_done: int) -> dict:
-        return dict(format=CHECKPOINT_FORMAT, config=self.config(), epoch=epoch_done, model=self.model.state_dict(),
-                    opt=self.opt.state_dict(), best_top1=self.best_top1, world_size=self.world)
+    def _checkpoint(self, st) -> dict:
+        return dict(format=CHECKPOINT_FORMAT, config=self.config(), epoch=st.epoch, model=self.model.state_dict(),
+                    opt=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                    best_top1=st.best_top1, global_step=st.global_step, world_size=self.world)
 
-    def train_epoch(self, epoch: int):
+    def _seed_step(self, epoch: int, step: int) -> None:
+        """Drop-path masks from (seed, epoch, step, rank): different on each rank (the same masks would correlate
+        the shards) and the same after a resume, whatever happened before."""
+        torch.manual_seed((self.args.seed * 1_000_003 + epoch * 10_007 + step) * 1009 + self.rank + 1)
+
+    def train_epoch(self, st):
+        """Train the rest of epoch `st.epoch` from step `st.step` (an elastic restart continues mid-epoch)."""
         a = self.args
+        epoch = st.epoch
         self.model.train()
         self.model.drop_path_prob = a.drop_path_prob * epoch / a.epochs
-        self.sampler.set_epoch(epoch)
         self.train_set.set_epoch(epoch)
-        loader = make_loader(self.train_set, self.local_batch, self.sampler, a.workers, drop_last=True,
-                             pin=self.device.type == "cuda")
+        sampler = GlobalBatchSampler(len(self.train_set), a.seed, epoch, self.world, self.rank, self.local_batch,
+                                     st.pos)
+        loader = make_batch_loader(self.train_set, sampler, a.workers, pin=self.device.type == "cuda")
         lr = self._set_lr(epoch)
-        loss_sum = c1 = c5 = n = 0.0
-        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch + 1}/{a.epochs}", a.progress)
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1, top-5, images - of this rank since the last flush
+        bar = progress_bar(self.steps_per_epoch - st.step, f"epoch {epoch + 1}/{a.epochs}", a.progress)
         t0 = time.time()
-        for step, (x, y, _) in enumerate(loader):
-            if step >= self.steps_per_epoch:
+        for x, y, _ in loader:
+            if st.step >= self.steps_per_epoch:
                 break
             if a.lr_per_step:
-                lr = self._set_lr(epoch + step / self.steps_per_epoch)
+                lr = self._set_lr(epoch + st.step / self.steps_per_epoch)
+            self._seed_step(epoch, st.step)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.opt.zero_grad()
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.scaler is not None):
@@ -247,17 +291,28 @@ class Trainer:
                 else:
                     self.opt.step()
             k1, k5 = accuracy_counts(logits.detach(), y, (1, 5))
-            loss_sum += float(loss.detach()) * len(y)
-            c1, c5, n = c1 + k1, c5 + k5, n + len(y)
+            sums = [sums[0] + float(loss.detach()) * len(y), sums[1] + k1, sums[2] + k5, sums[3] + len(y)]
+            st.step += 1
+            st.pos += self.local_batch * self.world
+            st.global_step += 1
+            self.live_steps += 1
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.4f}")
                 bar.update(1)
+            if self.elastic and st.step % a.commit_interval == 0 and st.step < self.steps_per_epoch:
+                sums = self._flush(st, sums, time.time() - t0)
+                t0 = time.time()
+                st.commit()
         if bar is not None:
             bar.close()
-        train_time = time.time() - t0
-        loss_sum, c1, c5, n = dist.sum_metrics([loss_sum, c1, c5, n], "train_m")
-        return dict(lr=lr, train_loss=loss_sum / max(n, 1), train_top1=100 * c1 / max(n, 1),
-                    train_top5=100 * c5 / max(n, 1), images_per_s=n / max(train_time, 1e-9))
+        self._flush(st, sums, time.time() - t0)
+        return lr
+
+    def _flush(self, st, sums, seconds):
+        total = dist.sum_metrics(list(sums), "train_m")
+        st.sums = [u + v for u, v in zip(st.sums, total)]
+        st.train_time += seconds
+        return [0.0, 0.0, 0.0, 0.0]
 
     def _set_lr(self, pos):
         a = self.args
@@ -266,38 +321,104 @@ class Trainer:
             g["lr"] = lr
         return lr
 
+    # --- the whole run --------------------------------------------------------------------------------------
+    def _counters(self) -> dict:
+        return dict(**self.start, step=0, pos=0, sums=[0.0, 0.0, 0.0, 0.0], train_time=0.0, resets=0,
+                    steps_redone=0)
+
     def run(self):
         a = self.args
-        check_writable(a.output_dir)
-        out = RunOutput(a.output_dir, _jsonable(vars(a)) | {"world_size": self.world,
-                                                             "genotype_resolved": to_dict(self.genotype)},
-                        resume_epoch=self.start_epoch, tensorboard=not a.no_tensorboard)
-        out.info(f"train: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size}, "
-                 f"{self.steps_per_epoch} steps/epoch, {count_parameters(self.model)} parameters "
-                 f"(auxiliary head excluded), output {a.output_dir}")
-        for epoch in range(self.start_epoch, a.epochs):
+        self.live_steps, self.out = None, None
+        if not self.elastic:
+            check_writable(a.output_dir)
+            st = LocalState(**self._counters())
+            self._begin(st)
+            return self._epochs(st)
+        check_writable_locally(a.output_dir)
+        stateful = {"model": self.model, "opt": self.opt}
+        if self.scaler is not None:
+            stateful["scaler"] = self.scaler
+        st = dist.elastic_state(stateful, **self._counters())
+        st.register_reset_callbacks([lambda: self._on_reset(st)])
+
+        @dist.elastic_run
+        def train(st):
+            self._begin(st)
+            return self._epochs(st)
+
+        return train(st)
+
+    def _on_reset(self, st):
+        """Elastic reset: count the steps that will be redone; rebuild what depends on the number of ranks."""
+        if self.live_steps is not None:
+            st.steps_redone += max(0, self.live_steps - st.global_step)
+        st.resets += 1
+        self.world, self.rank = dist.size(), dist.rank()
+        self.local_batch, self.batch_warning = per_rank_batch(self.args.batch_size, self.world)
+        self._build_loaders()
+
+    def _consistency(self, where: str) -> dict:
+        return dist.check_consistency({"weights": list(self.model.parameters()),
+                                       "bn_stats": [b for b in self.model.buffers() if b.is_floating_point()]},
+                                      where)
+
+    def _begin(self, st):
+        a = self.args
+        self.live_steps = st.global_step
+        if self.out is not None:
+            self.out.close()
+        self.out = out = RunOutput(a.output_dir, _jsonable(vars(a)) | {"world_size": self.world,
+                                                                        "genotype_resolved": to_dict(self.genotype)},
+                                   resume_epoch=st.epoch, tensorboard=not a.no_tensorboard)
+        if st.resets:
+            out.info(f"elastic reset {st.resets}: {self.world} rank(s) now, {self.local_batch}/rank; continuing "
+                     f"at epoch {st.epoch + 1} step {st.step} (last commit); {st.steps_redone} step(s) redone "
+                     f"so far")
+            if getattr(self, "batch_warning", None):
+                out.info(f"warning: {self.batch_warning}")
+        else:
+            out.info(f"train: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size}, "
+                     f"{self.steps_per_epoch} steps/epoch, {count_parameters(self.model)} parameters "
+                     f"(auxiliary head excluded), output {a.output_dir}"
+                     + (f", elastic (commit every {a.commit_interval} steps)" if self.elastic else ""))
+            if st.epoch:
+                out.info(f"resumed from {self.resumed_from} at epoch {st.epoch}")
+        self._consistency("start" if not st.resets else "elastic reset")
+
+    def _epochs(self, st):
+        a = self.args
+        out = self.out
+        while st.epoch < a.epochs:
+            epoch = st.epoch
             t0 = time.time()
-            tr = self.train_epoch(epoch)
+            lr = self.train_epoch(st)
             dist.average_buffers(self.model)  # one network on every rank: evaluated, checkpointed
             te_loss, te1, te5, n_test = evaluate(self.model, self.test_loader, self.device, self.scaler is not None)
-            dist.check_consistency({"weights": list(self.model.parameters()),
-                                    "bn_stats": [b for b in self.model.buffers() if b.is_floating_point()]},
-                                   f"end of epoch {epoch}")
-            rec = dict(epoch=epoch, lr=tr["lr"], train_loss=tr["train_loss"], train_top1=tr["train_top1"],
-                       train_top5=tr["train_top5"], test_loss=te_loss, test_top1=te1, test_top5=te5,
-                       test_images=n_test, epoch_time_s=time.time() - t0, images_per_s=tr["images_per_s"],
-                       world_size=self.world, drop_path_prob=self.model.drop_path_prob)
+            self._consistency(f"end of epoch {epoch}")
+            loss_sum, c1, c5, n = st.sums
+            rec = dict(epoch=epoch, lr=lr, train_loss=loss_sum / max(n, 1), train_top1=100 * c1 / max(n, 1),
+                       train_top5=100 * c5 / max(n, 1), test_loss=te_loss, test_top1=te1, test_top5=te5,
+                       test_images=n_test, epoch_time_s=time.time() - t0,
+                       images_per_s=n / max(st.train_time, 1e-9), world_size=self.world,
+                       drop_path_prob=self.model.drop_path_prob)
+            if self.elastic:
+                rec.update(resets=st.resets, steps_redone=st.steps_redone)
             out.metrics(rec)
-            out.info(f"epoch {epoch + 1}/{a.epochs} lr {tr['lr']:.5f} train loss {tr['train_loss']:.4f} "
-                     f"top1 {tr['train_top1']:.2f} | test loss {te_loss:.4f} top1 {te1:.2f} top5 {te5:.2f}")
-            improved = te1 > self.best_top1
-            self.best_top1 = max(self.best_top1, te1)
+            out.info(f"epoch {epoch + 1}/{a.epochs} lr {lr:.5f} train loss {rec['train_loss']:.4f} "
+                     f"top1 {rec['train_top1']:.2f} | test loss {te_loss:.4f} top1 {te1:.2f} top5 {te5:.2f}")
+            improved = te1 > st.best_top1
+            st.best_top1 = max(st.best_top1, te1)
+            st.epoch, st.step, st.pos, st.sums, st.train_time = epoch + 1, 0, 0, [0.0, 0.0, 0.0, 0.0], 0.0
             if dist.is_root():
-                ckpt = self._checkpoint(epoch + 1)
+                ckpt = self._checkpoint(st)
                 if improved:
                     atomic_save(ckpt, os.path.join(a.output_dir, "best.pt"))
                 atomic_save(ckpt, os.path.join(a.output_dir, "checkpoint.pt"))
-        out.info(f"best test top1 {self.best_top1:.2f}; checkpoints in {a.output_dir}")
+            st.commit()
+        final = self._consistency("end of training")
+        out.info(f"best test top1 {st.best_top1:.2f}; checkpoints in {a.output_dir}")
+        out.info(f"all {self.world} rank(s) hold identical parameters (crc32 weights {final['weights']:08x})"
+                 + (f"; elastic: {st.resets} reset(s), {st.steps_redone} step(s) redone" if self.elastic else ""))
         out.close()
         dist.barrier()
         return 0

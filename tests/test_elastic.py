@@ -18,11 +18,15 @@ import pytest
 from helpers import REPO_ROOT, find_exe, kill_all, process_env, processes_with, python_exe, start
 
 SCRIPT = str(REPO_ROOT / "bin" / "train_search.py")
+TRAIN = str(REPO_ROOT / "bin" / "train.py")
 DISCOVER = str(REPO_ROOT / "hostfiles" / "discover_hosts.sh")
 COMMIT = 3
 ARGS = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
         "--no-progress", "--epochs", "3", "--arch-start-epoch", "1", "--batch-size", "48", "--steps-per-epoch", "12",
         "--elastic", "--commit-interval", str(COMMIT)]
+TRAIN_ARGS = ["--genotype", "PCDARTS", "--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers",
+              "0", "--no-tensorboard", "--no-progress", "--epochs", "3", "--batch-size", "48", "--steps-per-epoch",
+              "12", "--cutout-length", "4", "--lr", "0.05", "--elastic", "--commit-interval", str(COMMIT)]
 
 
 def _local_names() -> list[str]:
@@ -102,3 +106,39 @@ def test_elastic_search_survives_a_killed_worker(tmp_path, victim):
              if r["kind"] == "weight"}
     assert sorted(steps) == [(e, s) for e in range(3) for s in range(12)]
     print(f"elastic ({'rank 0' if victim == 0 else 'rank 2'} killed): {redone} step(s) redone")
+
+
+@pytest.mark.slow
+def test_elastic_retraining_survives_a_killed_worker(tmp_path):
+    names = _local_names()
+    if len(names) < 3 or not find_exe("horovodrun"):
+        pytest.skip(f"needs horovodrun and three host names of this machine (found {names})")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("".join(f"{n}:1\n" for n in names[:3]))
+    out = tmp_path / "out"
+    cmd = [find_exe("horovodrun"), "-np", "3", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
+           DISCOVER, python_exe(), TRAIN, *TRAIN_ARGS, "--output-dir", out]
+    log = tmp_path / "log.txt"
+    proc = start(cmd, log, env={"HVD_PCDARTS_HOSTS_FILE": hosts})
+    try:
+        metrics = out / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 400, proc, "epoch 1")
+        time.sleep(0.4 * json.loads(metrics.read_text().splitlines()[0])["epoch_time_s"])
+        workers = {process_env(p).get("HOROVOD_RANK"): p for p in processes_with(str(out))
+                   if process_env(p).get("HOROVOD_ELASTIC") == "1"}
+        os.kill(workers["1"], signal.SIGKILL)
+        proc.wait(timeout=600)
+    finally:
+        kill_all(str(out), proc)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-5000:]
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [0, 1, 2]
+    assert recs[0]["world_size"] == 3 and recs[2]["world_size"] == 2
+    m = re.search(r"all 2 rank\(s\) hold identical parameters .*elastic: 1 reset\(s\), (\d+) step\(s\) redone", text)
+    assert m and int(m.group(1)) <= COMMIT, text[-3000:]
+    import torch
+
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 3 and ck["world_size"] == 2
+    print(f"elastic retraining (rank 1 killed): {m.group(1)} step(s) redone")
