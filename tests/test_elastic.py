@@ -142,3 +142,32 @@ def test_elastic_retraining_survives_a_killed_worker(tmp_path):
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 3 and ck["world_size"] == 2
     print(f"elastic retraining (rank 1 killed): {m.group(1)} step(s) redone")
+
+
+@pytest.mark.slow
+def test_elastic_search_takes_in_a_new_worker(tmp_path):
+    """A host added to the discovery file joins the running job: it is synced from rank 0 (no collective before
+    the elastic loop, so it cannot hang), and the rest of the work is split over 3 ranks."""
+    names = _local_names()
+    if len(names) < 3 or not find_exe("horovodrun"):
+        pytest.skip(f"needs horovodrun and three host names of this machine (found {names})")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("".join(f"{n}:1\n" for n in names[:2]))
+    out = tmp_path / "out"
+    cmd = [find_exe("horovodrun"), "-np", "2", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
+           DISCOVER, python_exe(), SCRIPT, *ARGS, "--output-dir", out]
+    log = tmp_path / "log.txt"
+    proc = start(cmd, log, env={"HVD_PCDARTS_HOSTS_FILE": hosts})
+    try:
+        metrics = out / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 400, proc, "epoch 1")
+        hosts.write_text("".join(f"{n}:1\n" for n in names[:3]))
+        proc.wait(timeout=600)
+    finally:
+        kill_all(str(out), proc)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-5000:]
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [0, 1, 2]
+    assert recs[0]["world_size"] == 2 and recs[-1]["world_size"] == 3
+    assert re.search(r"all 3 rank\(s\) hold identical parameters", text), text[-3000:]
