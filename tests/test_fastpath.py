@@ -191,3 +191,18 @@ def test_gpu_data_search_equals_loader_search(tmp_path):
     for a, b in zip(out["loader"], out["gpu_data"]):
         assert a["train_loss"] == b["train_loss"] and a["valid_loss"] == b["valid_loss"]
         assert a["arch"] == b["arch"]
+
+
+def test_train_channels_last_runs_and_matches(tmp_path):
+    """bin/train.py --channels-last: same run as without, to float32 rounding (drop path off: no randomness)."""
+    train = str(REPO_ROOT / "bin" / "train.py")
+    common = ["--genotype", "PCDARTS", "--dataset", "digits", "--init-channels", "8", "--layers", "3", "--epochs", "1",
+              "--batch-size", "32", "--steps-per-epoch", "2", "--workers", "0", "--no-tensorboard", "--no-progress",
+              "--drop-path-prob", "0", "--no-auxiliary", "--seed", "1", "--device", "cpu"]
+    out = {}
+    for tag, extra in (("ref", []), ("cl", ["--channels-last"])):
+        res = launch([python_exe(), train, *common, *extra, "--output-dir", tmp_path / tag], timeout=300)
+        assert res.returncode == 0, describe(res)
+        out[tag] = json.loads((tmp_path / tag / "metrics.jsonl").read_text().splitlines()[-1])
+    assert abs(out["ref"]["train_loss"] - out["cl"]["train_loss"]) < 1e-3
+    assert abs(out["ref"]["test_loss"] - out["cl"]["test_loss"]) < 1e-3

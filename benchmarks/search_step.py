@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Benchmark one PC-DARTS search step (architecture step + weight step, first order) on one device, eager versus
+the fast paths, side by side in one run. Needs no Horovod (one rank; no collectives).
+
+    python benchmarks/search_step.py --device cuda --batch 256 32 \
+        --variants eager eager+cl eager+bf16 graph graph+cl graph+bf16 --check
+    python benchmarks/search_step.py --device cpu --batch 8 --steps 2 --variants eager eager+cl   # smoke
+
+A variant is MODE[+cl][+bf16]: MODE is eager (the reference: search.Searcher's step without Horovod), graph
+(forward+backward of each half captured as a CUDA graph, optimizers outside: fastpath.GraphedSearchStep) or
+compile (torch.compile of the network, eager step); +cl = channels_last; +bf16 = bf16 autocast; +bnc = batch
+norm as plain reductions (fastpath.CompositeBatchNorm2d).
+Per variant: median and mean ms per step (arch + weight, synchronized every step, as the training loop is by
+its loss readout), images/s = 2 x batch / median step (each step trains on an arch batch and a weight batch),
+peak GPU memory (torch.cuda.max_memory_allocated, from model build to the end of timing).
+`--check` (first, before the timings): every fp32 non-eager variant is run for `--check-steps` steps from the
+same initial weights and batches as eager (cuDNN deterministic) and the largest differences are printed (loss,
+weights, alphas/betas).
+Results: a markdown table on stdout; `--json FILE` appends one JSON object per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from hvd_pcdarts import fastpath as fp  # noqa: E402
+
+
+def parse_variant(v: str):
+    parts = v.split("+")
+    mode = parts[0]
+    if mode not in ("eager", "graph", "compile"):
+        raise SystemExit(f"unknown variant {v!r}: MODE must be eager, graph or compile")
+    extra = set(parts[1:])
+    if extra - {"cl", "bf16", "bnc"}:
+        raise SystemExit(f"unknown variant {v!r}: options are +cl, +bf16 and +bnc")
+    return mode, "cl" in extra, "bf16" in extra, "bnc" in extra
+
+
+def make_batches(n, batch, device, size=32, classes=10, seed=123):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(batch, 3, size, size, generator=g)
+        y = torch.randint(0, classes, (batch,), generator=g)
+        out.append((x.to(device), y.to(device)))
+    return out
+
+
+def build_step(mode, cl, bf16, bnc, args, device):
+    model, arch, weights, a_opt, w_opt = fp.build_search(args.C, args.layers, args.K, seed=args.seed, device=device,
+                                                         channels_last=cl)
+    if bnc:
+        fp.use_composite_bn(model)
+    model.train()
+    crit = nn.CrossEntropyLoss()
+    dt = torch.bfloat16 if bf16 else None
+    if mode == "graph":
+        step = fp.GraphedSearchStep(model, crit, arch, weights, a_opt, w_opt, grad_clip=5.0, autocast_dtype=dt,
+                                    channels_last=cl)
+    else:
+        net = torch.compile(model) if mode == "compile" else model
+        step = fp.EagerSearchStep(net, crit, arch, weights, a_opt, w_opt, grad_clip=5.0, autocast_dtype=dt,
+                                  channels_last=cl)
+    return model, step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def one_step(step, batches, i):
+    xa, ya = batches[(2 * i) % len(batches)]
+    xw, yw = batches[(2 * i + 1) % len(batches)]
+    la = step.arch_step(xa, ya)
+    _, lw = step.weight_step(xw, yw)
+    return la, lw
+
+
+def bench(variant, batch, args, device):
+    mode, cl, bf16, bnc = parse_variant(variant)
+    if mode == "graph" and device.type != "cuda":
+        return dict(variant=variant, batch=batch, error="graph needs CUDA")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    batches = make_batches(4, batch, device)
+    t_build = time.perf_counter()
+    model, step = build_step(mode, cl, bf16, bnc, args, device)
+    try:
+        for i in range(args.warmup):
+            one_step(step, batches, i)
+        sync(device)
+        first = time.perf_counter() - t_build
+        times = []
+        for i in range(args.steps):
+            t0 = time.perf_counter()
+            la, lw = one_step(step, batches, args.warmup + i)
+            float(lw)  # the training loop reads the loss every step
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    except Exception as e:  # one failing variant must not cost the others
+        return dict(variant=variant, batch=batch, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    med = statistics.median(times)
+    row = dict(variant=variant, batch=batch, C=args.C, layers=args.layers, K=args.K, device=device.type,
+               ms_median=1e3 * med, ms_mean=1e3 * statistics.mean(times), ms_min=1e3 * min(times),
+               images_per_s=2 * batch / med, peak_gib=peak, setup_s=first, steps=args.steps,
+               loss=float(lw))
+    del model, step, batches
+    return row
+
+
+def check(variant, batch, args, device):
+    """Same start, same batches: eager versus `variant` after args.check_steps steps (fp32 variants only)."""
+    mode, cl, bf16, bnc = parse_variant(variant)
+    det = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        batches = make_batches(4, batch, device, seed=7)
+        res = {}
+        for tag, (m, c, bn) in (("ref", ("eager", False, False)), ("new", (mode, cl, bnc))):
+            model, step = build_step(m, c, False, bn, args, device)
+            losses = []
+            for i in range(args.check_steps):
+                la, lw = one_step(step, batches, i)
+                losses += [float(la), float(lw)]
+            res[tag] = (losses, [p.detach().float().clone() for p in model.weight_parameters()],
+                        [p.detach().float().clone() for p in model.arch_parameters()],
+                        [b.detach().float().clone() for b in model.buffers() if b.is_floating_point()])
+            del model, step
+        (l0, w0, a0, b0), (l1, w1, a1, b1) = res["ref"], res["new"]
+
+        def rel(xs, ys):
+            num = sum(float((x - y).double().pow(2).sum()) for x, y in zip(xs, ys)) ** 0.5
+            den = sum(float(x.double().pow(2).sum()) for x in xs) ** 0.5
+            return num / max(den, 1e-30)
+
+        return dict(variant=variant, batch=batch, steps=args.check_steps,
+                    loss_max_abs_diff=max(abs(a - b) for a, b in zip(l0, l1)),
+                    weights_rel_diff=rel(w0, w1), arch_rel_diff=rel(a0, a1), bn_stats_rel_diff=rel(b0, b1),
+                    losses_eager=l0, losses_variant=l1)
+    finally:
+        torch.backends.cudnn.deterministic = det
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[256, 32], help="per-device batch of each half")
+    p.add_argument("--variants", nargs="+", default=["eager", "graph"])
+    p.add_argument("--C", type=int, default=16)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--K", type=int, default=4)
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (graph: capture happens here)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="cudnn.benchmark (the original PC-DARTS code turns it on)")
+    p.add_argument("--check", action="store_true", help="equivalence of each fp32 fast variant with eager")
+    p.add_argument("--check-batch", type=int, default=32)
+    p.add_argument("--check-steps", type=int, default=3)
+    p.add_argument("--json", default=None, help="append one JSON object per result to this file")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    env = dict(torch=torch.__version__, cuda=torch.version.cuda, threads=torch.get_num_threads(),
+               device_name=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               cudnn_benchmark=args.cudnn_benchmark)
+    print(f"# search_step: C={args.C} layers={args.layers} K={args.K} {env}", flush=True)
+    rows, checks = [], []
+    if args.check:
+        for v in args.variants:
+            mode, cl, bf16, bnc = parse_variant(v)
+            if v == "eager" or bf16 or (mode == "graph" and device.type != "cuda"):
+                continue
+            try:
+                c = check(v, args.check_batch, args, device)
+            except Exception as e:
+                c = dict(variant=v, batch=args.check_batch, error=f"{type(e).__name__}: {e}"[:300])
+            checks.append(c)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(dict(kind="check", env=env, **c)) + "\n")
+            print(f"  check {v}: {json.dumps({k: c[k] for k in c if not k.startswith('losses')})}", flush=True)
+    for b in args.batch:
+        for v in args.variants:
+            r = bench(v, b, args, device)
+            r["env"] = env
+            rows.append(r)
+            if args.json:  # row by row: a run cut short keeps what it measured
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(dict(kind="search_step", **r)) + "\n")
+            msg = r.get("error") or (f"{r['ms_median']:.1f} ms/step, {r['images_per_s']:.0f} img/s, "
+                                     f"peak {fmt(r['peak_gib'], '.2f')} GiB")
+            print(f"  batch {b:4d} {v:14s} {msg}", flush=True)
+    base = {r["batch"]: r for r in rows if r["variant"] == "eager" and "error" not in r}
+    print("\n| device | batch | variant | ms/step (median) | images/s | speedup vs eager | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {env['device_name']} | {r['batch']} | {r['variant']} | error: {r['error'][:80]} | | | |")
+            continue
+        sp = base[r["batch"]]["ms_median"] / r["ms_median"] if r["batch"] in base else None
+        print(f"| {env['device_name']} | {r['batch']} | {r['variant']} | {r['ms_median']:.1f} | "
+              f"{r['images_per_s']:.0f} | {fmt(sp, '.2f')} | {fmt(r['peak_gib'], '.2f')} |")
+    if checks:
+        print("\n| check (vs eager, fp32) | batch | steps | max abs loss diff | weights rel diff | arch rel diff | "
+              "BN stats rel diff |")
+        print("|---|---|---|---|---|---|---|")
+        for c in checks:
+            if "error" in c:
+                print(f"| {c['variant']} | {c['batch']} | | error: {c['error'][:80]} | | | |")
+            else:
+                print(f"| {c['variant']} | {c['batch']} | {c['steps']} | {c['loss_max_abs_diff']:.2e} | "
+                      f"{c['weights_rel_diff']:.2e} | {c['arch_rel_diff']:.2e} | {c['bn_stats_rel_diff']:.2e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
