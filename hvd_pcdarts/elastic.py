@@ -10,9 +10,11 @@ through `distributed`.
 
 from __future__ import annotations
 
+import os
+
 from . import distributed as dist
 from .errors import UsageError
-from .runtime import writable_error
+from .runtime import RunOutput, check_writable, writable_error
 
 
 class LocalState:
@@ -77,3 +79,106 @@ def check_writable_locally(out_dir: str) -> None:
     err = writable_error(out_dir)
     if err:
         raise UsageError(err)
+
+
+class RunLoop:
+    """The epoch loop's frame shared by the search and the retraining, normal or elastic.
+
+    A subclass provides: `args`, `start` (counters at the start: epoch, global_step, ...), `world`, `rank`,
+    `local_batch`, `elastic`, `_stateful()` (what an elastic state commits), `_build_loaders()` (what depends on
+    the number of ranks), `_consistency(where)` (cross-rank checksums), `_output_args()` (args.json content),
+    `_start_line()` (the first log line) and `_epochs(st)` (the epochs from st.epoch on)."""
+
+    def _counters(self) -> dict:
+        return dict(**self.start, step=0, pos=0, sums=[0.0, 0.0, 0.0, 0.0], train_time=0.0, resets=0,
+                    steps_redone=0)
+
+    def run(self):
+        a = self.args
+        self.live_steps, self.out = None, None
+        if not self.elastic:
+            check_writable(a.output_dir)
+            st = LocalState(**self._counters())
+            self._begin(st)
+            return self._epochs(st)
+        check_writable_locally(a.output_dir)
+        st = dist.elastic_state(self._stateful(), **self._counters())
+        st.register_reset_callbacks([lambda: self._on_reset(st)])
+
+        @dist.elastic_run
+        def loop(st):
+            self._begin(st)
+            return self._epochs(st)
+
+        return loop(st)
+
+    def _on_reset(self, st):
+        """Elastic reset (a worker was lost or added; the state is back at its last commit on survivors): count
+        the steps that will be redone, then rebuild everything that depends on the number of ranks."""
+        if self.live_steps is not None:
+            st.steps_redone += max(0, self.live_steps - st.global_step)
+        st.resets += 1
+        self.world, self.rank = dist.size(), dist.rank()
+        self.local_batch, self.batch_warning = per_rank_batch(self.args.batch_size, self.world)
+        self._build_loaders()
+
+    def _begin(self, st):
+        """Start of the loop, and again after every elastic reset once the state is synced from rank 0."""
+        a = self.args
+        self.live_steps = st.global_step
+        if self.out is not None:
+            self.out.close()
+        # rank 0 writes the outputs (after a reset maybe another process than before); metrics.jsonl keeps
+        # exactly the epochs before the one in progress, so an epoch redone after a reset appears once
+        self.out = out = RunOutput(a.output_dir, self._output_args(), resume_epoch=st.epoch,
+                                   tensorboard=not a.no_tensorboard)
+        if st.resets:
+            out.info(f"elastic reset {st.resets}: {self.world} rank(s) now, {self.local_batch}/rank; continuing "
+                     f"at epoch {st.epoch + 1} step {st.step} (last commit); {st.steps_redone} step(s) redone "
+                     f"so far")
+            if getattr(self, "batch_warning", None):
+                out.info(f"warning: {self.batch_warning}")
+        else:
+            out.info(self._start_line() + (f", elastic (commit every {a.commit_interval} steps)"
+                                           if self.elastic else ""))
+            if st.epoch:
+                out.info(f"resumed from {self.resumed_from} at epoch {st.epoch}")
+        self._consistency("elastic reset" if st.resets else "start")
+
+    def _resume(self) -> None:
+        """--resume auto|PATH: load the checkpoint into the model and optimizers and set `self.start`
+        (subclasses: `_read_checkpoint(path)` validates, `_load(ckpt, path)` applies)."""
+        a = self.args
+        path = None
+        if a.resume == "auto":
+            cand = os.path.join(a.output_dir, "checkpoint.pt")
+            path = cand if os.path.exists(cand) else None
+        elif a.resume is not None:
+            path = a.resume
+        if self.elastic:
+            # every rank reads the checkpoint itself (shared run folder), no collective; the elastic sync then
+            # makes every rank equal to rank 0's copy
+            if path is not None:
+                self._load(self._read_checkpoint(path), path)
+            return
+        ckpt, err = None, None
+        if path is not None and dist.is_root():
+            try:
+                ckpt = self._read_checkpoint(path)
+            except UsageError as e:
+                err, ckpt = str(e), None
+        err = dist.broadcast_object(err, name="resume_err")
+        if err:
+            raise UsageError(err)
+        if dist.broadcast_object(path is not None, name="resume_found"):
+            self._load(dist.broadcast_object(ckpt, name="resume_ckpt"), path)
+
+    def _commit_due(self, st) -> bool:
+        return self.elastic and st.step % self.args.commit_interval == 0 and st.step < self.steps_per_epoch
+
+    def _flush(self, st, sums, seconds):
+        """Add this stretch's metric sums (summed over ranks) to the state's; identical on every rank."""
+        total = dist.sum_metrics(list(sums), "train_m")
+        st.sums = [u + v for u, v in zip(st.sums, total)]
+        st.train_time += seconds
+        return [0.0] * len(sums)

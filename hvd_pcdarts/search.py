@@ -35,17 +35,16 @@ from .data import (
     search_split,
 )
 from .elastic import (
-    LocalState,
+    RunLoop,
     add_elastic_args,
     check_elastic_args,
-    check_writable_locally,
     local_checks_only,
     per_rank_batch,
 )
 from .errors import UsageError
 from .genotypes import save_genotype, to_dict
 from .models import SearchNetwork
-from .runtime import RunOutput, accuracy_counts, check_writable, default_output_dir, lr_at, pick_device, progress_bar
+from .runtime import accuracy_counts, default_output_dir, lr_at, pick_device, progress_bar
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-search-v1"
 
@@ -139,7 +138,7 @@ def model_config(args, num_classes: int) -> dict:
                 stem=args.stem, num_classes=num_classes, dataset=args.dataset)
 
 
-class Searcher:
+class Searcher(RunLoop):
     """Holds the model, optimizers and data pipeline of one rank; `run()` executes the whole search."""
 
     def __init__(self, args):
@@ -221,33 +220,6 @@ class Searcher:
             self.device_images = {id(v): fastpath.DeviceImages(v, spec, self.device, dt, a.channels_last)
                                   for v in (self.weight_set, self.arch_set)}
         self.image_size = bundle.image_size
-
-    def _resume(self):
-        a = self.args
-        path = None
-        if a.resume == "auto":
-            cand = os.path.join(a.output_dir, "checkpoint.pt")
-            path = cand if os.path.exists(cand) else None
-        elif a.resume is not None:
-            path = a.resume
-        if self.elastic:
-            # every rank reads the checkpoint itself (shared run folder), no collective; sync() then makes
-            # every rank equal to rank 0's copy
-            if path is not None:
-                self._load(self._read_checkpoint(path), path)
-            return
-        ckpt, err = None, None
-        if path is not None and dist.is_root():
-            try:
-                ckpt = self._read_checkpoint(path)
-            except UsageError as e:
-                err, ckpt = str(e), None
-        err = dist.broadcast_object(err, name="resume_err")
-        if err:
-            raise UsageError(err)
-        found = dist.broadcast_object(path is not None, name="resume_found")
-        if found:
-            self._load(dist.broadcast_object(ckpt, name="resume_ckpt"), path)
 
     def _read_checkpoint(self, path: str) -> dict:
         a = self.args
@@ -410,7 +382,7 @@ class Searcher:
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.4f}")
                 bar.update(1)
-            if self.elastic and st.step % a.commit_interval == 0 and st.step < self.steps_per_epoch:
+            if self._commit_due(st):
                 sums = self._flush(st, sums, time.time() - t0)
                 t0 = time.time()
                 self._write_trace(trace)
@@ -420,13 +392,6 @@ class Searcher:
         self._flush(st, sums, time.time() - t0)
         self._write_trace(trace)
         return lr
-
-    def _flush(self, st, sums, seconds):
-        """Add this stretch's metric sums (summed over ranks) to the state's; identical on every rank."""
-        total = dist.sum_metrics(list(sums), "train_m")
-        st.sums = [u + v for u, v in zip(st.sums, total)]
-        st.train_time += seconds
-        return [0.0, 0.0, 0.0, 0.0]
 
     def _write_trace(self, trace):
         if trace:
@@ -477,70 +442,27 @@ class Searcher:
         save_genotype(geno, os.path.join(self.args.output_dir, "genotype.json"), extra=self.model.arch_state())
         return geno
 
-    # --- the whole search -----------------------------------------------------------------------------------
-    def _counters(self) -> dict:
-        return dict(**self.start, step=0, pos=0, sums=[0.0, 0.0, 0.0, 0.0], train_time=0.0, resets=0,
-                    steps_redone=0)
-
-    def run(self):
-        a = self.args
-        self.live_steps, self.out = None, None
-        if not self.elastic:
-            check_writable(a.output_dir)
-            st = LocalState(**self._counters())
-            self._begin(st)
-            return self._epochs(st)
-        check_writable_locally(a.output_dir)
-        stateful = {"model": self.model, "w_opt": self.w_opt, "a_opt": self.a_opt}
-        if self.scaler is not None:
-            stateful["scaler"] = self.scaler
-        st = dist.elastic_state(stateful, **self._counters())
-        st.register_reset_callbacks([lambda: self._on_reset(st)])
-
-        @dist.elastic_run
-        def search(st):
-            self._begin(st)
-            return self._epochs(st)
-
-        return search(st)
-
-    def _on_reset(self, st):
-        """Elastic reset (a worker was lost or added; the state is back at its last commit on survivors): count
-        the steps that will be redone, then rebuild everything that depends on the number of ranks."""
-        if self.live_steps is not None:
-            st.steps_redone += max(0, self.live_steps - st.global_step)
-        st.resets += 1
-        self.world, self.rank = dist.size(), dist.rank()
-        self.local_batch, self.batch_warning = per_rank_batch(self.args.batch_size, self.world)
-        self._build_loaders()
+    # --- the whole search (the loop's frame: elastic.RunLoop) ---------------------------------------------
+    def _stateful(self) -> dict:
+        d = {"model": self.model, "w_opt": self.w_opt, "a_opt": self.a_opt}
+        return d | ({"scaler": self.scaler} if self.scaler is not None else {})
 
     def _begin(self, st):
-        """Start of the loop, and again after every elastic reset once the state is synced from rank 0."""
+        self._arch_iter = None  # a (re)started loop: the arch iterator follows the synced position
+        super()._begin(st)
+
+    def _consistency(self, where: str) -> dict:
+        return self.checksums(where)
+
+    def _output_args(self) -> dict:
+        return _jsonable(vars(self.args)) | {"world_size": self.world}
+
+    def _start_line(self) -> str:
         a = self.args
-        self._arch_iter = None
-        self.live_steps = st.global_step
-        if self.out is not None:
-            self.out.close()
-        # rank 0 writes the outputs (after a reset maybe another process than before); metrics.jsonl keeps
-        # exactly the epochs before the one in progress, so an epoch redone after a reset appears once
-        self.out = out = RunOutput(a.output_dir, _jsonable(vars(a)) | {"world_size": self.world},
-                                   resume_epoch=st.epoch, tensorboard=not a.no_tensorboard)
-        if st.resets:
-            out.info(f"elastic reset {st.resets}: {self.world} rank(s) now, {self.local_batch}/rank; continuing "
-                     f"at epoch {st.epoch + 1} step {st.step} (last commit); {st.steps_redone} step(s) redone "
-                     f"so far")
-            if getattr(self, "batch_warning", None):
-                out.info(f"warning: {self.batch_warning}")
-            self.checksums("elastic reset")
-            return
         n_w = sum(p.numel() for p in self.model.weight_parameters())
-        out.info(f"search: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size} "
-                 f"({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, {n_w} weights, "
-                 f"weight/arch images {len(self.weight_set)}/{len(self.arch_set)}, output {a.output_dir}"
-                 + (f", elastic (commit every {a.commit_interval} steps)" if self.elastic else ""))
-        if st.epoch:
-            out.info(f"resumed from {self.resumed_from} at epoch {st.epoch}")
-        self.checksums("start")
+        return (f"search: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size} "
+                f"({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, {n_w} weights, "
+                f"weight/arch images {len(self.weight_set)}/{len(self.arch_set)}, output {a.output_dir}")
 
     def _epochs(self, st):
         a = self.args

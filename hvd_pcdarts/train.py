@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as dist
+from . import fastpath
 from .checkpoint import atomic_save, check_config, load_checkpoint
 from .cli import ArgParser, apply_preset, nonneg_float, nonneg_int, positive_float, positive_int
 from .data import (
@@ -30,17 +31,16 @@ from .data import (
     make_transform,
 )
 from .elastic import (
-    LocalState,
+    RunLoop,
     add_elastic_args,
     check_elastic_args,
-    check_writable_locally,
     local_checks_only,
     per_rank_batch,
 )
 from .errors import UsageError
 from .genotypes import from_dict, load_genotype, to_dict
 from .models import NetworkCIFAR, NetworkImageNet, count_parameters
-from .runtime import RunOutput, accuracy_counts, check_writable, default_output_dir, lr_at, pick_device, progress_bar
+from .runtime import accuracy_counts, default_output_dir, lr_at, pick_device, progress_bar
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-train-v1"
 
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sync-bn", action="store_true")
     a("--fp16-allreduce", action="store_true")
     a("--amp", action="store_true")
+    a("--channels-last", action="store_true", help="fast path: NHWC memory format for the weights (and so the "
+      "activations); see benchmarks/RESULTS.md for when it pays")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a("--no-augment", action="store_true")
     a("--output-dir", default=None, help="default runs/train-<time>")
@@ -139,7 +141,7 @@ def evaluate(model, loader, device, amp=False):
     return loss_sum / max(n, 1), 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1), int(n)
 
 
-class Trainer:
+class Trainer(RunLoop):
     def __init__(self, args):
         self.args = a = args
         dist.init()
@@ -170,6 +172,8 @@ class Trainer:
                                    self.genotype).to(self.device)
         if a.sync_bn and self.world > 1:
             dist.convert_sync_batchnorm(self.model)
+        if a.channels_last:
+            fastpath.to_channels_last(self.model)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
         opt = torch.optim.SGD(self.model.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
         self.opt = dist.distributed_optimizer(opt, list(self.model.named_parameters()), a.fp16_allreduce)
@@ -195,30 +199,6 @@ class Trainer:
         a = self.args
         return dict(network=a.network, init_channels=a.init_channels, layers=a.layers, auxiliary=a.auxiliary,
                     num_classes=self.num_classes, dataset=a.dataset, genotype=to_dict(self.genotype))
-
-    def _resume(self):
-        a = self.args
-        path = None
-        if a.resume == "auto":
-            cand = os.path.join(a.output_dir, "checkpoint.pt")
-            path = cand if os.path.exists(cand) else None
-        elif a.resume is not None:
-            path = a.resume
-        if self.elastic:  # every rank reads it (shared run folder); the elastic sync then equalizes the ranks
-            if path is not None:
-                self._load(self._read_checkpoint(path), path)
-            return
-        ckpt, err = None, None
-        if path is not None and dist.is_root():
-            try:
-                ckpt = self._read_checkpoint(path)
-            except UsageError as e:
-                err, ckpt = str(e), None
-        err = dist.broadcast_object(err, name="resume_err")
-        if err:
-            raise UsageError(err)
-        if dist.broadcast_object(path is not None, name="resume_found"):
-            self._load(dist.broadcast_object(ckpt, name="resume_ckpt"), path)
 
     def _read_checkpoint(self, path: str) -> dict:
         ckpt = load_checkpoint(path)
@@ -299,7 +279,7 @@ class Trainer:
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.4f}")
                 bar.update(1)
-            if self.elastic and st.step % a.commit_interval == 0 and st.step < self.steps_per_epoch:
+            if self._commit_due(st):
                 sums = self._flush(st, sums, time.time() - t0)
                 t0 = time.time()
                 st.commit()
@@ -308,12 +288,6 @@ class Trainer:
         self._flush(st, sums, time.time() - t0)
         return lr
 
-    def _flush(self, st, sums, seconds):
-        total = dist.sum_metrics(list(sums), "train_m")
-        st.sums = [u + v for u, v in zip(st.sums, total)]
-        st.train_time += seconds
-        return [0.0, 0.0, 0.0, 0.0]
-
     def _set_lr(self, pos):
         a = self.args
         lr = lr_at(pos, a.lr, a.lr_min, a.epochs, a.warmup_epochs, a.lr_schedule)
@@ -321,69 +295,23 @@ class Trainer:
             g["lr"] = lr
         return lr
 
-    # --- the whole run --------------------------------------------------------------------------------------
-    def _counters(self) -> dict:
-        return dict(**self.start, step=0, pos=0, sums=[0.0, 0.0, 0.0, 0.0], train_time=0.0, resets=0,
-                    steps_redone=0)
-
-    def run(self):
-        a = self.args
-        self.live_steps, self.out = None, None
-        if not self.elastic:
-            check_writable(a.output_dir)
-            st = LocalState(**self._counters())
-            self._begin(st)
-            return self._epochs(st)
-        check_writable_locally(a.output_dir)
-        stateful = {"model": self.model, "opt": self.opt}
-        if self.scaler is not None:
-            stateful["scaler"] = self.scaler
-        st = dist.elastic_state(stateful, **self._counters())
-        st.register_reset_callbacks([lambda: self._on_reset(st)])
-
-        @dist.elastic_run
-        def train(st):
-            self._begin(st)
-            return self._epochs(st)
-
-        return train(st)
-
-    def _on_reset(self, st):
-        """Elastic reset: count the steps that will be redone; rebuild what depends on the number of ranks."""
-        if self.live_steps is not None:
-            st.steps_redone += max(0, self.live_steps - st.global_step)
-        st.resets += 1
-        self.world, self.rank = dist.size(), dist.rank()
-        self.local_batch, self.batch_warning = per_rank_batch(self.args.batch_size, self.world)
-        self._build_loaders()
+    # --- the whole run (the loop's frame: elastic.RunLoop) -------------------------------------------------
+    def _stateful(self) -> dict:
+        return {"model": self.model, "opt": self.opt} | ({"scaler": self.scaler} if self.scaler is not None else {})
 
     def _consistency(self, where: str) -> dict:
         return dist.check_consistency({"weights": list(self.model.parameters()),
                                        "bn_stats": [b for b in self.model.buffers() if b.is_floating_point()]},
                                       where)
 
-    def _begin(self, st):
+    def _output_args(self) -> dict:
+        return _jsonable(vars(self.args)) | {"world_size": self.world, "genotype_resolved": to_dict(self.genotype)}
+
+    def _start_line(self) -> str:
         a = self.args
-        self.live_steps = st.global_step
-        if self.out is not None:
-            self.out.close()
-        self.out = out = RunOutput(a.output_dir, _jsonable(vars(a)) | {"world_size": self.world,
-                                                                        "genotype_resolved": to_dict(self.genotype)},
-                                   resume_epoch=st.epoch, tensorboard=not a.no_tensorboard)
-        if st.resets:
-            out.info(f"elastic reset {st.resets}: {self.world} rank(s) now, {self.local_batch}/rank; continuing "
-                     f"at epoch {st.epoch + 1} step {st.step} (last commit); {st.steps_redone} step(s) redone "
-                     f"so far")
-            if getattr(self, "batch_warning", None):
-                out.info(f"warning: {self.batch_warning}")
-        else:
-            out.info(f"train: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size}, "
-                     f"{self.steps_per_epoch} steps/epoch, {count_parameters(self.model)} parameters "
-                     f"(auxiliary head excluded), output {a.output_dir}"
-                     + (f", elastic (commit every {a.commit_interval} steps)" if self.elastic else ""))
-            if st.epoch:
-                out.info(f"resumed from {self.resumed_from} at epoch {st.epoch}")
-        self._consistency("start" if not st.resets else "elastic reset")
+        return (f"train: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size}, "
+                f"{self.steps_per_epoch} steps/epoch, {count_parameters(self.model)} parameters "
+                f"(auxiliary head excluded), output {a.output_dir}")
 
     def _epochs(self, st):
         a = self.args
