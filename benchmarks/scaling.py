@@ -4,6 +4,7 @@ per-rank batch, the same per-rank threads. Needs Horovod (`make setup`).
 
     python benchmarks/scaling.py --ranks 1 2 --batch 32 --steps 4      # launches horovodrun --gloo itself
 
+On a shared machine use `--repeat 3`: each configuration keeps its fastest run.
 Scaling efficiency = N-rank throughput / (N x 1-rank throughput), throughput = global images per second.
 Each rank runs search.Searcher's step exactly (arch step: autograd.grad + named grouped allreduce of the
 alpha/beta gradients + Adam; weight step: backward with hvd.DistributedOptimizer's hooks + synchronize + clip +
@@ -107,6 +108,7 @@ def launcher(args):
     results = {}
     tmp = tempfile.mkdtemp(prefix="scaling-")
     runs = [(n, False) for n in args.ranks] + [(n, True) for n in args.ranks if n > 1 and args.decompose]
+    runs = runs * args.repeat  # interleaved: load from other users hits every configuration alike
     for n, no_comm in runs:
         key = f"{n}" + (" (no collectives)" if no_comm else "")
         out = os.path.join(tmp, f"r{n}{'nc' if no_comm else ''}.json")
@@ -123,7 +125,13 @@ def launcher(args):
         with open(out) as f:
             recs = json.load(f)
         step = max(r["step_s"] for r in recs)  # the step ends when the slowest rank ends
-        results[key] = dict(ranks=n, no_comm=no_comm, per_rank_batch=args.batch, step_s=step,
+        if key in results and results[key]["step_s"] <= step:  # repeats: keep the least disturbed run
+            results[key]["step_s_repeats"].append(round(step, 3))
+            print(f"  {key}: {step:.3f} s (repeat; best so far {results[key]['step_s']:.3f} s)", flush=True)
+            continue
+        repeats = results[key]["step_s_repeats"] if key in results else []
+        results[key] = dict(step_s_repeats=repeats + [round(step, 3)], ranks=n, no_comm=no_comm,
+                            per_rank_batch=args.batch, step_s=step,
                             images_per_s=n * 2 * args.batch / step,
                             coll_share_per_rank=[round(r["coll_share"], 3) for r in recs],
                             coll_s_per_rank=[round(r["coll_s"], 3) for r in recs], load_before=load0,
@@ -161,6 +169,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--K", type=int, default=4)
     p.add_argument("--timeout", type=float, default=1200)
+    p.add_argument("--repeat", type=int, default=1, help="run the whole sequence R times (interleaved) and keep, "
+                   "per configuration, the run with the fastest step: the least disturbed by other load")
     p.add_argument("--json", default=None)
     p.add_argument("--no-decompose", dest="decompose", action="store_false",
                    help="skip the N-rank run without collectives (it separates the cost of the collectives from "

@@ -206,3 +206,17 @@ def test_train_channels_last_runs_and_matches(tmp_path):
         out[tag] = json.loads((tmp_path / tag / "metrics.jsonl").read_text().splitlines()[-1])
     assert abs(out["ref"]["train_loss"] - out["cl"]["train_loss"]) < 1e-3
     assert abs(out["ref"]["test_loss"] - out["cl"]["test_loss"]) < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_train_search_cuda_graph_matches_eager_cuda(tmp_path):
+    """train_search.py --cuda-graph --gpu-data on a GPU: the same search as the eager path, to float32 rounding."""
+    out = {}
+    for tag, extra in (("eager", []), ("graph", ["--cuda-graph", "--gpu-data"])):
+        d = tmp_path / tag
+        res = launch([python_exe(), SCRIPT, *TINY, *extra, "--device", "cuda", "--no-augment", "--output-dir", d],
+                     timeout=300)
+        assert res.returncode == 0, describe(res)
+        out[tag] = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(out["eager"], out["graph"]):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 and abs(a["valid_loss"] - b["valid_loss"]) < 1e-3
