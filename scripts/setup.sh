@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Idempotent environment setup: Debian's Open MPI, .venv/ with torch 2.14.1 + torchvision 0.29.1, Horovod 0.28.1
-# built with the fixes in scripts/install_horovod.sh (wheel cached outside the repository), the project in
-# editable mode with its dev extras, then `horovodrun --check-build` must list PyTorch, MPI and Gloo.
+# Idempotent environment setup: Debian's Open MPI, graphviz, iproute2 and OpenSSH (for the two-node tests), .venv/
+# with torch 2.14.1 + torchvision 0.29.1, Horovod 0.28.1 built with the fixes in scripts/install_horovod.sh (wheel
+# cached outside the repository), the project in editable mode with its dev extras, then `horovodrun --check-build`
+# must list PyTorch, MPI and Gloo.
 #   HVD_PCDARTS_GPU=1 scripts/setup.sh   also builds Horovod's NCCL GPU operations
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,10 @@ need_apt=()
 command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
 command -v mpicxx >/dev/null 2>&1 || need_apt+=(libopenmpi-dev)
 command -v dot >/dev/null 2>&1 || need_apt+=(graphviz)
+# the two-node tests (tests/cluster): network namespaces (iproute2) with an OpenSSH server in each
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need_apt+=(iproute2)
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_apt[*]}"
   $SUDO apt-get update -qq
