@@ -44,7 +44,8 @@ def worker(args):
     world, rank = dist.size(), dist.rank()
     torch.set_num_threads(args.threads)
     model, arch, weights, a_opt, w_opt = fp.build_search(args.C, args.layers, args.K, seed=2)
-    if not args.no_comm:
+    hooks = not args.no_comm and args.weight_comm == "hooks"
+    if hooks:
         w_opt = dist.distributed_optimizer(w_opt, model.named_weight_parameters())
     dist.broadcast_parameters(model, 0)
     crit = nn.CrossEntropyLoss()
@@ -70,11 +71,16 @@ def worker(args):
         loss = crit(model(x), y)
         loss.backward()
         t0 = time.perf_counter()
-        if not args.no_comm:
+        if hooks:
             w_opt.synchronize()
+        elif not args.no_comm:  # one grouped allreduce after backward (what --cuda-graph does)
+            avg = dist.grouped_average([p.grad for p in weights], name="w_grads")
+            with torch.no_grad():
+                for p, g in zip(weights, avg):
+                    p.grad.copy_(g)
         t_coll[0] += time.perf_counter() - t0
         nn.utils.clip_grad_norm_(weights, 5.0)
-        if args.no_comm:
+        if not hooks:
             w_opt.step()
         else:
             with w_opt.skip_synchronize():
@@ -105,6 +111,8 @@ def launcher(args):
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT + os.pathsep + os.environ.get(
         "PYTHONPATH", ""), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    if args.cycle_time is not None:
+        env["HOROVOD_CYCLE_TIME"] = str(args.cycle_time)
     results = {}
     tmp = tempfile.mkdtemp(prefix="scaling-")
     runs = [(n, False) for n in args.ranks] + [(n, True) for n in args.ranks if n > 1 and args.decompose]
@@ -112,10 +120,12 @@ def launcher(args):
     for n, no_comm in runs:
         key = f"{n}" + (" (no collectives)" if no_comm else "")
         out = os.path.join(tmp, f"r{n}{'nc' if no_comm else ''}.json")
-        cmd = [hvdrun, "--gloo", "-np", str(n), "-H", f"localhost:{n}", sys.executable, os.path.abspath(__file__),
+        cmd = [hvdrun, f"--{args.controller}", "-np", str(n), "-H", f"localhost:{n}", sys.executable,
+               os.path.abspath(__file__),
                "--worker", "--out", out, "--batch", str(args.batch), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--C", str(args.C),
-               "--layers", str(args.layers), "--K", str(args.K)] + (["--no-comm"] if no_comm else [])
+               "--layers", str(args.layers), "--K", str(args.K), "--weight-comm", args.weight_comm,
+               "--controller", args.controller] + (["--no-comm"] if no_comm else [])
         load0 = os.getloadavg()[0]
         t0 = time.time()
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -138,8 +148,10 @@ def launcher(args):
                             load_after=os.getloadavg()[0], wall_s=time.time() - t0)
         print(f"  {results[key]}", flush=True)
     base = results.get("1")
-    print(f"\n# scaling (CPU, Horovod Gloo on loopback): C={args.C} layers={args.layers} K={args.K}, per-rank batch "
-          f"{args.batch} (arch + weight halves), {args.threads} thread(s)/rank, {os.cpu_count()} CPUs")
+    print(f"\n# scaling (CPU, Horovod {args.controller} on loopback, weight gradients: {args.weight_comm}, "
+          f"HOROVOD_CYCLE_TIME={env.get('HOROVOD_CYCLE_TIME', 'default')}): "
+          f"C={args.C} layers={args.layers} K={args.K}, per-rank batch {args.batch} (arch + weight halves), "
+          f"{args.threads} thread(s)/rank, {os.cpu_count()} CPUs")
     print("| ranks | step s (median, slowest rank) | images/s | efficiency | collective share per rank | "
           "load avg before/after |")
     print("|---|---|---|---|---|---|")
@@ -152,8 +164,9 @@ def launcher(args):
     if args.json:
         with open(args.json, "a") as f:
             for r in results.values():
-                f.write(json.dumps(dict(kind="scaling", threads=args.threads, C=args.C, layers=args.layers,
-                                        K=args.K, **r)) + "\n")
+                f.write(json.dumps(dict(kind="scaling", cycle_time=env.get("HOROVOD_CYCLE_TIME"),
+                                        weight_comm=args.weight_comm, controller=args.controller,
+                                        threads=args.threads, C=args.C, layers=args.layers, K=args.K, **r)) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
@@ -175,6 +188,13 @@ def main(argv=None):
     p.add_argument("--no-decompose", dest="decompose", action="store_false",
                    help="skip the N-rank run without collectives (it separates the cost of the collectives from "
                         "that of N processes sharing the machine's cores and memory)")
+    p.add_argument("--weight-comm", choices=["hooks", "grouped"], default="hooks",
+                   help="hooks: hvd.DistributedOptimizer, allreduces started during backward (search.py's eager "
+                        "path); grouped: one grouped allreduce of all weight gradients after backward (the "
+                        "--cuda-graph path)")
+    p.add_argument("--controller", choices=["gloo", "mpi"], default="gloo")
+    p.add_argument("--cycle-time", type=float, default=None,
+                   help="HOROVOD_CYCLE_TIME (ms) of the ranks; default: Horovod's own (or the environment's)")
     p.add_argument("--no-comm", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
