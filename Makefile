@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo clean
+.PHONY: setup test test-fast lint demo clean bench
 
 $(STAMP): pyproject.toml scripts/setup.sh scripts/install_horovod.sh
 	bash scripts/setup.sh
@@ -25,6 +25,15 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
+
+# CPU benchmarks, small (a few minutes; results: benchmarks/RESULTS.md). On a GPU machine:
+#   make bench BENCH_DEVICE=cuda   (or bash benchmarks/run_device.sh, which also builds Horovod with NCCL)
+BENCH_DEVICE ?= cpu
+bench: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/data.py --device $(BENCH_DEVICE)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/search_step.py --device $(BENCH_DEVICE) \
+	  $(if $(filter cpu,$(BENCH_DEVICE)),--batch 8 --steps 2 --warmup 1 --variants eager eager+cl eager+bnc,--check)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/scaling.py --ranks 1 2 --batch 16 --steps 3
 
 clean:
 	rm -rf runs/demo .pytest_cache
