@@ -7,6 +7,7 @@
 #   bash benchmarks/run_device.sh            # on the device; writes logs and tables under $OUT (or ./device-out)
 #   SMOKE=1 PY=.venv/bin/python bash benchmarks/run_device.sh       # CPU rehearsal: tiny sizes, no build
 #   PY=.venv/bin/python JOBS=1 bash benchmarks/run_device.sh build  # only the Horovod NCCL build, log on stdout
+#   SKIP_BENCH=1 DEADLINE=360 bash benchmarks/run_device.sh         # the build, then Horovod checks + GPU searches
 #
 # Needs: python3 with torch (CUDA), nvcc, cmake, the nvidia-nccl-cu13 wheel; the Horovod sdist in .hvdsrc/
 # (pip download --no-deps --no-binary :all: horovod==0.28.1 -d .hvdsrc), because the device has no network.
@@ -84,6 +85,7 @@ else
 fi
 
 # --- benchmarks (foreground) -------------------------------------------------------------------------------------
+if [ "${SKIP_BENCH:-0}" != 1 ]; then  # SKIP_BENCH=1: only the Horovod build and its checks
 echo "[$(el)s] search_step" | tee -a "$OUT/env.txt"
 timeout 330 $PY benchmarks/search_step.py --device $DEV "${SS[@]}" --json "$OUT/results.jsonl" \
   > "$OUT/search_step.txt" 2>&1
@@ -95,6 +97,7 @@ timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_fastpath.py -k "cuda 
 echo "[$(el)s] data" >> "$OUT/env.txt"
 timeout 60 $PY benchmarks/data.py --device $DEV "${DA[@]}" --json "$OUT/results.jsonl" > "$OUT/data.txt" 2>&1
 rc=$?; echo "[$(el)s] data rc=$rc" >> "$OUT/env.txt"
+fi
 
 # --- Horovod: wait for the build, then check it -------------------------------------------------------------------
 while [ "$BUILD_PID" != $$ ] && kill -0 $BUILD_PID 2>/dev/null && [ "$(el)" -lt $((DEADLINE - 110)) ]; do sleep 5; done
