@@ -57,42 +57,53 @@ def _wait_for(pred, timeout, proc, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("victim", [2, 0], ids=["kill-rank2", "kill-rank0"])
-def test_elastic_search_survives_a_killed_worker(tmp_path, victim):
+def _elastic_job(tmp_path, script_args, np_: int, start_hosts: int, after_epoch1):
+    """Run an elastic job on `start_hosts` of three local host names (-np np_, --min-np 2, --max-np 3); once
+    epoch 1 is in metrics.jsonl call after_epoch1(first_metrics_record, workers by rank, hosts_file, names).
+    Returns (exit status, log text, metrics records)."""
     names = _local_names()
     if len(names) < 3 or not find_exe("horovodrun"):
         pytest.skip(f"needs horovodrun and three host names of this machine (found {names})")
     hosts = tmp_path / "hosts"
-    hosts.write_text("".join(f"{n}:1\n" for n in names[:3]))
+    hosts.write_text("".join(f"{n}:1\n" for n in names[:start_hosts]))
     out = tmp_path / "out"
-    trace = tmp_path / "trace"
-    cmd = [find_exe("horovodrun"), "-np", "3", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
-           DISCOVER, python_exe(), SCRIPT, *ARGS, "--output-dir", out, "--trace-indices", trace]
+    cmd = [find_exe("horovodrun"), "-np", str(np_), "--min-np", "2", "--max-np", "3", "--host-discovery-script",
+           DISCOVER, python_exe(), *script_args, "--output-dir", out]
     log = tmp_path / "log.txt"
     proc = start(cmd, log, env={"HVD_PCDARTS_HOSTS_FILE": hosts})
+    metrics = out / "metrics.jsonl"
     try:
-        metrics = out / "metrics.jsonl"
         _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 400, proc, "epoch 1")
-        first = json.loads(metrics.read_text().splitlines()[0])
-        assert first["world_size"] == 3
-        time.sleep(0.4 * first["epoch_time_s"])  # the middle of the second epoch
         workers = {process_env(p).get("HOROVOD_RANK"): p for p in processes_with(str(out))
                    if process_env(p).get("HOROVOD_ELASTIC") == "1"}
-        assert set(workers) >= {"0", "1", "2"}, workers
-        os.kill(workers[str(victim)], signal.SIGKILL)
+        after_epoch1(json.loads(metrics.read_text().splitlines()[0]), workers, hosts, names)
         proc.wait(timeout=600)
     finally:
         kill_all(str(out), proc)
-    text = log.read_text()
-    assert proc.returncode == 0, text[-5000:]
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return proc.returncode, log.read_text(), recs
+
+
+def _kill_mid_epoch(rank: int):
+    def act(first, workers, hosts, names):
+        assert first["world_size"] == 3 and set(workers) >= {"0", "1", "2"}, workers
+        time.sleep(0.4 * first["epoch_time_s"])  # the middle of the second epoch
+        os.kill(workers[str(rank)], signal.SIGKILL)
+    return act
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [2, 0], ids=["kill-rank2", "kill-rank0"])
+def test_elastic_search_survives_a_killed_worker(tmp_path, victim):
+    trace = tmp_path / "trace"
+    rc, text, recs = _elastic_job(tmp_path, [SCRIPT, *ARGS, "--trace-indices", trace], 3, 3, _kill_mid_epoch(victim))
+    assert rc == 0, text[-5000:]
     # a valid genotype
     from hvd_pcdarts.genotypes import load_genotype
 
-    geno = load_genotype(str(out / "genotype.json"))
+    geno = load_genotype(str(tmp_path / "out" / "genotype.json"))
     assert len(geno.normal) == 8 and len(geno.reduce) == 8
     # every epoch once; 3 workers before the kill, 2 after
-    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [0, 1, 2]
     assert recs[0]["world_size"] == 3 and recs[2]["world_size"] == 2
     # the survivors agree on every parameter (checked over ranks at every epoch end and at the end)
@@ -105,41 +116,20 @@ def test_elastic_search_survives_a_killed_worker(tmp_path, victim):
     steps = {(r["epoch"], r["step"]) for f in trace.iterdir() for r in map(json.loads, f.read_text().splitlines())
              if r["kind"] == "weight"}
     assert sorted(steps) == [(e, s) for e in range(3) for s in range(12)]
-    print(f"elastic ({'rank 0' if victim == 0 else 'rank 2'} killed): {redone} step(s) redone")
+    print(f"elastic (rank {victim} killed): {redone} step(s) redone")
 
 
 @pytest.mark.slow
 def test_elastic_retraining_survives_a_killed_worker(tmp_path):
-    names = _local_names()
-    if len(names) < 3 or not find_exe("horovodrun"):
-        pytest.skip(f"needs horovodrun and three host names of this machine (found {names})")
-    hosts = tmp_path / "hosts"
-    hosts.write_text("".join(f"{n}:1\n" for n in names[:3]))
-    out = tmp_path / "out"
-    cmd = [find_exe("horovodrun"), "-np", "3", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
-           DISCOVER, python_exe(), TRAIN, *TRAIN_ARGS, "--output-dir", out]
-    log = tmp_path / "log.txt"
-    proc = start(cmd, log, env={"HVD_PCDARTS_HOSTS_FILE": hosts})
-    try:
-        metrics = out / "metrics.jsonl"
-        _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 400, proc, "epoch 1")
-        time.sleep(0.4 * json.loads(metrics.read_text().splitlines()[0])["epoch_time_s"])
-        workers = {process_env(p).get("HOROVOD_RANK"): p for p in processes_with(str(out))
-                   if process_env(p).get("HOROVOD_ELASTIC") == "1"}
-        os.kill(workers["1"], signal.SIGKILL)
-        proc.wait(timeout=600)
-    finally:
-        kill_all(str(out), proc)
-    text = log.read_text()
-    assert proc.returncode == 0, text[-5000:]
-    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rc, text, recs = _elastic_job(tmp_path, [TRAIN, *TRAIN_ARGS], 3, 3, _kill_mid_epoch(1))
+    assert rc == 0, text[-5000:]
     assert [r["epoch"] for r in recs] == [0, 1, 2]
     assert recs[0]["world_size"] == 3 and recs[2]["world_size"] == 2
     m = re.search(r"all 2 rank\(s\) hold identical parameters .*elastic: 1 reset\(s\), (\d+) step\(s\) redone", text)
     assert m and int(m.group(1)) <= COMMIT, text[-3000:]
     import torch
 
-    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    ck = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 3 and ck["world_size"] == 2
     print(f"elastic retraining (rank 1 killed): {m.group(1)} step(s) redone")
 
@@ -148,26 +138,11 @@ def test_elastic_retraining_survives_a_killed_worker(tmp_path):
 def test_elastic_search_takes_in_a_new_worker(tmp_path):
     """A host added to the discovery file joins the running job: it is synced from rank 0 (no collective before
     the elastic loop, so it cannot hang), and the rest of the work is split over 3 ranks."""
-    names = _local_names()
-    if len(names) < 3 or not find_exe("horovodrun"):
-        pytest.skip(f"needs horovodrun and three host names of this machine (found {names})")
-    hosts = tmp_path / "hosts"
-    hosts.write_text("".join(f"{n}:1\n" for n in names[:2]))
-    out = tmp_path / "out"
-    cmd = [find_exe("horovodrun"), "-np", "2", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
-           DISCOVER, python_exe(), SCRIPT, *ARGS, "--output-dir", out]
-    log = tmp_path / "log.txt"
-    proc = start(cmd, log, env={"HVD_PCDARTS_HOSTS_FILE": hosts})
-    try:
-        metrics = out / "metrics.jsonl"
-        _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 400, proc, "epoch 1")
+    def add_host(first, workers, hosts, names):
         hosts.write_text("".join(f"{n}:1\n" for n in names[:3]))
-        proc.wait(timeout=600)
-    finally:
-        kill_all(str(out), proc)
-    text = log.read_text()
-    assert proc.returncode == 0, text[-5000:]
-    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+
+    rc, text, recs = _elastic_job(tmp_path, [SCRIPT, *ARGS], 2, 2, add_host)
+    assert rc == 0, text[-5000:]
     assert [r["epoch"] for r in recs] == [0, 1, 2]
     assert recs[0]["world_size"] == 2 and recs[-1]["world_size"] == 3
     assert re.search(r"all 3 rank\(s\) hold identical parameters", text), text[-3000:]
