@@ -40,7 +40,7 @@ def worker(args):
     from hvd_pcdarts import distributed as dist
     from hvd_pcdarts import fastpath as fp
 
-    dist.init()
+    dist.init(cpu_tuning=True)  # as train_search.py without --sync-bn
     world, rank = dist.size(), dist.rank()
     torch.set_num_threads(args.threads)
     model, arch, weights, a_opt, w_opt = fp.build_search(args.C, args.layers, args.K, seed=2)
@@ -194,7 +194,8 @@ def main(argv=None):
                         "--cuda-graph path)")
     p.add_argument("--controller", choices=["gloo", "mpi"], default="gloo")
     p.add_argument("--cycle-time", type=float, default=None,
-                   help="HOROVOD_CYCLE_TIME (ms) of the ranks; default: Horovod's own (or the environment's)")
+                   help="HOROVOD_CYCLE_TIME (ms) of the ranks; default: the environment's, else what "
+                        "train_search.py uses (20 ms on CPU-only machines without --sync-bn)")
     p.add_argument("--no-comm", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)

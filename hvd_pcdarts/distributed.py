@@ -33,10 +33,19 @@ def hvd():
     return _hvd()
 
 
-def init() -> None:
+CPU_CYCLE_TIME_MS = 20
+
+
+def init(cpu_tuning: bool = False) -> None:
     # Synchronized batch norm issues two named allreduces per BN layer and step (well over a thousand in the
     # search supernet): give Horovod's response cache room for all of them, unless the user chose a size.
     os.environ.setdefault("HOROVOD_CACHE_CAPACITY", "16384")
+    if cpu_tuning and not torch.cuda.is_available():
+        # CPU-only machine: Horovod's background loop, waking every millisecond by default, takes CPU from the
+        # compute threads; a 20 ms cycle raised 2-rank loopback scaling from 0.65 to 0.80-0.89
+        # (benchmarks/RESULTS.md). Callers pass cpu_tuning=False with synchronized BN, whose per-layer
+        # allreduces run one after another and would each wait up to a cycle. The environment's value wins.
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", str(CPU_CYCLE_TIME_MS))
     h = _hvd()
     if not h.is_initialized():
         h.init()

@@ -143,9 +143,9 @@ class Searcher(RunLoop):
 
     def __init__(self, args):
         self.args = args
-        dist.init()
-        self.world, self.rank = dist.size(), dist.rank()
         a = args
+        dist.init(cpu_tuning=not a.sync_bn)
+        self.world, self.rank = dist.size(), dist.rank()
         self.local_batch, _ = per_rank_batch(a.batch_size, self.world, strict=True)
         self.device = pick_device(a)
         if a.output_dir is None:

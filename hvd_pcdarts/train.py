@@ -144,7 +144,7 @@ def evaluate(model, loader, device, amp=False):
 class Trainer(RunLoop):
     def __init__(self, args):
         self.args = a = args
-        dist.init()
+        dist.init(cpu_tuning=not a.sync_bn)
         self.world, self.rank = dist.size(), dist.rank()
         self.local_batch, _ = per_rank_batch(a.batch_size, self.world, strict=True)
         self.genotype = load_genotype(a.genotype)
