@@ -9,7 +9,8 @@ the fast paths, side by side in one run. Needs no Horovod (one rank; no collecti
 A variant is MODE[+cl][+bf16]: MODE is eager (the reference: search.Searcher's step without Horovod), graph
 (forward+backward of each half captured as a CUDA graph, optimizers outside: fastpath.GraphedSearchStep) or
 compile (torch.compile of the network, eager step); +cl = channels_last; +bf16 = bf16 autocast; +bnc = batch
-norm as plain reductions (fastpath.CompositeBatchNorm2d).
+norm as plain reductions (fastpath.CompositeBatchNorm2d); +be = the batched mixed op (--batched-edges:
+models/batched_cell.py, each cell's ready edges as grouped convolutions).
 Per variant: median and mean ms per step (arch + weight, synchronized every step, as the training loop is by
 its loss readout), images/s = 2 x batch / median step (each step trains on an arch batch and a weight batch),
 peak GPU memory (torch.cuda.max_memory_allocated, from model build to the end of timing).
@@ -43,9 +44,11 @@ def parse_variant(v: str):
     if mode not in ("eager", "graph", "compile"):
         raise SystemExit(f"unknown variant {v!r}: MODE must be eager, graph or compile")
     extra = set(parts[1:])
-    if extra - {"cl", "bf16", "bnc"}:
-        raise SystemExit(f"unknown variant {v!r}: options are +cl, +bf16 and +bnc")
-    return mode, "cl" in extra, "bf16" in extra, "bnc" in extra
+    if extra - {"cl", "bf16", "bnc", "be"}:
+        raise SystemExit(f"unknown variant {v!r}: options are +cl, +bf16, +bnc and +be")
+    if {"bnc", "be"} <= extra:
+        raise SystemExit(f"unknown variant {v!r}: +be computes its batch norms itself (no +bnc)")
+    return mode, "cl" in extra, "bf16" in extra, "bnc" in extra, "be" in extra
 
 
 def make_batches(n, batch, device, size=32, classes=10, seed=123):
@@ -58,9 +61,9 @@ def make_batches(n, batch, device, size=32, classes=10, seed=123):
     return out
 
 
-def build_step(mode, cl, bf16, bnc, args, device):
+def build_step(mode, cl, bf16, bnc, be, args, device):
     model, arch, weights, a_opt, w_opt = fp.build_search(args.C, args.layers, args.K, seed=args.seed, device=device,
-                                                         channels_last=cl)
+                                                         channels_last=cl, batched_edges=be)
     if bnc:
         fp.use_composite_bn(model)
     model.train()
@@ -90,7 +93,7 @@ def one_step(step, batches, i):
 
 
 def bench(variant, batch, args, device):
-    mode, cl, bf16, bnc = parse_variant(variant)
+    mode, cl, bf16, bnc, be = parse_variant(variant)
     if mode == "graph" and device.type != "cuda":
         return dict(variant=variant, batch=batch, error="graph needs CUDA")
     gc.collect()
@@ -99,7 +102,7 @@ def bench(variant, batch, args, device):
         torch.cuda.reset_peak_memory_stats()
     batches = make_batches(4, batch, device)
     t_build = time.perf_counter()
-    model, step = build_step(mode, cl, bf16, bnc, args, device)
+    model, step = build_step(mode, cl, bf16, bnc, be, args, device)
     try:
         for i in range(args.warmup):
             one_step(step, batches, i)
@@ -126,14 +129,14 @@ def bench(variant, batch, args, device):
 
 def check(variant, batch, args, device):
     """Same start, same batches: eager versus `variant` after args.check_steps steps (fp32 variants only)."""
-    mode, cl, bf16, bnc = parse_variant(variant)
+    mode, cl, bf16, bnc, be = parse_variant(variant)
     det = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     try:
         batches = make_batches(4, batch, device, seed=7)
         res = {}
-        for tag, (m, c, bn) in (("ref", ("eager", False, False)), ("new", (mode, cl, bnc))):
-            model, step = build_step(m, c, False, bn, args, device)
+        for tag, (m, c, bn, b) in (("ref", ("eager", False, False, False)), ("new", (mode, cl, bnc, be))):
+            model, step = build_step(m, c, False, bn, b, args, device)
             losses = []
             for i in range(args.check_steps):
                 la, lw = one_step(step, batches, i)
@@ -191,7 +194,7 @@ def main(argv=None):
     rows, checks = [], []
     if args.check:
         for v in args.variants:
-            mode, cl, bf16, bnc = parse_variant(v)
+            mode, cl, bf16, bnc, be = parse_variant(v)
             if v == "eager" or bf16 or (mode == "graph" and device.type != "cuda"):
                 continue
             try:

@@ -303,13 +303,14 @@ class EagerSearchStep:
 
 def build_search(C: int = 16, layers: int = 8, partial_k: int = 4, num_classes: int = 10, seed: int = 2,
                  device="cpu", lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 3e-4,
-                 arch_lr: float = 6e-4, arch_weight_decay: float = 1e-3, channels_last: bool = False):
+                 arch_lr: float = 6e-4, arch_weight_decay: float = 1e-3, channels_last: bool = False,
+                 batched_edges: bool = False):
     """A search network with the recipe's two optimizers (SGD for weights, Adam(0.5, 0.999) for alphas/betas),
     built as `search.Searcher` builds them: (model, arch_params, weight_params, a_opt, w_opt)."""
     from .models import SearchNetwork
 
     torch.manual_seed(seed)
-    model = SearchNetwork(C, num_classes, layers, partial_k=partial_k).to(device)
+    model = SearchNetwork(C, num_classes, layers, partial_k=partial_k, batched_edges=batched_edges).to(device)
     if channels_last:
         to_channels_last(model)
     arch, weights = model.arch_parameters(), model.weight_parameters()
@@ -442,6 +443,9 @@ class GraphedSearchStep:
 
 def check_fast_flags(args, device: torch.device, world: int) -> None:
     """One clear usage error for fast-path flags that cannot work with this device or these other flags."""
+    if getattr(args, "batched_edges", False) and getattr(args, "sync_bn", False):
+        raise UsageError("--batched-edges and --sync-bn exclude each other (the batched cells compute their batch "
+                         "norms themselves, unsynchronized): drop one")
     if getattr(args, "cuda_graph", False):
         if device.type != "cuda":
             raise UsageError("--cuda-graph needs a CUDA GPU and this run is on the CPU: drop --cuda-graph")

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cuda-graph", action="store_true", help="fast path (CUDA only): replay the forward+backward of the arch "
       "and weight steps as CUDA graphs; gradient averaging and optimizer steps stay outside (benchmarks/)")
     a("--channels-last", action="store_true", help="fast path: NHWC memory format for weights and images")
+    a("--batched-edges", action="store_true", help="fast path: compute the edges of a cell that read states "
+      "ready at the same time as one set of grouped convolutions (same parameters and results, fewer kernels)")
     a("--gpu-data", action="store_true", help="fast path: keep both halves of the training set on the device as "
       "uint8 and augment a batch there (the same crops and flips as the loader; tensor datasets only)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -157,7 +159,7 @@ class Searcher(RunLoop):
         torch.manual_seed(a.seed)
         random.seed(a.seed)
         self.model = SearchNetwork(a.init_channels, self.num_classes, a.layers, partial_k=a.partial_k,
-                                   stem=a.stem).to(self.device)
+                                   stem=a.stem, batched_edges=a.batched_edges).to(self.device)
         self.dtype = torch.float64 if a.fp64 else torch.float32
         if a.fp64:
             if a.amp:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..genotypes import PRIMITIVES, Genotype
 from ..ops import OPS, FactorizedReduce, ReLUConvBN, channel_shuffle
+from .batched_cell import BatchedCellRunner
 
 ARCH_PARAM_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
 
@@ -39,6 +40,8 @@ class MixedOp(nn.Module):
         dim = x.shape[1] // self.k
         xa, xb = x[:, :dim], x[:, dim:]
         mixed = sum(w * op(xa) for w, op in zip(weights, self._ops))
+        if self.k == 1:  # every channel went through the ops (DARTS)
+            return mixed
         if mixed.shape[2] != x.shape[2]:
             xb = self.mp(xb)
         return channel_shuffle(torch.cat([mixed, xb], dim=1), self.k)
@@ -55,6 +58,8 @@ class SearchCell(nn.Module):
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
         self._steps = steps
         self._multiplier = multiplier
+        self.batched = False  # --batched-edges: models/batched_cell.py computes the same forward
+        self._runner = None
         self._ops = nn.ModuleList()
         for i in range(steps):
             for j in range(2 + i):
@@ -62,6 +67,10 @@ class SearchCell(nn.Module):
                 self._ops.append(MixedOp(C, stride, k))
 
     def forward(self, s0, s1, weights, edge_weights):
+        if self.batched:
+            if self._runner is None:
+                self._runner = BatchedCellRunner(self)
+            return self._runner.forward(self, s0, s1, weights, edge_weights)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self._steps):
@@ -88,10 +97,12 @@ def edge_softmax(betas: torch.Tensor, steps: int) -> torch.Tensor:
 
 class SearchNetwork(nn.Module):
     """`SearchNetwork(C, num_classes, layers, steps=4, multiplier=4, stem_multiplier=3, partial_k=4,
-    stem='cifar')`. `stem='imagenet'` gives the three-conv stride-2 stem of the 224-px ImageNet search."""
+    stem='cifar', batched_edges=False)`. `stem='imagenet'` gives the three-conv stride-2 stem of the 224-px
+    ImageNet search; `batched_edges=True` computes each cell with the batched mixed op (models/batched_cell.py:
+    the same parameters and results, fewer and larger kernels)."""
 
     def __init__(self, C, num_classes, layers, steps=4, multiplier=4, stem_multiplier=3, partial_k=4,
-                 stem="cifar", arch_init_scale=1e-3):
+                 stem="cifar", arch_init_scale=1e-3, batched_edges=False):
         super().__init__()
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
@@ -134,6 +145,13 @@ class SearchNetwork(nn.Module):
         self.alphas_reduce = nn.Parameter(arch_init_scale * torch.randn(k, n_ops))
         self.betas_normal = nn.Parameter(arch_init_scale * torch.randn(k))
         self.betas_reduce = nn.Parameter(arch_init_scale * torch.randn(k))
+        self.set_batched_edges(batched_edges)
+
+    def set_batched_edges(self, on: bool = True) -> "SearchNetwork":
+        """Switch every cell between the per-edge forward (the reference) and the batched mixed op."""
+        for cell in self.cells:
+            cell.batched = bool(on)
+        return self
 
     # --- parameter groups -------------------------------------------------------------------------------
     def arch_parameters(self):

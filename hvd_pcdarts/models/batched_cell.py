@@ -1,0 +1,262 @@
+"""The batched mixed op (`--batched-edges`, issue 7): a search cell's forward with the edges that are ready at the
+same time computed together, as grouped convolutions over their stacked partial channels.
+
+Same module, same parameters, same state_dict as the reference `SearchCell.forward` (so checkpoints, optimizers,
+Horovod hooks and the elastic state are untouched); only the order of the arithmetic changes. Why it is equal:
+
+- Edges are grouped by the state they read. Group 0: the edges from the two cell inputs to every node (all with
+  the cell's stride); group t >= 2: the edges from intermediate node t-2 to the later nodes (stride 1). A group's
+  partial inputs x_e[:, :C/K] are concatenated along the channels (E*C/K channels), and every candidate op runs
+  once over all of them: depthwise convs with groups=E*C/K, pointwise convs with groups=E (each edge's own
+  weights, concatenated), pools and BatchNorm are per channel anyway. So each edge's slice of the result is
+  exactly that edge's op output.
+- The mixing weights softmax(alpha)[e, op] * edge_softmax(beta)[e] are folded into the last BatchNorm of each op
+  as its per-channel scale (BN(x) * s == (x - mean) / std * s; the search net's BNs have no affine parameters),
+  and into one multiply for the identity. `none` contributes exactly zero and is left out.
+- A node is sum_e beta_e * shuffle(cat(mixed_e, rest_e)); shuffle and cat are linear, so it equals
+  shuffle(cat(sum_e beta_e mixed_e, sum_e beta_e rest_e)), assembled in one copy.
+- BatchNorm running statistics: the per-edge BN modules keep their buffers, but the buffers of one group and
+  one op position are made views of one shared tensor, so the batched BN updates every edge's statistics in
+  place (state_dict and checkpoints look exactly as before). The modules' `num_batches_tracked` counters (all
+  equal in the reference, each BN runs once per forward) are one shared tensor per cell.
+
+About 2.3x fewer kernels per cell than the per-edge forward (tests/test_batched.py checks equality in float64;
+benchmarks/search_step.py measures the speed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..genotypes import PRIMITIVES
+
+_IDX = {name: i for i, name in enumerate(PRIMITIVES)}
+_SEP = ("sep_conv_3x3", "sep_conv_5x5")
+_DIL = ("dil_conv_3x3", "dil_conv_5x5")
+
+
+def edge_offset(node: int) -> int:
+    """Index of the first incoming edge of intermediate node `node` (node i has 2 + i incoming edges)."""
+    return sum(2 + i for i in range(node))
+
+
+class Group:
+    """Edges that read states available at the same time: `edges[k]` reads state `inputs[k]` (0, 1: the cell's
+    inputs; t >= 2: node t-2) and feeds node `nodes[k]`; ordered by node, then input."""
+
+    def __init__(self, edges, inputs, nodes, stride):
+        self.edges, self.inputs, self.nodes, self.stride = list(edges), list(inputs), list(nodes), stride
+
+
+def plan(steps: int, reduction: bool):
+    groups = []
+    e = [(edge_offset(i) + j, j, i) for i in range(steps) for j in (0, 1)]
+    groups.append(Group([x[0] for x in e], [x[1] for x in e], [x[2] for x in e], 2 if reduction else 1))
+    for t in range(2, steps + 1):
+        e = [(edge_offset(i) + t, t, i) for i in range(t - 1, steps)]
+        groups.append(Group([x[0] for x in e], [x[1] for x in e], [x[2] for x in e], 1))
+    return groups
+
+
+# BatchNorm slots inside one edge's op: name -> accessor
+_SLOTS = {
+    "pool": lambda op: op[1],  # Sequential(pool, BatchNorm2d)
+    "fr": lambda op: op.bn,  # FactorizedReduce (stride-2 skip_connect)
+    "last": lambda op: op[-1],  # SepConv's second BN, DilConv's BN
+    "mid": lambda op: op[3],  # SepConv's first BN
+}
+
+
+def bn_slots(stride: int):
+    """(primitive, slot) of every BatchNorm of one edge, in a fixed order."""
+    out = [("max_pool_3x3", "pool"), ("avg_pool_3x3", "pool")]
+    if stride != 1:
+        out.append(("skip_connect", "fr"))
+    for name in _SEP:
+        out += [(name, "mid"), (name, "last")]
+    for name in _DIL:
+        out.append((name, "last"))
+    return out
+
+
+class BatchedCellRunner:
+    """The batched forward of one SearchCell, with the plan and the shared BN buffers it keeps."""
+
+    def __init__(self, cell):
+        self.groups = plan(cell._steps, cell.reduction)
+        self._shared = None  # {(group, primitive, slot): (first module, running_mean, running_var)}
+        self._counter = None
+        self._index = {}  # (device, group, channels per edge) -> channel -> edge index
+
+    # --- shared BN buffers ------------------------------------------------------------------------------
+    def _bns(self, cell, group, primitive, slot):
+        return [_SLOTS[slot](cell._ops[e]._ops[_IDX[primitive]]) for e in group.edges]
+
+    def _alias(self, cell):
+        shared, counter = {}, None
+        for gi, group in enumerate(self.groups):
+            for primitive, slot in bn_slots(group.stride):
+                mods = self._bns(cell, group, primitive, slot)
+                rm = torch.cat([m.running_mean.detach() for m in mods])
+                rv = torch.cat([m.running_var.detach() for m in mods])
+                n = mods[0].running_mean.numel()
+                for k, m in enumerate(mods):
+                    m.running_mean = rm[k * n:(k + 1) * n]
+                    m.running_var = rv[k * n:(k + 1) * n]
+                    if counter is None:
+                        counter = m.num_batches_tracked.detach().clone()
+                    m.num_batches_tracked = counter
+                shared[(gi, primitive, slot)] = (mods[0], rm, rv)
+        self._shared, self._counter = shared, counter
+
+    def _buffers_intact(self, cell) -> bool:
+        """False after anything replaced the modules' buffers (model.to(), .double(), a module swap)."""
+        if self._shared is None:
+            return False
+        for (gi, primitive, slot), (m, rm, rv) in self._shared.items():
+            if self._bns(cell, self.groups[gi], primitive, slot)[0] is not m:
+                return False
+            if m.running_mean.data_ptr() != rm.data_ptr() or m.running_var.data_ptr() != rv.data_ptr():
+                return False
+            if m.num_batches_tracked is not self._counter:
+                return False
+        return True
+
+    # --- forward ----------------------------------------------------------------------------------------
+    def _channel_index(self, device, gi, cp):
+        key = (device, gi, cp)
+        idx = self._index.get(key)
+        if idx is None:
+            edges = torch.tensor(self.groups[gi].edges, dtype=torch.long)
+            idx = edges.repeat_interleave(cp).to(device)
+            self._index[key] = idx
+        return idx
+
+    def forward(self, cell, s0, s1, weights, edge_weights):
+        states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+        k = cell._ops[0].k
+        cp = states[0].shape[1] // k
+        nhwc = _is_nhwc(states[1])
+        if not self._buffers_intact(cell):
+            self._alias(cell)
+        if cell.training:
+            with torch.no_grad():
+                self._counter.add_(1)
+        # per-op scale of every edge: softmax(alpha) * edge-normalized beta, as (ops, edges) for column gathers
+        scales = (weights * edge_weights[:, None]).t()
+        betas = edge_weights.unbind(0)
+        mixed = [[] for _ in range(cell._steps)]
+        # per state: the partial channels the ops see, the bypassed rest (split, not sliced: one backward cat)
+        heads, rests = [], []
+
+        def split(state, stride):
+            if k == 1:
+                heads.append(state)
+                return
+            head, rest = state.split([cp, state.shape[1] - cp], dim=1)
+            heads.append(head)
+            rests.append(cell._ops[0].mp(rest) if stride != 1 else rest)
+
+        for gi, group in enumerate(self.groups):
+            if gi == 0:
+                split(states[0], group.stride)
+                split(states[1], group.stride)
+            parts = [heads[j] for j in group.inputs]
+            X = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            sc = scales.index_select(1, self._channel_index(X.device, gi, cp))  # (ops, E * cp)
+            Y = self._mixed(cell, gi, group, X, sc, cell.training)
+            if gi == 0:  # edges ordered (node, input 0/1): sum each node's two
+                for i, p in enumerate(Y.unflatten(1, (cell._steps, 2, cp)).sum(2).unbind(1)):
+                    mixed[i].append(p)
+            else:  # unbind, not indexing: its backward is one stack, not a zero-filled copy per slice
+                for node, p in zip(group.nodes, Y.unflatten(1, (len(group.edges), cp)).unbind(1)):
+                    mixed[node].append(p)
+            # node gi has all its incoming edges in groups 0..gi: complete now
+            states.append(self._assemble(mixed[gi], rests, betas, gi, k, cp, nhwc))
+            split(states[-1], 1)
+        return torch.cat(states[-cell._multiplier:], dim=1)
+
+    @staticmethod
+    def _assemble(parts, rests, betas, node, k, cp, nhwc):
+        m = parts[0]
+        for p in parts[1:]:
+            m = m + p
+        if k == 1:
+            return m.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        off = edge_offset(node)
+        r = None
+        for j in range(2 + node):
+            b = betas[off + j]
+            r = rests[j] * b if r is None else torch.addcmul(r, rests[j], b)
+        n, _, h, w = m.shape
+        # shuffle(cat(mixed, rest)) with K groups: output channel c*K + g <- channel c of group g
+        if nhwc:
+            mm = m.permute(0, 2, 3, 1).unsqueeze(4)
+            rr = r.permute(0, 2, 3, 1).unflatten(3, (k - 1, cp)).transpose(3, 4)
+            return torch.cat([mm, rr], dim=4).reshape(n, h, w, cp * k).permute(0, 3, 1, 2)
+        out = torch.cat([m.unsqueeze(2), r.unflatten(1, (k - 1, cp)).transpose(1, 2)], dim=2)
+        return out.reshape(n, cp * k, h, w)
+
+    def _mixed(self, cell, gi, group, X, sc, training):
+        """sum over ops of scale * op(X) for every edge of the group at once: (N, E * cp, H', W')."""
+        ops = [cell._ops[e]._ops for e in group.edges]
+        E = len(group.edges)
+        cp = X.shape[1] // E
+
+        def weight(primitive, index, attr=None):
+            mods = [o[_IDX[primitive]][index] if attr is None else getattr(o[_IDX[primitive]], attr) for o in ops]
+            return torch.cat([m.weight for m in mods], dim=0) if E > 1 else mods[0].weight
+
+        def bn(y, primitive, slot, scale):
+            m, rm, rv = self._shared[(gi, primitive, slot)]
+            if scale is not None and scale.dtype != y.dtype:
+                scale = scale.to(y.dtype)
+            return F.batch_norm(y, rm, rv, scale, None, training, m.momentum, m.eps)
+
+        def conv(y, primitive, index, groups):
+            c = ops[0][_IDX[primitive]][index]
+            return F.conv2d(y, weight(primitive, index), None, c.stride, c.padding, c.dilation, groups)
+
+        R = F.relu(X)
+        out = []
+        for primitive, s in zip(PRIMITIVES, sc.unbind(0)):
+            if primitive == "none":  # zeros: contributes nothing
+                continue
+            if primitive in ("max_pool_3x3", "avg_pool_3x3"):
+                out.append(bn(ops[0][_IDX[primitive]][0](X), primitive, "pool", s))
+            elif primitive == "skip_connect":
+                if group.stride == 1:
+                    out.append(X * s.to(X.dtype)[None, :, None, None])
+                else:
+                    w1, w2 = weight(primitive, None, "conv_1"), weight(primitive, None, "conv_2")
+                    out.append(bn(_factorized_reduce(R, w1, w2, E), primitive, "fr", s))
+            elif primitive in _SEP:  # relu, dw, pw, BN, relu, dw, pw, BN
+                y = conv(conv(R, primitive, 1, E * cp), primitive, 2, E)
+                y = F.relu(bn(y, primitive, "mid", None))
+                y = conv(conv(y, primitive, 5, E * cp), primitive, 6, E)
+                out.append(bn(y, primitive, "last", s))
+            else:  # dilated conv: relu, dw (dilated), pw, BN
+                y = conv(conv(R, primitive, 1, E * cp), primitive, 2, E)
+                out.append(bn(y, primitive, "last", s))
+        total = out[0]
+        for y in out[1:]:
+            total = total + y
+        return total
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _factorized_reduce(R, w1, w2, E):
+    """Every edge's FactorizedReduce (after its ReLU, before its BN) over the stacked inputs: two stride-2 1x1
+    convs, the second on the input shifted by one pixel (odd sizes padded); each edge's two halves side by side."""
+    shifted = R[:, :, 1:, 1:]
+    if R.shape[-1] % 2 or R.shape[-2] % 2:
+        shifted = F.pad(shifted, (0, R.shape[-1] % 2, 0, R.shape[-2] % 2))
+    a = F.conv2d(R, w1, None, 2, 0, 1, E)
+    b = F.conv2d(shifted, w2, None, 2, 0, 1, E)
+    n, _, h, w = a.shape
+    half = a.shape[1] // E
+    return torch.cat([a.unflatten(1, (E, half)), b.unflatten(1, (E, half))], dim=2).reshape(n, E * 2 * half, h, w)

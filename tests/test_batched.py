@@ -1,0 +1,202 @@
+"""The batched mixed op (`--batched-edges`, hvd_pcdarts/models/batched_cell.py) against the per-edge reference
+forward: the same loss, gradients, BN running statistics and eval outputs in float64 (to ~1e-12) for normal and
+reduction cells, K = 1, 2, 4, odd map sizes, channels_last and the ImageNet stem; the same search steps; the
+same train_search.py runs on 1 and 2 real ranks; the BN buffers stay shared through .to()/load_state_dict."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import REPO_ROOT, describe, horovodrun_cmd, launch, python_exe
+
+from hvd_pcdarts import fastpath as fp
+from hvd_pcdarts.models import SearchNetwork
+from hvd_pcdarts.models.batched_cell import plan
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+SCRIPT = str(REPO_ROOT / "bin" / "train_search.py")
+
+
+def _pair(C, layers, k, stem="cifar", seed=1):
+    torch.manual_seed(seed)
+    ref = SearchNetwork(C, 10, layers, partial_k=k, stem=stem).double()
+    with torch.no_grad():  # arch parameters far from uniform, so a wrong edge/op weighting shows
+        for p in ref.arch_parameters():
+            p.normal_(0, 1)
+    new = copy.deepcopy(ref).set_batched_edges(True)
+    return ref, new
+
+
+def test_plan_covers_every_edge_once_in_dependency_order():
+    for steps in (1, 2, 4, 5):
+        for reduction in (False, True):
+            groups = plan(steps, reduction)
+            edges = sorted(e for g in groups for e in g.edges)
+            assert edges == list(range(sum(2 + i for i in range(steps))))
+            for gi, g in enumerate(groups):
+                # group gi reads the cell inputs (gi = 0) or node gi - 1, which groups 0..gi-1 completed
+                assert all(j == (gi + 1 if gi else j) for j in g.inputs) and all(n >= gi for n in g.nodes)
+                assert g.stride == (2 if reduction and gi == 0 else 1)
+
+
+@pytest.mark.parametrize("C,layers,k,size,stem,cl", [
+    (8, 5, 4, 16, "cifar", False),  # normal + reduction cells, PC-DARTS K=4
+    (8, 5, 2, 15, "cifar", False),  # odd maps (ceil-mode max pool on the bypass, padded FactorizedReduce), K=2
+    (8, 3, 1, 16, "cifar", False),  # K=1: DARTS (no bypass, no shuffle)
+    (8, 5, 4, 16, "cifar", True),  # channels_last
+    (16, 5, 2, 32, "imagenet", False),  # ImageNet stem, reduction_prev cells
+])
+def test_batched_forward_backward_equal_reference_float64(C, layers, k, size, stem, cl):
+    ref, new = _pair(C, layers, k, stem)
+    x = torch.randn(6, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    if cl:
+        fp.to_channels_last(ref)
+        fp.to_channels_last(new)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(6))
+    ref.train()
+    new.train()
+    lr, ln = F.cross_entropy(ref(x), y), F.cross_entropy(new(x), y)
+    assert abs(float(lr.detach()) - float(ln.detach())) < 1e-12
+    pr, pn = list(ref.named_parameters()), list(new.named_parameters())
+    gr = torch.autograd.grad(lr, [p for _, p in pr])
+    gn = torch.autograd.grad(ln, [p for _, p in pn])
+    for (name, _), a, b in zip(pr, gr, gn):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
+    assert float(gn[[n for n, _ in pn].index("alphas_normal")].abs().max()) > 0  # the comparison is not vacuous
+    sr, sn = ref.state_dict(), new.state_dict()
+    assert list(sr) == list(sn)  # same checkpoint layout
+    for name in sr:  # BN running statistics and counters updated exactly as the per-edge BNs do
+        assert torch.allclose(sr[name].double(), sn[name].double(), rtol=1e-10, atol=1e-12), name
+    ref.eval()
+    new.eval()
+    assert torch.allclose(ref(x), new(x), rtol=1e-9, atol=1e-12)
+
+
+def test_shared_bn_buffers_survive_to_and_load_state_dict():
+    ref, new = _pair(8, 5, 4)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    for m in (ref, new):
+        m.train()
+        m(x)  # the batched model's buffers are aliased now
+        m.float()  # replaces every buffer: the next forward must alias again, not update stale tensors
+        m.double()
+        m(x)
+    assert all(torch.allclose(a.double(), b.double()) for a, b in zip(ref.state_dict().values(),
+                                                                      new.state_dict().values()))
+    # load_state_dict copies into the shared tensors: the batched eval forward sees the loaded statistics
+    other, _ = _pair(8, 5, 4, seed=2)
+    other.train()
+    other(torch.randn(4, 3, 16, 16, dtype=torch.float64))
+    new.load_state_dict(other.state_dict())
+    other.eval()
+    new.eval()
+    assert torch.allclose(other(x), new(x), atol=1e-12)
+
+
+def _search_steps(batched: bool, steps: int = 2):
+    model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, batched_edges=batched)
+    model.double()
+    step = fp.EagerSearchStep(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0)
+    g = torch.Generator().manual_seed(9)
+    losses = []
+    for _ in range(steps):
+        xa, ya = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,), generator=g)
+        xw, yw = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,), generator=g)
+        losses += [float(step.arch_step(xa, ya)), float(step.weight_step(xw, yw)[1])]
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_batched_search_steps_equal_reference_float64():
+    (l0, s0), (l1, s1) = _search_steps(False), _search_steps(True)
+    assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-10
+    for k in s0:
+        assert torch.allclose(s0[k].double(), s1[k].double(), rtol=1e-8, atol=1e-10), k
+
+
+# --- train_search.py --batched-edges -------------------------------------------------------------------------------
+RUN = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
+       "--no-progress", "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "2",
+       "--no-augment", "--fp64", "--seed", "3"]
+
+
+def _final(out):
+    model = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
+    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return model, metrics
+
+
+def _compare_runs(a, b):
+    (ma, ra), (mb, rb) = a, b
+    assert list(ma) == list(mb)
+    for k in ma:
+        assert torch.allclose(ma[k].double(), mb[k].double(), rtol=1e-7, atol=1e-9), k
+    assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb] == [0, 1]
+    for x, y in zip(ra, rb):
+        assert abs(x["train_loss"] - y["train_loss"]) < 1e-9 and abs(x["valid_loss"] - y["valid_loss"]) < 1e-9
+
+
+def test_train_search_batched_edges_one_rank_equals_reference(tmp_path):
+    runs = {}
+    for tag, extra in (("ref", []), ("be", ["--batched-edges"])):
+        res = launch([python_exe(), SCRIPT, *RUN, *extra, "--device", "cpu", "--output-dir", tmp_path / tag],
+                     timeout=300)
+        assert res.returncode == 0, describe(res)
+        runs[tag] = _final(tmp_path / tag)
+    _compare_runs(runs["ref"], runs["be"])
+    genotypes = [json.loads((tmp_path / t / "genotype.json").read_text())["genotype"] for t in ("ref", "be")]
+    assert genotypes[0] == genotypes[1]
+
+
+@pytest.mark.slow
+def test_train_search_batched_edges_two_ranks_equals_reference(tmp_path):
+    """2 real ranks (Horovod hooks on every per-edge weight, named arch allreduces) with and without the batched
+    op: the same run, and every rank holds the same parameters."""
+    runs = {}
+    for tag, extra in (("ref", []), ("be", ["--batched-edges"])):
+        res = launch(horovodrun_cmd(2, [SCRIPT, *RUN, *extra, "--output-dir", tmp_path / tag]), timeout=600)
+        assert res.returncode == 0, describe(res)
+        assert "all 2 rank(s) hold identical parameters" in res.stdout + res.stderr, describe(res)
+        runs[tag] = _final(tmp_path / tag)
+    _compare_runs(runs["ref"], runs["be"])
+    assert all(r["world_size"] == 2 for r in runs["be"][1])
+
+
+def test_batched_edges_with_sync_bn_is_one_line_usage_error(tmp_path):
+    res = launch([python_exe(), SCRIPT, *RUN, "--batched-edges", "--sync-bn", "--device", "cpu",
+                  "--output-dir", tmp_path / "o"], timeout=120)
+    assert res.returncode == 2, describe(res)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--batched-edges and --sync-bn exclude each other" in lines[0], describe(res)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("cl", [False, True])
+def test_graphed_batched_step_equals_eager_reference_cuda(cl):
+    torch.backends.cudnn.deterministic = True
+    res = []
+    for mode, batched in (("eager", False), ("graph", True)):
+        model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, device="cuda", channels_last=cl,
+                                                             batched_edges=batched)
+        cls = fp.GraphedSearchStep if mode == "graph" else fp.EagerSearchStep
+        step = cls(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0, channels_last=cl)
+        g = torch.Generator().manual_seed(9)
+        losses = []
+        for _ in range(3):
+            xa, ya = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
+            xw, yw = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
+            losses += [float(step.arch_step(xa, ya)), float(step.weight_step(xw, yw)[1])]
+        res.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (l0, p0), (l1, p1) = res
+    assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-4
+    num = sum(float((a - b).double().pow(2).sum()) for a, b in zip(p0, p1)) ** 0.5
+    den = sum(float(a.double().pow(2).sum()) for a in p0) ** 0.5
+    assert num / den < 1e-4
