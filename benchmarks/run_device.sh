@@ -8,6 +8,8 @@
 #   SMOKE=1 PY=.venv/bin/python bash benchmarks/run_device.sh       # CPU rehearsal: tiny sizes, no build
 #   PY=.venv/bin/python JOBS=1 bash benchmarks/run_device.sh build  # only the Horovod NCCL build, log on stdout
 #   SKIP_BENCH=1 DEADLINE=360 bash benchmarks/run_device.sh         # the build, then Horovod checks + GPU searches
+#   SKIP_BUILD=1 DEADLINE=420 bash benchmarks/run_device.sh         # the benchmarks and CUDA tests only (run 3)
+# The Horovod build starts after the benchmarks (BUILD_FIRST=1: beside them, which disturbs the eager timings).
 #
 # Needs: python3 with torch (CUDA), nvcc, cmake, the nvidia-nccl-cu13 wheel; the Horovod sdist in .hvdsrc/
 # (pip download --no-deps --no-binary :all: horovod==0.28.1 -d .hvdsrc), because the device has no network.
@@ -62,41 +64,69 @@ build_horovod() {
 }
 HVD_TARGET=${HVD_TARGET:-/tmp/hvd}
 if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
+# variants per batch (override with SS256= / SS32= / SSCOMPILE=); --check runs on the fp32 fast variants at B=32
+SS256=${SS256:-"eager graph+cl graph+be graph+cl+be graph+cl+be+bf16 eager+be"}
+SS32=${SS32:-"eager graph graph+be graph+cl+be graph+cl+be+bf16"}
+SSCOMPILE=${SSCOMPILE:-"compile+be"}
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu
-  SS=(--batch 4 --variants eager eager+cl graph --steps 1 --warmup 1 --C 8 --layers 5 --check --check-batch 2
-      --check-steps 1)
+  SSA=(--steps 1 --warmup 1 --C 8 --layers 5); B1=4; B2=2
+  SS256="eager eager+be graph+be"; SS32="eager eager+be eager+cl+be"; SSCOMPILE=""
+  CK=(--check --check-batch 2 --check-steps 1)
   DA=(--batch 16 --workers 0 --batches 2 --images 200)
   echo "SMOKE: no Horovod build; the environment's Horovod is used. HOROVOD BUILD OK" > /tmp/hvd_build.log
   BUILD_PID=$$  # nothing to wait for
   DEADLINE=${SMOKE_DEADLINE:-300}
   E2E_EXTRA="--init-channels 8 --layers 5 --batch-size 16 --steps-per-epoch 2"
-  E2E_DEV=cpu; E2E_FLAGS=("" "--gpu-data --channels-last"); HVDRUN=$(dirname "$PY")/horovodrun
+  E2E_DEV=cpu; E2E_FLAGS=("" "--gpu-data --channels-last --batched-edges"); HVDRUN=$(dirname "$PY")/horovodrun
 else
   DEV=cuda
-  SS=(--batch 256 32 --variants eager graph graph+cl graph+cl+bf16 graph+bf16 eager+cl graph+bnc
-      --steps 8 --warmup 2 --check --check-batch 32 --check-steps 3)
+  SSA=(--steps 8 --warmup 2); B1=256; B2=32
+  CK=(--check --check-batch 32 --check-steps 3)
   DA=(--batch 256 32 --workers 0 4 --batches 30)
   E2E_EXTRA=""
-  E2E_DEV=cuda; E2E_FLAGS=("" "--cuda-graph --gpu-data" "--cuda-graph --gpu-data --channels-last")
+  E2E_DEV=cuda
+  E2E_FLAGS=("" "--cuda-graph --gpu-data" "--cuda-graph --gpu-data --channels-last --batched-edges")
   HVDRUN=$HVD_TARGET/bin/horovodrun
-  ( build_horovod ) > /tmp/hvd_build.log 2>&1 &
-  BUILD_PID=$!
+  if [ "${SKIP_BUILD:-0}" = 1 ]; then  # the benchmarks alone (Horovod's NCCL build was shown in run 2)
+    echo "SKIP_BUILD=1" > /tmp/hvd_build.log; BUILD_PID=$$
+  elif [ "${BUILD_FIRST:-0}" = 1 ]; then
+    ( build_horovod ) > /tmp/hvd_build.log 2>&1 &
+    BUILD_PID=$!
+  fi
 fi
 
 # --- benchmarks (foreground) -------------------------------------------------------------------------------------
 if [ "${SKIP_BENCH:-0}" != 1 ]; then  # SKIP_BENCH=1: only the Horovod build and its checks
 echo "[$(el)s] search_step" | tee -a "$OUT/env.txt"
-timeout 330 $PY benchmarks/search_step.py --device $DEV "${SS[@]}" --json "$OUT/results.jsonl" \
-  > "$OUT/search_step.txt" 2>&1
-rc=$?; echo "[$(el)s] search_step rc=$rc" | tee -a "$OUT/env.txt"
+# shellcheck disable=SC2086
+timeout 200 $PY benchmarks/search_step.py --device $DEV --batch $B1 --variants $SS256 "${SSA[@]}" \
+  --json "$OUT/results.jsonl" > "$OUT/search_step.txt" 2>&1
+rc=$?; echo "[$(el)s] search_step B=$B1 rc=$rc" | tee -a "$OUT/env.txt"
+# shellcheck disable=SC2086
+timeout 150 $PY benchmarks/search_step.py --device $DEV --batch $B2 --variants $SS32 "${SSA[@]}" "${CK[@]}" \
+  --json "$OUT/results.jsonl" > "$OUT/search_step32.txt" 2>&1
+rc=$?; echo "[$(el)s] search_step B=$B2 rc=$rc" | tee -a "$OUT/env.txt"
 
-echo "[$(el)s] pytest (CUDA-graph equivalence test)" >> "$OUT/env.txt"
-timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_fastpath.py -k "cuda or batchnorm or channels_last" \
-  >> "$OUT/env.txt" 2>&1
-echo "[$(el)s] data" >> "$OUT/env.txt"
-timeout 60 $PY benchmarks/data.py --device $DEV "${DA[@]}" --json "$OUT/results.jsonl" > "$OUT/data.txt" 2>&1
-rc=$?; echo "[$(el)s] data rc=$rc" >> "$OUT/env.txt"
+echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
+timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_batched.py tests/test_fastpath.py \
+  -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" >> "$OUT/env.txt" 2>&1
+if [ -n "$SSCOMPILE" ] && [ "$(el)" -lt $((DEADLINE - 150)) ]; then
+  echo "[$(el)s] search_step torch.compile" | tee -a "$OUT/env.txt"
+  # shellcheck disable=SC2086
+  timeout 140 $PY benchmarks/search_step.py --device $DEV --batch $B2 $B1 --variants $SSCOMPILE --steps 5 --warmup 2 \
+    --json "$OUT/results.jsonl" > "$OUT/search_step_compile.txt" 2>&1
+  rc=$?; echo "[$(el)s] search_step compile rc=$rc" | tee -a "$OUT/env.txt"
+fi
+if [ "${SKIP_DATA:-1}" != 1 ]; then
+  echo "[$(el)s] data" >> "$OUT/env.txt"
+  timeout 60 $PY benchmarks/data.py --device $DEV "${DA[@]}" --json "$OUT/results.jsonl" > "$OUT/data.txt" 2>&1
+  rc=$?; echo "[$(el)s] data rc=$rc" >> "$OUT/env.txt"
+fi
+fi
+if [ "$DEV" = cuda ] && [ "${SKIP_BUILD:-0}" != 1 ] && [ "${BUILD_FIRST:-0}" != 1 ]; then
+  ( build_horovod ) > /tmp/hvd_build.log 2>&1 &
+  BUILD_PID=$!
 fi
 
 # --- Horovod: wait for the build, then check it -------------------------------------------------------------------
@@ -134,7 +164,9 @@ fi
 
 # --- summary: the tables ----------------------------------------------------------------------------------------
 echo "[$(el)s] done"
-sed -n '/^| device/,$p' "$OUT/search_step.txt"
-sed -n '/^# data loaders/,$p' "$OUT/data.txt"
+for f in search_step search_step32 search_step_compile; do
+  [ -f "$OUT/$f.txt" ] && { grep -E "^  (batch|check)" "$OUT/$f.txt"; sed -n '/^| device/,$p' "$OUT/$f.txt"; }
+done
+[ -f "$OUT/data.txt" ] && sed -n '/^# data loaders/,$p' "$OUT/data.txt"
 cat "$OUT/hvd_check.txt"
 grep -E "passed|failed|error" "$OUT/env.txt" | tail -3

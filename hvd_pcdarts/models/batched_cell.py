@@ -138,7 +138,8 @@ class BatchedCellRunner:
         k = cell._ops[0].k
         cp = states[0].shape[1] // k
         nhwc = _is_nhwc(states[1])
-        if not self._buffers_intact(cell):
+        # (under torch.compile the check is left out: the buffers were aliased by an eager forward before)
+        if not torch.compiler.is_compiling() and not self._buffers_intact(cell):
             self._alias(cell)
         if cell.training:
             with torch.no_grad():
