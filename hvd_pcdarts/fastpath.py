@@ -11,6 +11,8 @@ benchmarks/run_device.sh on a GPU).
   as a CUDA graph (static input buffers; BatchNorm in training mode updates its running statistics inside the
   graph) and replayed every step. The gradient averaging over ranks (Horovod) and the optimizer steps run outside
   the graphs: Python gradient hooks do not replay inside a graph.
+- `GraphedTrainStep`: the same for the retraining step of bin/train.py (one graph: loss with the auxiliary head
+  and drop path, backward); drop-path masks stay those of the eager step (see the class).
 - `to_channels_last`: the model's 4-d weights (and the input batches) in NHWC order.
 
 This module imports no Horovod: gradient averaging is passed in as a function.
@@ -107,7 +109,9 @@ def augment_batch(images: torch.Tensor, params: torch.Tensor, spec: AugmentSpec,
         bidx = torch.arange(n, device=dev)[:, None, None]
         x = x[bidx, :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
         x = x.permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
-    x = x.to(dtype) / 255.0
+    # a tensor divisor, not the Python scalar 255: CUDA turns division by a scalar into multiplication by its
+    # reciprocal (1 ulp off on some values); the loader's torchvision transform divides exactly, on the CPU
+    x = x.to(dtype) / torch.full((1,), 255.0, dtype=dtype, device=dev)
     mean = torch.as_tensor(spec.mean, dtype=dtype, device=dev)[:, None, None]
     std = torch.as_tensor(spec.std, dtype=dtype, device=dev)[:, None, None]
     x = (x - mean) / std
@@ -438,6 +442,140 @@ class GraphedSearchStep:
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.weight_params, self.grad_clip)
         self.w_opt.step()
+        return logits.clone(), loss.clone()
+
+
+# --- the retraining step (bin/train.py) -------------------------------------------------------------------------
+def train_loss(model: nn.Module, criterion, x, y, aux_weight: float = 0.0):
+    """The retraining loss of `train.Trainer`: criterion(logits) + aux_weight * criterion(auxiliary logits) (the
+    auxiliary term when the network returns auxiliary logits and aux_weight > 0). Returns (logits, loss)."""
+    logits, logits_aux = model(x)
+    loss = criterion(logits, y)
+    if logits_aux is not None and aux_weight > 0:
+        loss = loss + aux_weight * criterion(logits_aux, y)
+    return logits, loss
+
+
+class EagerTrainStep:
+    """The eager retraining step of one rank without Horovod: `train.Trainer`'s step (forward with drop path and
+    auxiliary head, backward, gradients averaged by `average` (None on one rank), clipped to `grad_clip`, then
+    `opt.step()`). The reference that GraphedTrainStep is compared with. Drop-path masks come from the CUDA/CPU
+    generator as it stands at the call (train.py seeds it per (seed, epoch, step, rank) before each step)."""
+
+    def __init__(self, model: nn.Module, criterion, params, opt, grad_clip: float = 0.0, aux_weight: float = 0.0,
+                 average=None, channels_last: bool = False):
+        self.model, self.criterion, self.params, self.opt = model, criterion, list(params), opt
+        self.grad_clip, self.aux_weight, self.average = grad_clip, aux_weight, average
+        self.channels_last = channels_last
+
+    def step(self, x, y):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.opt.zero_grad()
+        logits, loss = train_loss(self.model, self.criterion, x, y, self.aux_weight)
+        loss.backward()
+        have = [p for p in self.params if p.grad is not None]
+        if self.average is not None:
+            avg = self.average([p.grad for p in have])
+            with torch.no_grad():
+                for p, a in zip(have, avg):
+                    if a is not p.grad:
+                        p.grad.copy_(a)
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(have, self.grad_clip)
+        self.opt.step()
+        return logits.detach(), loss.detach().float()
+
+
+class GraphedTrainStep:
+    """The retraining step (`train.Trainer`'s eager step, see EagerTrainStep) with the forward+backward captured
+    as one CUDA graph: loss with the auxiliary head, drop path, backward into the parameters' .grad. Outside the
+    graph: averaging of the gradients over ranks (`average`, a named grouped allreduce in train.py; hooks of a
+    Horovod DistributedOptimizer do not replay in a graph, so `opt` is a plain optimizer), clipping to
+    `grad_clip`, `opt.step()`.
+
+    Drop path stays exact. Its masks are drawn inside the graph by the same bernoulli_ kernels as in the eager
+    forward; CUDA graphs keep RNG kernels graph-safe (each replay reads the generator's seed and offset as they
+    stand at the replay, then advances the offset by what the graph consumed), so after the same
+    `torch.manual_seed` a replay draws the very masks the eager step draws. Warm-up and capture leave the CUDA
+    generator as they found it (its state is saved and restored), as they leave the BN statistics. The drop
+    probability is a Python float baked into the graph (and 0 removes the drop-path ops altogether), so the graph
+    is captured again whenever `model.drop_path_prob` (or the training mode, or the batch shape) changes: once
+    an epoch while train.py ramps the probability; `captures` counts the captures.
+
+    As in GraphedSearchStep: do not set the parameters' .grad to None between steps (optimizer.zero_grad() does
+    that); the graph writes into the .grad tensors it allocated at capture. Parameters that get no gradient (an
+    auxiliary head with aux_weight 0) keep .grad None and are skipped, as in the eager step.
+    """
+
+    def __init__(self, model: nn.Module, criterion, params, opt, grad_clip: float = 0.0, aux_weight: float = 0.0,
+                 average=None, channels_last: bool = False, warmup: int = 3):
+        self.model, self.criterion, self.params, self.opt = model, criterion, list(params), opt
+        self.grad_clip, self.aux_weight, self.average = grad_clip, aux_weight, average
+        self.channels_last = channels_last
+        self.warmup = warmup
+        self.captures = 0
+        self._graph = None  # (key, graph, x, y, logits, loss, parameters with a gradient)
+
+    def _fwd_bwd(self, x, y):
+        logits, loss = train_loss(self.model, self.criterion, x, y, self.aux_weight)
+        loss.backward()
+        return logits.detach(), loss.detach().float()
+
+    def _capture(self, x, y):
+        bn = _bn_buffers(self.model)
+        saved = [b.detach().clone() for b in bn]
+        rng = torch.cuda.get_rng_state(x.device)
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                for p in self.params:
+                    p.grad = None
+                self._fwd_bwd(x, y)
+        torch.cuda.current_stream().wait_stream(side)
+        for p in self.params:
+            p.grad = None
+        g = torch.cuda.CUDAGraph()
+        # thread_local: Horovod's background thread may touch CUDA while this thread captures
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):
+            out = self._fwd_bwd(x, y)
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            for b, s in zip(bn, saved):
+                b.copy_(s)
+        torch.cuda.set_rng_state(rng, x.device)
+        return g, out
+
+    def step(self, x, y):
+        key = (bool(self.model.training), float(getattr(self.model, "drop_path_prob", 0.0)), tuple(x.shape),
+               x.dtype, tuple(y.shape))
+        if self._graph is None or self._graph[0] != key:
+            self._graph = None  # the old graph and its memory go first
+            for p in self.params:
+                p.grad = None
+            mf = torch.channels_last if self.channels_last else torch.contiguous_format
+            sx, sy = x.detach().clone().contiguous(memory_format=mf), y.detach().clone()
+            g, (logits, loss) = self._capture(sx, sy)
+            have = [p for p in self.params if p.grad is not None]
+            if not have:
+                raise RuntimeError("no parameter got a gradient in the captured training step")
+            self._graph = (key, g, sx, sy, logits, loss, have)
+            self.captures += 1
+        _, g, sx, sy, logits, loss, have = self._graph
+        sx.copy_(x, non_blocking=True)
+        sy.copy_(y, non_blocking=True)
+        g.replay()
+        grads = [p.grad for p in have]
+        if self.average is not None:
+            avg = self.average(grads)
+            with torch.no_grad():
+                for t, a in zip(grads, avg):
+                    if a is not t:
+                        t.copy_(a)
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(have, self.grad_clip)
+        self.opt.step()
         return logits.clone(), loss.clone()
 
 

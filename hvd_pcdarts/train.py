@@ -93,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", action="store_true")
     a("--channels-last", action="store_true", help="fast path: NHWC memory format for the weights (and so the "
       "activations); see benchmarks/RESULTS.md for when it pays")
+    a("--cuda-graph", action="store_true", help="fast path (CUDA only): replay the forward+backward of a step as "
+      "a CUDA graph (recaptured when the drop-path probability changes); gradient averaging, clipping and the "
+      "optimizer step stay outside")
+    a("--gpu-data", action="store_true", help="fast path: keep the training set on the device as uint8 and "
+      "augment a batch there (the same crops, flips and cutouts as the loader; tensor datasets only)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a("--deterministic", action="store_true", help=argparse.SUPPRESS)  # testing aid: cuDNN deterministic algorithms
     a("--no-augment", action="store_true")
     a("--output-dir", default=None, help="default runs/train-<time>")
     a("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH")
@@ -149,6 +155,9 @@ class Trainer(RunLoop):
         self.local_batch, _ = per_rank_batch(a.batch_size, self.world, strict=True)
         self.genotype = load_genotype(a.genotype)
         self.device = pick_device(a)
+        fastpath.check_fast_flags(a, self.device, self.world)
+        if a.deterministic:  # eager vs --cuda-graph comparisons: no run-to-run noise from atomics in cuDNN kernels
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         if a.output_dir is None:
             a.output_dir = default_output_dir("train")
         self.elastic = bool(a.elastic)  # no collective before the elastic loop: its first sync equalizes the ranks
@@ -166,6 +175,12 @@ class Trainer(RunLoop):
         tf_test = make_transform(bundle, False, False, a.dataset)
         self.train_set = SeededView(bundle.train, range(len(bundle.train)), tf_train, a.seed, stream=0)
         self.test_set = SeededView(bundle.test, range(len(bundle.test)), tf_test, a.seed, stream=3)
+        self.device_images = None
+        if a.gpu_data:  # the training set on the device as uint8; batches augmented there, identical to the loader's
+            spec = fastpath.augment_spec(bundle, True, not a.no_augment, a.dataset,
+                                         cutout=a.cutout_length if a.cutout else 0)
+            self.device_images = fastpath.DeviceImages(self.train_set, spec, self.device,
+                                                       channels_last=a.channels_last)
         torch.manual_seed(a.seed)
         random.seed(a.seed)
         self.model = build_network(a.network, a.init_channels, self.num_classes, a.layers, a.auxiliary,
@@ -176,7 +191,10 @@ class Trainer(RunLoop):
             fastpath.to_channels_last(self.model)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
         opt = torch.optim.SGD(self.model.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
-        self.opt = dist.distributed_optimizer(opt, list(self.model.named_parameters()), a.fp16_allreduce)
+        # --cuda-graph: a plain SGD; the graphed step averages the gradients itself (hooks do not replay in a graph)
+        self.opt = opt if a.cuda_graph else dist.distributed_optimizer(opt, list(self.model.named_parameters()),
+                                                                       a.fp16_allreduce)
+        self.graphed = None  # --cuda-graph: fastpath.GraphedTrainStep, captured at the first step
         self.scaler = torch.amp.GradScaler("cuda") if a.amp else None
         self.start = dict(epoch=0, best_top1=-1.0, global_step=0)
         self._resume()
@@ -237,7 +255,10 @@ class Trainer(RunLoop):
         self.train_set.set_epoch(epoch)
         sampler = GlobalBatchSampler(len(self.train_set), a.seed, epoch, self.world, self.rank, self.local_batch,
                                      st.pos)
-        loader = make_batch_loader(self.train_set, sampler, a.workers, pin=self.device.type == "cuda")
+        if self.device_images is not None:
+            loader = fastpath.DeviceLoader(self.device_images, batch_sampler=sampler)
+        else:
+            loader = make_batch_loader(self.train_set, sampler, a.workers, pin=self.device.type == "cuda")
         lr = self._set_lr(epoch)
         sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1, top-5, images - of this rank since the last flush
         bar = progress_bar(self.steps_per_epoch - st.step, f"epoch {epoch + 1}/{a.epochs}", a.progress)
@@ -249,27 +270,10 @@ class Trainer(RunLoop):
                 lr = self._set_lr(epoch + st.step / self.steps_per_epoch)
             self._seed_step(epoch, st.step)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            self.opt.zero_grad()
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.scaler is not None):
-                logits, logits_aux = self.model(x)
-                loss = self.criterion(logits, y)
-                if logits_aux is not None and a.auxiliary_weight > 0:
-                    loss = loss + a.auxiliary_weight * self.criterion(logits_aux, y)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.opt.synchronize()
-                self.scaler.unscale_(self.opt)
+            if a.cuda_graph:
+                logits, loss = self._graphed_step().step(x, y)
             else:
-                loss.backward()
-                self.opt.synchronize()
-            if a.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
-            with self.opt.skip_synchronize():
-                if self.scaler is not None:
-                    self.scaler.step(self.opt)
-                    self.scaler.update()
-                else:
-                    self.opt.step()
+                logits, loss = self._eager_step(x, y)
             k1, k5 = accuracy_counts(logits.detach(), y, (1, 5))
             sums = [sums[0] + float(loss.detach()) * len(y), sums[1] + k1, sums[2] + k5, sums[3] + len(y)]
             st.step += 1
@@ -287,6 +291,40 @@ class Trainer(RunLoop):
             bar.close()
         self._flush(st, sums, time.time() - t0)
         return lr
+
+    def _eager_step(self, x, y):
+        """One step with Horovod's DistributedOptimizer (gradients averaged by its hooks, clipped after)."""
+        a = self.args
+        self.opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.scaler is not None):
+            logits, loss = fastpath.train_loss(self.model, self.criterion, x, y, a.auxiliary_weight)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.opt.synchronize()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+            self.opt.synchronize()
+        if a.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
+        with self.opt.skip_synchronize():
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
+        return logits, loss
+
+    def _graphed_step(self):
+        """--cuda-graph: the same step replayed from a CUDA graph; the same drop-path masks (the generator is
+        seeded by _seed_step before each step either way), gradients averaged with a named grouped allreduce."""
+        if self.graphed is None:
+            a = self.args
+            self.graphed = fastpath.GraphedTrainStep(
+                self.model, self.criterion, list(self.model.parameters()), self.opt, a.grad_clip,
+                aux_weight=a.auxiliary_weight, average=lambda g: dist.grouped_average(g, name="train_grads"),
+                channels_last=a.channels_last)
+        return self.graphed
 
     def _set_lr(self, pos):
         a = self.args
