@@ -32,7 +32,7 @@ BENCH_DEVICE ?= cpu
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/data.py --device $(BENCH_DEVICE)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/search_step.py --device $(BENCH_DEVICE) \
-	  $(if $(filter cpu,$(BENCH_DEVICE)),--batch 8 --steps 2 --warmup 1 --variants eager eager+cl eager+bnc,--check)
+	  $(if $(filter cpu,$(BENCH_DEVICE)),--batch 8 --steps 2 --warmup 1 --variants eager eager+cl eager+bnc eager+be eager+cl+be,--check)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/scaling.py --ranks 1 2 --batch 16 --steps 3
 
 clean:

@@ -43,10 +43,15 @@ def worker(args):
     dist.init(cpu_tuning=True)  # as train_search.py without --sync-bn
     world, rank = dist.size(), dist.rank()
     torch.set_num_threads(args.threads)
-    model, arch, weights, a_opt, w_opt = fp.build_search(args.C, args.layers, args.K, seed=2)
-    hooks = not args.no_comm and args.weight_comm == "hooks"
+    model, arch, weights, a_opt, w_opt = fp.build_search(args.C, args.layers, args.K, seed=2,
+                                                         batched_edges=args.batched_edges)
+    # hooks / flat: the library's weight optimizer (train_search.py --grad-allreduce overlap / flat; auto = flat on
+    # the CPU); grouped: one grouped allreduce of the separate tensors after backward (the --cuda-graph path)
+    comm = dist.grad_allreduce_mode("auto", torch.device("cpu")) if args.weight_comm == "auto" else args.weight_comm
+    hooks = not args.no_comm and comm in ("hooks", "flat")
     if hooks:
-        w_opt = dist.distributed_optimizer(w_opt, model.named_weight_parameters())
+        w_opt = dist.weight_optimizer(w_opt, model.named_weight_parameters(), "overlap" if comm == "hooks" else "flat",
+                                      name="w_grads")
     dist.broadcast_parameters(model, 0)
     crit = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(100 + rank)
@@ -125,7 +130,8 @@ def launcher(args):
                "--worker", "--out", out, "--batch", str(args.batch), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--C", str(args.C),
                "--layers", str(args.layers), "--K", str(args.K), "--weight-comm", args.weight_comm,
-               "--controller", args.controller] + (["--no-comm"] if no_comm else [])
+               "--controller", args.controller] + (["--no-comm"] if no_comm else []) + \
+            (["--batched-edges"] if args.batched_edges else [])
         load0 = os.getloadavg()[0]
         t0 = time.time()
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -188,11 +194,13 @@ def main(argv=None):
     p.add_argument("--no-decompose", dest="decompose", action="store_false",
                    help="skip the N-rank run without collectives (it separates the cost of the collectives from "
                         "that of N processes sharing the machine's cores and memory)")
-    p.add_argument("--weight-comm", choices=["hooks", "grouped"], default="hooks",
-                   help="hooks: hvd.DistributedOptimizer, allreduces started during backward (search.py's eager "
-                        "path); grouped: one grouped allreduce of all weight gradients after backward (the "
-                        "--cuda-graph path)")
+    p.add_argument("--weight-comm", choices=["auto", "hooks", "grouped", "flat"], default="auto",
+                   help="hooks: hvd.DistributedOptimizer, allreduces started during backward (--grad-allreduce "
+                        "overlap); flat: all weight gradients as one tensor after backward (--grad-allreduce flat); "
+                        "grouped: one grouped allreduce of the separate tensors after backward (the --cuda-graph "
+                        "path); auto: what train_search.py does by default here (flat on the CPU)")
     p.add_argument("--controller", choices=["gloo", "mpi"], default="gloo")
+    p.add_argument("--batched-edges", action="store_true", help="the batched mixed op (train_search.py's flag)")
     p.add_argument("--cycle-time", type=float, default=None,
                    help="HOROVOD_CYCLE_TIME (ms) of the ranks; default: the environment's, else what "
                         "train_search.py uses (20 ms on CPU-only machines without --sync-bn)")

@@ -93,10 +93,13 @@ def _kill_mid_epoch(rank: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", [2, 0], ids=["kill-rank2", "kill-rank0"])
-def test_elastic_search_survives_a_killed_worker(tmp_path, victim):
+@pytest.mark.parametrize("victim,comm", [(2, "flat"), (0, "overlap")], ids=["kill-rank2-flat", "kill-rank0-overlap"])
+def test_elastic_search_survives_a_killed_worker(tmp_path, victim, comm):
+    """comm: how the weight gradients are averaged (--grad-allreduce): flat (the CPU default) and overlap
+    (hvd.DistributedOptimizer's hooks, the GPU default) both survive a reset."""
     trace = tmp_path / "trace"
-    rc, text, recs = _elastic_job(tmp_path, [SCRIPT, *ARGS, "--trace-indices", trace], 3, 3, _kill_mid_epoch(victim))
+    rc, text, recs = _elastic_job(tmp_path, [SCRIPT, *ARGS, "--trace-indices", trace, "--grad-allreduce", comm], 3, 3,
+                                  _kill_mid_epoch(victim))
     assert rc == 0, text[-5000:]
     # a valid genotype
     from hvd_pcdarts.genotypes import load_genotype

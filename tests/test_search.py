@@ -43,10 +43,16 @@ def one_rank_equiv(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["horovodrun-gloo", "horovodrun-mpi", "horovodrun-hostfile", "mpirun"])
+@pytest.mark.parametrize("launcher", ["horovodrun-gloo", "horovodrun-gloo-overlap", "horovodrun-mpi",
+                                      "horovodrun-hostfile", "mpirun"])
 def test_two_ranks_equal_one_rank(launcher, one_rank_equiv, tmp_path):
+    """-overlap: the weight gradients averaged by hvd.DistributedOptimizer's hooks (the GPU default) instead of
+    one flat allreduce after backward (the CPU default)."""
     out = tmp_path / "eq2"
     args = [SCRIPT, *EQUIV, "--output-dir", out]
+    if launcher.endswith("-overlap"):
+        args += ["--grad-allreduce", "overlap"]
+        launcher = launcher[: -len("-overlap")]
     if launcher == "mpirun":
         cmd = mpirun_cmd(2, args)
     elif launcher == "horovodrun-hostfile":
@@ -69,6 +75,30 @@ def test_two_ranks_equal_one_rank(launcher, one_rank_equiv, tmp_path):
     assert set(g1) >= {"genotype", "alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce"}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1] and all(m["world_size"] == 2 for m in metrics)
+
+
+@pytest.mark.parametrize("extra", [[], ["--fp16-allreduce"]], ids=["fp32", "fp16-allreduce"])
+def test_flat_and_overlap_gradient_allreduce_give_the_same_run(tmp_path, extra):
+    """2 real ranks: averaging every weight gradient as one flat tensor after backward (--grad-allreduce flat)
+    and one allreduce per tensor from backward hooks (overlap, hvd.DistributedOptimizer) are the same
+    elementwise averages: the same final parameters and metrics, and identical parameters on every rank."""
+    runs = {}
+    for mode in ("overlap", "flat"):
+        out = tmp_path / mode
+        args = [SCRIPT, *TINY, "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch",
+                "2", "--no-augment", "--fp64", "--seed", "3", "--grad-allreduce", mode, *extra, "--output-dir", out]
+        res = launch(horovodrun_cmd(2, args), timeout=600)
+        assert res.returncode == 0, describe(res)
+        assert f"{mode} gradient allreduce" in res.stdout, describe(res)
+        assert "all 2 rank(s) hold identical parameters" in res.stdout, describe(res)
+        runs[mode] = (_state(out), (out / "metrics.jsonl").read_text())
+    (a, ma), (b, mb) = runs["overlap"], runs["flat"]
+    arch, weights = _max_diffs(a, b)
+    assert arch < 1e-12 and weights < 1e-12, (arch, weights)
+    assert max(float((a[k] - torch.zeros_like(a[k])).abs().max()) for k in ("alphas_normal",)) > 0
+    la = [json.loads(x)["train_loss"] for x in ma.splitlines()]
+    lb = [json.loads(x)["train_loss"] for x in mb.splitlines()]
+    assert len(la) == 2 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-12
 
 
 def test_weight_optimizer_holds_no_arch_parameter_and_arch_step_changes_no_weight(tmp_path):

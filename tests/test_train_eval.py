@@ -51,6 +51,23 @@ def test_two_rank_retraining_improves_and_writes_outputs(tmp_path):
     assert args["batch_size"] == 64 and args["auxiliary"] is True
 
 
+def test_retraining_flat_and_overlap_gradient_allreduce_give_the_same_run(tmp_path):
+    """2 real ranks of bin/train.py (auxiliary head, drop path, cutout): one flat allreduce of all gradients after
+    backward (--grad-allreduce flat, the CPU default) and per-tensor hook allreduces (overlap, the GPU default)
+    end bit-identical."""
+    ckpts = {}
+    for mode in ("overlap", "flat"):
+        out = tmp_path / mode
+        res = launch(horovodrun_cmd(2, [TRAIN, "--genotype", "PCDARTS", "--dataset", "digits", *SMALL,
+                                        "--batch-size", "32", "--epochs", "1", "--steps-per-epoch", "3",
+                                        "--grad-allreduce", mode, "--output-dir", out]), timeout=600)
+        assert res.returncode == 0, describe(res)
+        assert f"{mode} gradient allreduce" in res.stdout, describe(res)
+        ckpts[mode] = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    a, b = ckpts["overlap"], ckpts["flat"]
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sharded_evaluation_equals_one_rank_exactly(tmp_path):
     _png_tree(tmp_path / "data", n_val=5)  # 15 test images: does not divide by 2 ranks
     out = tmp_path / "tr"
