@@ -8,7 +8,7 @@
 #   SMOKE=1 PY=.venv/bin/python bash benchmarks/run_device.sh       # CPU rehearsal: tiny sizes, no build
 #   PY=.venv/bin/python JOBS=1 bash benchmarks/run_device.sh build  # only the Horovod NCCL build, log on stdout
 #   SKIP_BENCH=1 DEADLINE=360 bash benchmarks/run_device.sh         # the build, then Horovod checks + GPU searches
-#   SKIP_BUILD=1 DEADLINE=420 bash benchmarks/run_device.sh         # the benchmarks and CUDA tests only (run 3)
+#   SKIP_BUILD=1 DEADLINE=540 bash benchmarks/run_device.sh         # the benchmarks and CUDA tests only (run 3)
 # The Horovod build starts after the benchmarks (BUILD_FIRST=1: beside them, which disturbs the eager timings).
 #
 # Needs: python3 with torch (CUDA), nvcc, cmake, the nvidia-nccl-cu13 wheel; the Horovod sdist in .hvdsrc/
@@ -65,13 +65,15 @@ build_horovod() {
 HVD_TARGET=${HVD_TARGET:-/tmp/hvd}
 if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 # variants per batch (override with SS256= / SS32= / SSCOMPILE=); --check runs on the fp32 fast variants at B=32
-SS256=${SS256:-"eager graph+cl graph+be graph+cl+be graph+cl+be+bf16 eager+be"}
-SS32=${SS32:-"eager graph graph+be graph+cl+be graph+cl+be+bf16"}
-SSCOMPILE=${SSCOMPILE:-"compile+be"}
+SS256=${SS256:-"eager graph+cl graph+cl+be graph+cl+be+bf16 graph+be"}
+SS32=${SS32:-"eager graph graph+be graph+cl+be"}
+# torch.compile (--compile): per batch, compiled inside the CUDA graph; B=32 also --check'ed against eager
+SSCOMPILE=${SSCOMPILE:-"graph+compile+be"}
+SSCOMPILE256=${SSCOMPILE256:-"graph+cl+compile+be"}
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu
   SSA=(--steps 1 --warmup 1 --C 8 --layers 5); B1=4; B2=2
-  SS256="eager eager+be graph+be"; SS32="eager eager+be eager+cl+be"; SSCOMPILE=""
+  SS256="eager eager+be graph+be"; SS32="eager eager+be eager+cl+be"; SSCOMPILE=""; SSCOMPILE256=""
   CK=(--check --check-batch 2 --check-steps 1)
   DA=(--batch 16 --workers 0 --batches 2 --images 200)
   echo "SMOKE: no Horovod build; the environment's Horovod is used. HOROVOD BUILD OK" > /tmp/hvd_build.log
@@ -99,24 +101,33 @@ fi
 # --- benchmarks (foreground) -------------------------------------------------------------------------------------
 if [ "${SKIP_BENCH:-0}" != 1 ]; then  # SKIP_BENCH=1: only the Horovod build and its checks
 echo "[$(el)s] search_step" | tee -a "$OUT/env.txt"
-# shellcheck disable=SC2086
-timeout 200 $PY benchmarks/search_step.py --device $DEV --batch $B1 --variants $SS256 "${SSA[@]}" \
-  --json "$OUT/results.jsonl" > "$OUT/search_step.txt" 2>&1
-rc=$?; echo "[$(el)s] search_step B=$B1 rc=$rc" | tee -a "$OUT/env.txt"
+# B=32 first (with the fp32 checks against eager), then B=256, then torch.compile, then the CUDA tests
 # shellcheck disable=SC2086
 timeout 150 $PY benchmarks/search_step.py --device $DEV --batch $B2 --variants $SS32 "${SSA[@]}" "${CK[@]}" \
   --json "$OUT/results.jsonl" > "$OUT/search_step32.txt" 2>&1
 rc=$?; echo "[$(el)s] search_step B=$B2 rc=$rc" | tee -a "$OUT/env.txt"
-
-echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
-timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_batched.py tests/test_fastpath.py \
-  -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" >> "$OUT/env.txt" 2>&1
-if [ -n "$SSCOMPILE" ] && [ "$(el)" -lt $((DEADLINE - 150)) ]; then
+# shellcheck disable=SC2086
+timeout 170 $PY benchmarks/search_step.py --device $DEV --batch $B1 --variants $SS256 "${SSA[@]}" \
+  --json "$OUT/results.jsonl" > "$OUT/search_step.txt" 2>&1
+rc=$?; echo "[$(el)s] search_step B=$B1 rc=$rc" | tee -a "$OUT/env.txt"
+# torch.compile: compiles in the first (warm-up) steps; inductor's caches make the second batch size cheaper
+if [ -n "$SSCOMPILE" ] && [ "$(el)" -lt $((DEADLINE - 160)) ]; then
   echo "[$(el)s] search_step torch.compile" | tee -a "$OUT/env.txt"
   # shellcheck disable=SC2086
-  timeout 140 $PY benchmarks/search_step.py --device $DEV --batch $B2 $B1 --variants $SSCOMPILE --steps 5 --warmup 2 \
-    --json "$OUT/results.jsonl" > "$OUT/search_step_compile.txt" 2>&1
-  rc=$?; echo "[$(el)s] search_step compile rc=$rc" | tee -a "$OUT/env.txt"
+  timeout $((DEADLINE - 60 - $(el))) $PY benchmarks/search_step.py --device $DEV --batch $B2 --variants $SSCOMPILE \
+    --steps 8 --warmup 3 "${CK[@]}" --json "$OUT/results.jsonl" > "$OUT/search_step_compile.txt" 2>&1
+  rc=$?; echo "[$(el)s] search_step compile B=$B2 rc=$rc" | tee -a "$OUT/env.txt"
+  if [ -n "$SSCOMPILE256" ] && [ "$(el)" -lt $((DEADLINE - 120)) ]; then
+    # shellcheck disable=SC2086
+    timeout $((DEADLINE - 50 - $(el))) $PY benchmarks/search_step.py --device $DEV --batch $B1 --variants $SSCOMPILE256 \
+      --steps 8 --warmup 3 --json "$OUT/results.jsonl" > "$OUT/search_step_compile256.txt" 2>&1
+    rc=$?; echo "[$(el)s] search_step compile B=$B1 rc=$rc" | tee -a "$OUT/env.txt"
+  fi
+fi
+if [ "$(el)" -lt $((DEADLINE - 45)) ]; then
+  echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
+  timeout $((DEADLINE - 10 - $(el))) $PY -m pytest -q -p no:cacheprovider tests/test_batched.py tests/test_fastpath.py \
+    tests/test_compile.py -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" >> "$OUT/env.txt" 2>&1
 fi
 if [ "${SKIP_DATA:-1}" != 1 ]; then
   echo "[$(el)s] data" >> "$OUT/env.txt"
@@ -164,7 +175,7 @@ fi
 
 # --- summary: the tables ----------------------------------------------------------------------------------------
 echo "[$(el)s] done"
-for f in search_step search_step32 search_step_compile; do
+for f in search_step32 search_step search_step_compile search_step_compile256; do
   [ -f "$OUT/$f.txt" ] && { grep -E "^  (batch|check)" "$OUT/$f.txt"; sed -n '/^| device/,$p' "$OUT/$f.txt"; }
 done
 [ -f "$OUT/data.txt" ] && sed -n '/^# data loaders/,$p' "$OUT/data.txt"

@@ -8,7 +8,8 @@ the fast paths, side by side in one run. Needs no Horovod (one rank; no collecti
 
 A variant is MODE[+cl][+bf16]: MODE is eager (the reference: search.Searcher's step without Horovod), graph
 (forward+backward of each half captured as a CUDA graph, optimizers outside: fastpath.GraphedSearchStep) or
-compile (torch.compile of the network, eager step); +cl = channels_last; +bf16 = bf16 autocast; +bnc = batch
+compile (= eager+compile); +compile = torch.compile of each cell (fastpath.compile_cells, as --compile; needs
++be; the arch step freezes the weights); +cl = channels_last; +bf16 = bf16 autocast; +bnc = batch
 norm as plain reductions (fastpath.CompositeBatchNorm2d); +be = the batched mixed op (--batched-edges:
 models/batched_cell.py, each cell's ready edges as grouped convolutions).
 Per variant: median and mean ms per step (arch + weight, synchronized every step, as the training loop is by
@@ -23,6 +24,7 @@ Results: a markdown table on stdout; `--json FILE` appends one JSON object per r
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import os
@@ -38,17 +40,24 @@ import torch.nn as nn  # noqa: E402
 from hvd_pcdarts import fastpath as fp  # noqa: E402
 
 
-def parse_variant(v: str):
+Variant = collections.namedtuple("Variant", "mode cl bf16 bnc be tc")
+
+
+def parse_variant(v: str) -> Variant:
     parts = v.split("+")
     mode = parts[0]
     if mode not in ("eager", "graph", "compile"):
         raise SystemExit(f"unknown variant {v!r}: MODE must be eager, graph or compile")
     extra = set(parts[1:])
-    if extra - {"cl", "bf16", "bnc", "be"}:
-        raise SystemExit(f"unknown variant {v!r}: options are +cl, +bf16, +bnc and +be")
+    if extra - {"cl", "bf16", "bnc", "be", "compile"}:
+        raise SystemExit(f"unknown variant {v!r}: options are +cl, +bf16, +bnc, +be and +compile")
     if {"bnc", "be"} <= extra:
         raise SystemExit(f"unknown variant {v!r}: +be computes its batch norms itself (no +bnc)")
-    return mode, "cl" in extra, "bf16" in extra, "bnc" in extra, "be" in extra
+    tc = mode == "compile" or "compile" in extra
+    if tc and "be" not in extra:
+        raise SystemExit(f"unknown variant {v!r}: torch.compile needs +be (as --compile needs --batched-edges)")
+    return Variant("eager" if mode == "compile" else mode, "cl" in extra, "bf16" in extra, "bnc" in extra,
+                   "be" in extra, tc)
 
 
 def make_batches(n, batch, device, size=32, classes=10, seed=123):
@@ -61,21 +70,19 @@ def make_batches(n, batch, device, size=32, classes=10, seed=123):
     return out
 
 
-def build_step(mode, cl, bf16, bnc, be, args, device):
+def build_step(v: Variant, args, device):
     model, arch, weights, a_opt, w_opt = fp.build_search(args.C, args.layers, args.K, seed=args.seed, device=device,
-                                                         channels_last=cl, batched_edges=be)
-    if bnc:
+                                                         channels_last=v.cl, batched_edges=v.be)
+    if v.bnc:
         fp.use_composite_bn(model)
+    if v.tc:
+        fp.compile_cells(model)
     model.train()
     crit = nn.CrossEntropyLoss()
-    dt = torch.bfloat16 if bf16 else None
-    if mode == "graph":
-        step = fp.GraphedSearchStep(model, crit, arch, weights, a_opt, w_opt, grad_clip=5.0, autocast_dtype=dt,
-                                    channels_last=cl)
-    else:
-        net = torch.compile(model) if mode == "compile" else model
-        step = fp.EagerSearchStep(net, crit, arch, weights, a_opt, w_opt, grad_clip=5.0, autocast_dtype=dt,
-                                  channels_last=cl)
+    dt = torch.bfloat16 if v.bf16 else None
+    cls = fp.GraphedSearchStep if v.mode == "graph" else fp.EagerSearchStep
+    step = cls(model, crit, arch, weights, a_opt, w_opt, grad_clip=5.0, autocast_dtype=dt, channels_last=v.cl,
+               freeze_weights=v.tc)
     return model, step
 
 
@@ -93,8 +100,8 @@ def one_step(step, batches, i):
 
 
 def bench(variant, batch, args, device):
-    mode, cl, bf16, bnc, be = parse_variant(variant)
-    if mode == "graph" and device.type != "cuda":
+    v = parse_variant(variant)
+    if v.mode == "graph" and device.type != "cuda":
         return dict(variant=variant, batch=batch, error="graph needs CUDA")
     gc.collect()
     if device.type == "cuda":
@@ -102,7 +109,7 @@ def bench(variant, batch, args, device):
         torch.cuda.reset_peak_memory_stats()
     batches = make_batches(4, batch, device)
     t_build = time.perf_counter()
-    model, step = build_step(mode, cl, bf16, bnc, be, args, device)
+    model, step = build_step(v, args, device)
     try:
         for i in range(args.warmup):
             one_step(step, batches, i)
@@ -118,25 +125,47 @@ def bench(variant, batch, args, device):
     except Exception as e:  # one failing variant must not cost the others
         return dict(variant=variant, batch=batch, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    saved = saved_activations_gib(model, step, batches[0][0]) if args.saved_memory else None
     med = statistics.median(times)
     row = dict(variant=variant, batch=batch, C=args.C, layers=args.layers, K=args.K, device=device.type,
                ms_median=1e3 * med, ms_mean=1e3 * statistics.mean(times), ms_min=1e3 * min(times),
-               images_per_s=2 * batch / med, peak_gib=peak, setup_s=first, steps=args.steps,
+               images_per_s=2 * batch / med, peak_gib=peak, saved_gib=saved, setup_s=first, steps=args.steps,
                loss=float(lw))
     del model, step, batches
     return row
 
 
+def saved_activations_gib(model, step, x):
+    """GiB of the tensors one training forward saves for backward (distinct storages; torch's
+    saved_tensors_hooks): the activation memory of a step, measurable on any device (the CPU's allocator keeps
+    no peak). Run eagerly (a graphed variant saves the same tensors in its pool), after the timings."""
+    sizes = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        sizes[st.data_ptr()] = st.nbytes()
+        return t
+
+    if step.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dt = step.autocast_dtype
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(x.device.type, dtype=dt or torch.float32, enabled=dt is not None):
+            out = model(x)
+    del out
+    return sum(sizes.values()) / 2**30
+
+
 def check(variant, batch, args, device):
     """Same start, same batches: eager versus `variant` after args.check_steps steps (fp32 variants only)."""
-    mode, cl, bf16, bnc, be = parse_variant(variant)
+    v = parse_variant(variant)
     det = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     try:
         batches = make_batches(4, batch, device, seed=7)
         res = {}
-        for tag, (m, c, bn, b) in (("ref", ("eager", False, False, False)), ("new", (mode, cl, bnc, be))):
-            model, step = build_step(m, c, False, bn, b, args, device)
+        for tag, vv in (("ref", parse_variant("eager")), ("new", v._replace(bf16=False))):
+            model, step = build_step(vv, args, device)
             losses = []
             for i in range(args.check_steps):
                 la, lw = one_step(step, batches, i)
@@ -181,6 +210,8 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="equivalence of each fp32 fast variant with eager")
     p.add_argument("--check-batch", type=int, default=32)
     p.add_argument("--check-steps", type=int, default=3)
+    p.add_argument("--saved-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the activations one forward saves for backward (GiB; any device)")
     p.add_argument("--json", default=None, help="append one JSON object per result to this file")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -194,8 +225,8 @@ def main(argv=None):
     rows, checks = [], []
     if args.check:
         for v in args.variants:
-            mode, cl, bf16, bnc, be = parse_variant(v)
-            if v == "eager" or bf16 or (mode == "graph" and device.type != "cuda"):
+            pv = parse_variant(v)
+            if v == "eager" or pv.bf16 or (pv.mode == "graph" and device.type != "cuda"):
                 continue
             try:
                 c = check(v, args.check_batch, args, device)
@@ -215,18 +246,19 @@ def main(argv=None):
                 with open(args.json, "a") as f:
                     f.write(json.dumps(dict(kind="search_step", **r)) + "\n")
             msg = r.get("error") or (f"{r['ms_median']:.1f} ms/step, {r['images_per_s']:.0f} img/s, "
-                                     f"peak {fmt(r['peak_gib'], '.2f')} GiB")
+                                     f"peak {fmt(r['peak_gib'], '.2f')} GiB, saved {fmt(r['saved_gib'], '.2f')} GiB")
             print(f"  batch {b:4d} {v:14s} {msg}", flush=True)
     base = {r["batch"]: r for r in rows if r["variant"] == "eager" and "error" not in r}
-    print("\n| device | batch | variant | ms/step (median) | images/s | speedup vs eager | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| device | batch | variant | ms/step (median) | images/s | speedup vs eager | peak GiB | saved GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {env['device_name']} | {r['batch']} | {r['variant']} | error: {r['error'][:80]} | | | |")
+            print(f"| {env['device_name']} | {r['batch']} | {r['variant']} | error: {r['error'][:80]} | | | | |")
             continue
         sp = base[r["batch"]]["ms_median"] / r["ms_median"] if r["batch"] in base else None
         print(f"| {env['device_name']} | {r['batch']} | {r['variant']} | {r['ms_median']:.1f} | "
-              f"{r['images_per_s']:.0f} | {fmt(sp, '.2f')} | {fmt(r['peak_gib'], '.2f')} |")
+              f"{r['images_per_s']:.0f} | {fmt(sp, '.2f')} | {fmt(r['peak_gib'], '.2f')} | "
+              f"{fmt(r['saved_gib'], '.3f')} |")
     if checks:
         print("\n| check (vs eager, fp32) | batch | steps | max abs loss diff | weights rel diff | arch rel diff | "
               "BN stats rel diff |")

@@ -20,6 +20,7 @@ This module imports no Horovod: gradient averaging is passed in as a function.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -254,6 +255,44 @@ def use_composite_bn(module: nn.Module) -> nn.Module:
     return module
 
 
+# --- torch.compile of the search cells (--compile) ----------------------------------------------------------
+def compile_cells(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """`--compile`: torch.compile the tensor work of every search cell (SearchCell.compile), with static shapes.
+
+    Compiled per cell, not as one network: cells of the same shape share the compiled code, so a search net of 8
+    cells compiles about 6 distinct cell graphs per mode (training, architecture step, evaluation), once, during
+    the first steps. The network's stem, softmaxes and classifier stay eager (a handful of kernels).
+    `backend`: torch.compile's; the tests use "aot_eager" (the same graph capture and compiled autograd without
+    inductor's code generation, which takes minutes on a small CPU)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    # one compiled entry per (cell shape, batch, mode, model built in this process): dynamo keeps 8 by default
+    for name, floor in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096),
+                        ("accumulated_cache_size_limit", 4096)):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), floor))
+    for cell in model.cells:
+        cell.compile(dynamic=False, backend=backend)
+    return model
+
+
+@contextlib.contextmanager
+def frozen(params):
+    """requires_grad off for `params` inside the block. The architecture step of a compiled net runs under it:
+    a compiled backward computes the gradient of every input that requires one, so without it the arch step
+    would also compute (and drop) every weight gradient. The eager backward of torch.autograd.grad skips them
+    by itself; the result is the same either way."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 # --- CUDA graphs of the search step ---------------------------------------------------------------------------
 def _bn_buffers(model: nn.Module):
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
@@ -265,11 +304,12 @@ class EagerSearchStep:
     the baseline of benchmarks/search_step.py."""
 
     def __init__(self, model: nn.Module, criterion, arch_params, weight_params, a_opt, w_opt, grad_clip: float = 0.0,
-                 average_arch=None, autocast_dtype=None, channels_last: bool = False):
+                 average_arch=None, autocast_dtype=None, channels_last: bool = False, freeze_weights: bool = False):
         self.model, self.criterion = model, criterion
         self.arch_params, self.weight_params = list(arch_params), list(weight_params)
         self.a_opt, self.w_opt, self.grad_clip = a_opt, w_opt, grad_clip
         self.average_arch, self.autocast_dtype, self.channels_last = average_arch, autocast_dtype, channels_last
+        self.freeze_weights = freeze_weights  # the arch step under frozen(weights): for a compiled model
 
     def _autocast(self, x):
         if self.autocast_dtype is None:
@@ -282,9 +322,10 @@ class EagerSearchStep:
     def arch_step(self, x, y) -> torch.Tensor:
         x = self._in(x)
         self.a_opt.zero_grad(set_to_none=True)
-        with self._autocast(x):
-            loss = self.criterion(self.model(x), y)
-        grads = torch.autograd.grad(loss, self.arch_params)
+        with frozen(self.weight_params if self.freeze_weights else []):
+            with self._autocast(x):
+                loss = self.criterion(self.model(x), y)
+            grads = torch.autograd.grad(loss, self.arch_params)
         if self.average_arch is not None:
             grads = self.average_arch(list(grads))
         for p, g in zip(self.arch_params, grads):
@@ -343,12 +384,13 @@ class GraphedSearchStep:
 
     def __init__(self, model: nn.Module, criterion, arch_params, weight_params, a_opt, w_opt, grad_clip: float = 0.0,
                  average_arch=None, average_weights=None, autocast_dtype=None, channels_last: bool = False,
-                 warmup: int = 3):
+                 warmup: int = 3, freeze_weights: bool = False):
         self.model, self.criterion = model, criterion
         self.arch_params, self.weight_params = list(arch_params), list(weight_params)
         self.a_opt, self.w_opt, self.grad_clip = a_opt, w_opt, grad_clip
         self.average_arch, self.average_weights = average_arch, average_weights
         self.autocast_dtype, self.channels_last, self.warmup = autocast_dtype, channels_last, warmup
+        self.freeze_weights = freeze_weights  # the arch step under frozen(weights): for a compiled model
         self.pool = torch.cuda.graph_pool_handle()
         self._arch = None  # (graph, x, y, loss, grads)
         self._weight = None  # (graph, x, y, logits, loss)
@@ -363,9 +405,10 @@ class GraphedSearchStep:
         return x.detach().clone().contiguous(memory_format=mf), y.detach().clone()
 
     def _arch_fwd_bwd(self, x, y):
-        with self._autocast():
-            loss = self.criterion(self.model(x), y)
-        grads = torch.autograd.grad(loss, self.arch_params)
+        with frozen(self.weight_params if self.freeze_weights else []):
+            with self._autocast():
+                loss = self.criterion(self.model(x), y)
+            grads = torch.autograd.grad(loss, self.arch_params)
         return loss.detach().float(), [g.detach() for g in grads]
 
     def _weight_fwd_bwd(self, x, y):
@@ -584,6 +627,9 @@ def check_fast_flags(args, device: torch.device, world: int) -> None:
     if getattr(args, "batched_edges", False) and getattr(args, "sync_bn", False):
         raise UsageError("--batched-edges and --sync-bn exclude each other (the batched cells compute their batch "
                          "norms themselves, unsynchronized): drop one")
+    if getattr(args, "compile", False) and not getattr(args, "batched_edges", False):
+        raise UsageError("--compile needs --batched-edges (the per-edge cells take about 20x longer to compile: "
+                         "minutes per cell); add --batched-edges")
     if getattr(args, "cuda_graph", False):
         if device.type != "cuda":
             raise UsageError("--cuda-graph needs a CUDA GPU and this run is on the CPU: drop --cuda-graph")

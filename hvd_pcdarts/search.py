@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--channels-last", action="store_true", help="fast path: NHWC memory format for weights and images")
     a("--batched-edges", action="store_true", help="fast path: compute the edges of a cell that read states "
       "ready at the same time as one set of grouped convolutions (same parameters and results, fewer kernels)")
+    a("--compile", action="store_true", help="fast path (with --batched-edges): torch.compile each search cell "
+      "(fused batch norm and elementwise kernels); compiles every distinct cell once during the first steps; "
+      "composes with --cuda-graph and --channels-last")
     a("--gpu-data", action="store_true", help="fast path: keep both halves of the training set on the device as "
       "uint8 and augment a batch there (the same crops and flips as the loader; tensor datasets only)")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -117,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--steps-per-epoch", type=positive_int, default=None, help="cap an epoch at N steps (quick runs)")
     a("--no-tensorboard", action="store_true")
     a("--trace-indices", default=None, help=argparse.SUPPRESS)  # testing aid: per-rank sample indices
+    a("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # testing aid: aot_eager compiles quickly
     add_elastic_args(p)
     return p
 
@@ -174,6 +178,8 @@ class Searcher(RunLoop):
         fastpath.check_fast_flags(a, self.device, self.world)
         if a.channels_last:
             fastpath.to_channels_last(self.model)
+        if a.compile:
+            fastpath.compile_cells(self.model, backend=a.compile_backend)
         self.graphed = None  # --cuda-graph: fastpath.GraphedSearchStep, captured at the first step
         self.criterion = nn.CrossEntropyLoss()
         self.arch_params = self.model.arch_parameters()
@@ -298,17 +304,19 @@ class Searcher(RunLoop):
                 self.model, self.criterion, self.arch_params, self.model.weight_parameters(), self.a_opt, self.w_opt,
                 self.args.grad_clip, average_arch=lambda g: dist.grouped_average(g, name="arch_grads"),
                 average_weights=lambda g: dist.grouped_average(g, name="w_grads"),
-                channels_last=self.args.channels_last)
+                channels_last=self.args.channels_last, freeze_weights=self.args.compile)
         return self.graphed
 
     def arch_step(self, x, y):
         if self.args.cuda_graph:
             return float(self._graphed_step().arch_step(x, y))
         self.a_opt.zero_grad(set_to_none=True)
-        with self._autocast():
-            loss = self.criterion(self.model(x), y)
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
-        grads = torch.autograd.grad(loss * scale, self.arch_params)
+        # compiled cells: weights frozen, else the compiled backward would compute their gradients too
+        with fastpath.frozen(self.model.weight_parameters() if self.args.compile else []):
+            with self._autocast():
+                loss = self.criterion(self.model(x), y)
+            grads = torch.autograd.grad(loss * scale, self.arch_params)
         grads = dist.grouped_average([g / scale for g in grads], name="arch_grads")
         if self.scaler is not None and not all(torch.isfinite(g).all() for g in grads):
             return float(loss.detach())  # overflow: skip, on every rank alike (the grads were averaged)
@@ -470,7 +478,8 @@ class Searcher(RunLoop):
         return (f"search: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size} "
                 f"({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, {n_w} weights, "
                 f"weight/arch images {len(self.weight_set)}/{len(self.arch_set)}, "
-                f"{'graphed' if a.cuda_graph else self.grad_allreduce} gradient allreduce, output {a.output_dir}")
+                f"{'graphed' if a.cuda_graph else self.grad_allreduce} gradient allreduce, "
+                f"{f'compiled cells ({a.compile_backend}), ' if a.compile else ''}output {a.output_dir}")
 
     def _epochs(self, st):
         a = self.args

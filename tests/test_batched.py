@@ -200,3 +200,34 @@ def test_graphed_batched_step_equals_eager_reference_cuda(cl):
     num = sum(float((a - b).double().pow(2).sum()) for a, b in zip(p0, p1)) ** 0.5
     den = sum(float(a.double().pow(2).sum()) for a in p0) ** 0.5
     assert num / den < 1e-4
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_batched_under_bf16_autocast_runs_and_matches_reference(cl):
+    """bf16 autocast (the +bf16 fast variants): the batched BNs get bf16 inputs with float32 running statistics
+    and mixing scales (batch_norm's mixed mode; a bf16 scale beside float32 statistics is refused). Same
+    function as the per-edge net under the same autocast, up to bf16 rounding."""
+    torch.manual_seed(1)
+    ref = SearchNetwork(8, 10, 5, partial_k=4)
+    with torch.no_grad():
+        for p in ref.arch_parameters():
+            p.normal_(0, 1)
+    new = copy.deepcopy(ref).set_batched_edges(True)
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    if cl:
+        fp.to_channels_last(ref)
+        fp.to_channels_last(new)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(6))
+    losses, grads = [], []
+    for net, dt in ((ref, None), (ref, torch.bfloat16), (new, torch.bfloat16)):
+        with torch.autocast("cpu", dtype=dt or torch.float32, enabled=dt is not None):
+            loss = F.cross_entropy(net(x), y)
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, net.arch_parameters())]))
+        losses.append(float(loss.detach()))
+    assert torch.isfinite(grads[2]).all()
+    # bf16 rounding is the only difference: the batched net is as far from float32 as the per-edge net is
+    err_ref, err_new = float((grads[1] - grads[0]).norm()), float((grads[2] - grads[0]).norm())
+    assert err_new <= 2 * err_ref + 1e-4 * float(grads[0].norm()), (err_ref, err_new, float(grads[0].norm()))
+    assert abs(losses[2] - losses[0]) <= 2 * abs(losses[1] - losses[0]) + 1e-3, losses
+    assert all(m.running_mean.dtype == torch.float32 for m in new.modules() if isinstance(m, nn.BatchNorm2d))

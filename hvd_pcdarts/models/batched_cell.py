@@ -134,16 +134,29 @@ class BatchedCellRunner:
         return idx
 
     def forward(self, cell, s0, s1, weights, edge_weights):
-        states = [cell.preprocess0(s0), cell.preprocess1(s1)]
-        k = cell._ops[0].k
-        cp = states[0].shape[1] // k
-        nhwc = _is_nhwc(states[1])
-        # (under torch.compile the check is left out: the buffers were aliased by an eager forward before)
-        if not torch.compiler.is_compiling() and not self._buffers_intact(cell):
+        """The eager bookkeeping (shared BN buffers still in place? the cell's BN counter; the channel -> edge
+        index per group), then `compute`: the tensor work, which `compile()` may replace by a compiled copy."""
+        if not self._buffers_intact(cell):
             self._alias(cell)
         if cell.training:
             with torch.no_grad():
                 self._counter.add_(1)
+        cp = cell.preprocess1[-1].num_features // cell._ops[0].k
+        index = [self._channel_index(s1.device, gi, cp) for gi in range(len(self.groups))]
+        return self.compute(cell, s0, s1, weights, edge_weights, index)
+
+    def compile(self, **options) -> None:
+        """Run the tensor work through torch.compile (the cell's `--compile`); the bookkeeping stays eager."""
+        self.compute = torch.compile(self._compute, **options)
+
+    def compute(self, cell, s0, s1, weights, edge_weights, index):
+        return self._compute(cell, s0, s1, weights, edge_weights, index)
+
+    def _compute(self, cell, s0, s1, weights, edge_weights, index):
+        states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+        k = cell._ops[0].k
+        cp = states[0].shape[1] // k
+        nhwc = _is_nhwc(states[1])
         # per-op scale of every edge: softmax(alpha) * edge-normalized beta, as (ops, edges) for column gathers
         scales = (weights * edge_weights[:, None]).t()
         betas = edge_weights.unbind(0)
@@ -165,7 +178,7 @@ class BatchedCellRunner:
                 split(states[1], group.stride)
             parts = [heads[j] for j in group.inputs]
             X = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-            sc = scales.index_select(1, self._channel_index(X.device, gi, cp))  # (ops, E * cp)
+            sc = scales.index_select(1, index[gi])  # (ops, E * cp)
             Y = self._mixed(cell, gi, group, X, sc, cell.training)
             if gi == 0:  # edges ordered (node, input 0/1): sum each node's two
                 for i, p in enumerate(Y.unflatten(1, (cell._steps, 2, cp)).sum(2).unbind(1)):
@@ -211,8 +224,8 @@ class BatchedCellRunner:
 
         def bn(y, primitive, slot, scale):
             m, rm, rv = self._shared[(gi, primitive, slot)]
-            if scale is not None and scale.dtype != y.dtype:
-                scale = scale.to(y.dtype)
+            if scale is not None and scale.dtype != rm.dtype:  # under autocast: float32 like the running stats
+                scale = scale.to(rm.dtype)  # (a bf16 input with float32 parameters is batch_norm's mixed mode)
             return F.batch_norm(y, rm, rv, scale, None, training, m.momentum, m.eps)
 
         def conv(y, primitive, index, groups):

@@ -66,11 +66,27 @@ class SearchCell(nn.Module):
                 stride = 2 if reduction and j < 2 else 1
                 self._ops.append(MixedOp(C, stride, k))
 
+    @property
+    def runner(self) -> BatchedCellRunner:
+        if self._runner is None:
+            self._runner = BatchedCellRunner(self)
+        return self._runner
+
+    def compile(self, **options) -> None:
+        """torch.compile the cell's tensor work, per-edge and batched forward alike (`--compile`). Only the
+        computation is compiled, not the module call, so the batched op's buffer bookkeeping stays eager."""
+        self.runner.compile(**options)
+        self._per_edge = torch.compile(self._per_edge_forward, **options)
+
     def forward(self, s0, s1, weights, edge_weights):
         if self.batched:
-            if self._runner is None:
-                self._runner = BatchedCellRunner(self)
-            return self._runner.forward(self, s0, s1, weights, edge_weights)
+            return self.runner.forward(self, s0, s1, weights, edge_weights)
+        return self._per_edge(s0, s1, weights, edge_weights)
+
+    def _per_edge(self, s0, s1, weights, edge_weights):
+        return self._per_edge_forward(s0, s1, weights, edge_weights)
+
+    def _per_edge_forward(self, s0, s1, weights, edge_weights):
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self._steps):
