@@ -261,7 +261,8 @@ def compile_cells(model: nn.Module, backend: str = "inductor") -> nn.Module:
 
     Compiled per cell, not as one network: smaller graphs compile faster, and cells of the same shape share the
     compiled code (at the default size all 8 cells differ; deeper nets repeat shapes). Each distinct cell compiles
-    once per mode (weight step, architecture step, evaluation) during the first steps. The network's stem, softmaxes and classifier stay eager (a handful of kernels).
+    once per mode (weight step, architecture step, evaluation) during the first steps. The network's stem,
+    softmaxes and classifier stay eager (a handful of kernels).
     `backend`: torch.compile's; the tests use "aot_eager" (the same graph capture and compiled autograd without
     inductor's code generation, which takes minutes on a small CPU)."""
     import torch._dynamo
