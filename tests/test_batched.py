@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from helpers import REPO_ROOT, describe, horovodrun_cmd, launch, python_exe
+from search_runs import assert_same_runs, final_state
 
 from hvd_pcdarts import fastpath as fp
 from hvd_pcdarts.models import SearchNetwork
@@ -127,30 +127,14 @@ RUN = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--worker
        "--no-augment", "--fp64", "--seed", "3"]
 
 
-def _final(out):
-    model = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
-    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return model, metrics
-
-
-def _compare_runs(a, b):
-    (ma, ra), (mb, rb) = a, b
-    assert list(ma) == list(mb)
-    for k in ma:
-        assert torch.allclose(ma[k].double(), mb[k].double(), rtol=1e-7, atol=1e-9), k
-    assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb] == [0, 1]
-    for x, y in zip(ra, rb):
-        assert abs(x["train_loss"] - y["train_loss"]) < 1e-9 and abs(x["valid_loss"] - y["valid_loss"]) < 1e-9
-
-
 def test_train_search_batched_edges_one_rank_equals_reference(tmp_path):
     runs = {}
     for tag, extra in (("ref", []), ("be", ["--batched-edges"])):
         res = launch([python_exe(), SCRIPT, *RUN, *extra, "--device", "cpu", "--output-dir", tmp_path / tag],
                      timeout=300)
         assert res.returncode == 0, describe(res)
-        runs[tag] = _final(tmp_path / tag)
-    _compare_runs(runs["ref"], runs["be"])
+        runs[tag] = final_state(tmp_path / tag)
+    assert_same_runs(runs["ref"], runs["be"])
     genotypes = [json.loads((tmp_path / t / "genotype.json").read_text())["genotype"] for t in ("ref", "be")]
     assert genotypes[0] == genotypes[1]
 
@@ -164,8 +148,8 @@ def test_train_search_batched_edges_two_ranks_equals_reference(tmp_path):
         res = launch(horovodrun_cmd(2, [SCRIPT, *RUN, *extra, "--output-dir", tmp_path / tag]), timeout=600)
         assert res.returncode == 0, describe(res)
         assert "all 2 rank(s) hold identical parameters" in res.stdout + res.stderr, describe(res)
-        runs[tag] = _final(tmp_path / tag)
-    _compare_runs(runs["ref"], runs["be"])
+        runs[tag] = final_state(tmp_path / tag)
+    assert_same_runs(runs["ref"], runs["be"])
     assert all(r["world_size"] == 2 for r in runs["be"][1])
 
 

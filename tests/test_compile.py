@@ -8,12 +8,12 @@ benchmarks/search_step.py --check)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 import torch.nn as nn
 from helpers import REPO_ROOT, describe, horovodrun_cmd, launch, python_exe
+from search_runs import assert_same_runs, final_state
 
 from hvd_pcdarts import fastpath as fp
 
@@ -84,22 +84,6 @@ RUN = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--worker
 COMPILE = ["--compile", "--compile-backend", "aot_eager"]
 
 
-def _final(out):
-    model = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
-    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return model, metrics
-
-
-def _compare_runs(a, b):
-    (ma, ra), (mb, rb) = a, b
-    assert list(ma) == list(mb)
-    for k in ma:
-        assert torch.allclose(ma[k].double(), mb[k].double(), rtol=1e-7, atol=1e-9), k
-    assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb] == [0, 1]
-    for x, y in zip(ra, rb):
-        assert abs(x["train_loss"] - y["train_loss"]) < 1e-9 and abs(x["valid_loss"] - y["valid_loss"]) < 1e-9
-
-
 def test_train_search_compile_one_rank_equals_eager(tmp_path):
     runs = {}
     for tag, extra in (("eager", []), ("compiled", COMPILE)):
@@ -107,8 +91,8 @@ def test_train_search_compile_one_rank_equals_eager(tmp_path):
                      timeout=600)
         assert res.returncode == 0, describe(res)
         assert ("compiled cells (aot_eager)" in res.stdout) == (tag == "compiled"), describe(res)
-        runs[tag] = _final(tmp_path / tag)
-    _compare_runs(runs["eager"], runs["compiled"])
+        runs[tag] = final_state(tmp_path / tag)
+    assert_same_runs(runs["eager"], runs["compiled"])
     genotypes = [json.loads((tmp_path / t / "genotype.json").read_text())["genotype"] for t in runs]
     assert genotypes[0] == genotypes[1]
 
@@ -123,8 +107,8 @@ def test_train_search_compile_two_ranks_with_hooks_equals_eager(tmp_path):
                                         "--output-dir", tmp_path / tag]), timeout=900)
         assert res.returncode == 0, describe(res)
         assert "all 2 rank(s) hold identical parameters" in res.stdout + res.stderr, describe(res)
-        runs[tag] = _final(tmp_path / tag)
-    _compare_runs(runs["eager"], runs["compiled"])
+        runs[tag] = final_state(tmp_path / tag)
+    assert_same_runs(runs["eager"], runs["compiled"])
 
 
 def test_compile_without_batched_edges_is_one_line_usage_error(tmp_path):
