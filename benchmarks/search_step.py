@@ -76,7 +76,7 @@ def build_step(v: Variant, args, device):
     if v.bnc:
         fp.use_composite_bn(model)
     if v.tc:
-        fp.compile_cells(model)
+        fp.compile_cells(model, backend=args.compile_backend)
     model.train()
     crit = nn.CrossEntropyLoss()
     dt = torch.bfloat16 if v.bf16 else None
@@ -125,7 +125,11 @@ def bench(variant, batch, args, device):
     except Exception as e:  # one failing variant must not cost the others
         return dict(variant=variant, batch=batch, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    saved = saved_activations_gib(model, step, batches[0][0]) if args.saved_memory else None
+    try:
+        saved = saved_activations_gib(model, step, batches[0][0]) if args.saved_memory else None
+    except Exception as e:  # e.g. out of memory: the timings stand
+        print(f"  saved-memory measurement of {variant} failed: {type(e).__name__}: {e}"[:200], flush=True)
+        saved = None
     med = statistics.median(times)
     row = dict(variant=variant, batch=batch, C=args.C, layers=args.layers, K=args.K, device=device.type,
                ms_median=1e3 * med, ms_mean=1e3 * statistics.mean(times), ms_min=1e3 * min(times),
@@ -138,7 +142,8 @@ def bench(variant, batch, args, device):
 def saved_activations_gib(model, step, x):
     """GiB of the tensors one training forward saves for backward (distinct storages; torch's
     saved_tensors_hooks): the activation memory of a step, measurable on any device (the CPU's allocator keeps
-    no peak). Run eagerly (a graphed variant saves the same tensors in its pool), after the timings."""
+    no peak). Run outside any CUDA graph (a graphed variant saves the same tensors in its pool), through the
+    compiled cells for +compile variants, after the timings."""
     sizes = {}
 
     def pack(t):
@@ -159,6 +164,7 @@ def saved_activations_gib(model, step, x):
 def check(variant, batch, args, device):
     """Same start, same batches: eager versus `variant` after args.check_steps steps (fp32 variants only)."""
     v = parse_variant(variant)
+    t0 = time.perf_counter()
     det = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     try:
@@ -181,7 +187,9 @@ def check(variant, batch, args, device):
             den = sum(float(x.double().pow(2).sum()) for x in xs) ** 0.5
             return num / max(den, 1e-30)
 
-        return dict(variant=variant, batch=batch, steps=args.check_steps,
+        # seconds: both runs, incl. graph capture and (+compile) compiling, which later variants of the same shapes
+        # reuse from dynamo's cache
+        return dict(variant=variant, batch=batch, steps=args.check_steps, seconds=time.perf_counter() - t0,
                     loss_max_abs_diff=max(abs(a - b) for a, b in zip(l0, l1)),
                     weights_rel_diff=rel(w0, w1), arch_rel_diff=rel(a0, a1), bn_stats_rel_diff=rel(b0, b1),
                     losses_eager=l0, losses_variant=l1)
@@ -210,6 +218,8 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="equivalence of each fp32 fast variant with eager")
     p.add_argument("--check-batch", type=int, default=32)
     p.add_argument("--check-steps", type=int, default=3)
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of +compile variants "
+                   "(aot_eager: a quick CPU rehearsal)")
     p.add_argument("--saved-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the activations one forward saves for backward (GiB; any device)")
     p.add_argument("--json", default=None, help="append one JSON object per result to this file")
@@ -221,6 +231,8 @@ def main(argv=None):
     env = dict(torch=torch.__version__, cuda=torch.version.cuda, threads=torch.get_num_threads(),
                device_name=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                cudnn_benchmark=args.cudnn_benchmark)
+    for v in args.variants:  # every name checked before anything runs
+        parse_variant(v)
     print(f"# search_step: C={args.C} layers={args.layers} K={args.K} {env}", flush=True)
     rows, checks = [], []
     if args.check:
@@ -261,14 +273,15 @@ def main(argv=None):
               f"{fmt(r['saved_gib'], '.3f')} |")
     if checks:
         print("\n| check (vs eager, fp32) | batch | steps | max abs loss diff | weights rel diff | arch rel diff | "
-              "BN stats rel diff |")
-        print("|---|---|---|---|---|---|---|")
+              "BN stats rel diff | seconds (both runs, incl. capture/compile) |")
+        print("|---|---|---|---|---|---|---|---|")
         for c in checks:
             if "error" in c:
-                print(f"| {c['variant']} | {c['batch']} | | error: {c['error'][:80]} | | | |")
+                print(f"| {c['variant']} | {c['batch']} | | error: {c['error'][:80]} | | | | |")
             else:
                 print(f"| {c['variant']} | {c['batch']} | {c['steps']} | {c['loss_max_abs_diff']:.2e} | "
-                      f"{c['weights_rel_diff']:.2e} | {c['arch_rel_diff']:.2e} | {c['bn_stats_rel_diff']:.2e} |")
+                      f"{c['weights_rel_diff']:.2e} | {c['arch_rel_diff']:.2e} | {c['bn_stats_rel_diff']:.2e} | "
+                      f"{c['seconds']:.0f} |")
     return 0
 
 

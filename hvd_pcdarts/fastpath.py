@@ -268,7 +268,7 @@ def compile_cells(model: nn.Module, backend: str = "inductor") -> nn.Module:
     import torch._dynamo
 
     cfg = torch._dynamo.config
-    # one compiled entry per (cell shape, batch, mode, model built in this process): dynamo keeps 8 by default
+    # one compiled entry per (cell shape, batch size, mode, memory format); dynamo keeps 8 by default
     for name, floor in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096),
                         ("accumulated_cache_size_limit", 4096)):
         if hasattr(cfg, name):

@@ -479,7 +479,14 @@ class Searcher(RunLoop):
                 f"({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, {n_w} weights, "
                 f"weight/arch images {len(self.weight_set)}/{len(self.arch_set)}, "
                 f"{'graphed' if a.cuda_graph else self.grad_allreduce} gradient allreduce, "
-                f"{f'compiled cells ({a.compile_backend}), ' if a.compile else ''}output {a.output_dir}")
+                f"{self._compile_note()}output {a.output_dir}")
+
+    def _compile_note(self) -> str:
+        a = self.args
+        if not a.compile:
+            return ""
+        slow = a.compile_backend == "inductor" and self.device.type == "cpu"
+        return f"compiled cells ({a.compile_backend}{': many minutes of compiling on a CPU' if slow else ''}), "
 
     def _epochs(self, st):
         a = self.args

@@ -78,6 +78,23 @@ def test_compiled_cells_equal_eager_float64():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+def test_deep_copy_of_a_compiled_net_computes_with_its_own_buffers():
+    """The compiled functions are unbound (called with the runner/cell): a copy must not update the original's BN
+    statistics (a compiled bound method would keep pointing at the original's shared buffers)."""
+    import copy
+
+    model = fp.build_search(4, 4, 2, seed=4, batched_edges=True)[0].double()
+    model(torch.randn(2, 3, 8, 8, dtype=torch.float64))  # aliases the shared BN buffers
+    fp.compile_cells(model, backend="aot_eager")
+    twin = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    twin(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the original is untouched
+    moved = [k for k, v in twin.state_dict().items() if "running_mean" in k and not torch.equal(v, before[k])]
+    assert len(moved) > 100  # the copy's own statistics did move
+
+
 RUN = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
        "--no-progress", "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "2",
        "--no-augment", "--fp64", "--seed", "3", "--batched-edges"]

@@ -88,6 +88,7 @@ class BatchedCellRunner:
         self._shared = None  # {(group, primitive, slot): (first module, running_mean, running_var)}
         self._counter = None
         self._index = {}  # (device, group, channels per edge) -> channel -> edge index
+        self._compiled = None  # torch.compile(BatchedCellRunner._compute) after compile()
 
     # --- shared BN buffers ------------------------------------------------------------------------------
     def _bns(self, cell, group, primitive, slot):
@@ -143,14 +144,14 @@ class BatchedCellRunner:
                 self._counter.add_(1)
         cp = cell.preprocess1[-1].num_features // cell._ops[0].k
         index = [self._channel_index(s1.device, gi, cp) for gi in range(len(self.groups))]
-        return self.compute(cell, s0, s1, weights, edge_weights, index)
+        fn = self._compiled or BatchedCellRunner._compute
+        return fn(self, cell, s0, s1, weights, edge_weights, index)
 
     def compile(self, **options) -> None:
-        """Run the tensor work through torch.compile (the cell's `--compile`); the bookkeeping stays eager."""
-        self.compute = torch.compile(self._compute, **options)
-
-    def compute(self, cell, s0, s1, weights, edge_weights, index):
-        return self._compute(cell, s0, s1, weights, edge_weights, index)
+        """Run the tensor work through torch.compile (the cell's `--compile`); the bookkeeping stays eager. The
+        unbound function is compiled and called with this runner, so a deep copy of the model computes with its
+        own buffers (a compiled bound method would keep the original's)."""
+        self._compiled = torch.compile(BatchedCellRunner._compute, **options)
 
     def _compute(self, cell, s0, s1, weights, edge_weights, index):
         states = [cell.preprocess0(s0), cell.preprocess1(s1)]

@@ -60,6 +60,7 @@ class SearchCell(nn.Module):
         self._multiplier = multiplier
         self.batched = False  # --batched-edges: models/batched_cell.py computes the same forward
         self._runner = None
+        self._per_edge_compiled = None  # compile(): torch.compile(SearchCell._per_edge_forward)
         self._ops = nn.ModuleList()
         for i in range(steps):
             for j in range(2 + i):
@@ -76,15 +77,14 @@ class SearchCell(nn.Module):
         """torch.compile the cell's tensor work, per-edge and batched forward alike (`--compile`). Only the
         computation is compiled, not the module call, so the batched op's buffer bookkeeping stays eager."""
         self.runner.compile(**options)
-        self._per_edge = torch.compile(self._per_edge_forward, **options)
+        # the unbound function, called with self: a deep copy of the cell then computes with its own modules
+        self._per_edge_compiled = torch.compile(SearchCell._per_edge_forward, **options)
 
     def forward(self, s0, s1, weights, edge_weights):
         if self.batched:
             return self.runner.forward(self, s0, s1, weights, edge_weights)
-        return self._per_edge(s0, s1, weights, edge_weights)
-
-    def _per_edge(self, s0, s1, weights, edge_weights):
-        return self._per_edge_forward(s0, s1, weights, edge_weights)
+        fn = self._per_edge_compiled or SearchCell._per_edge_forward
+        return fn(self, s0, s1, weights, edge_weights)
 
     def _per_edge_forward(self, s0, s1, weights, edge_weights):
         states = [self.preprocess0(s0), self.preprocess1(s1)]
