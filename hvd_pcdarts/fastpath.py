@@ -278,6 +278,12 @@ def compile_cells(model: nn.Module, backend: str = "inductor") -> nn.Module:
     return model
 
 
+def uncompiled(on: bool = True):
+    """Inside: compiled functions run eagerly instead of compiling a new variant (torch.compiler.set_stance). For
+    the search-validation's last, smaller batch: one eager pass instead of compiling every cell once more."""
+    return torch.compiler.set_stance("force_eager") if on else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def frozen(params):
     """requires_grad off for `params` inside the block. The architecture step of a compiled net runs under it:

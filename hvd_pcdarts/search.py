@@ -423,7 +423,8 @@ class Searcher(RunLoop):
         loss_sum = correct = count = 0.0
         for x, y, _ in self.v_loader:
             x, y = x.to(self.device, self.dtype), y.to(self.device)
-            with self._autocast():
+            # --compile: a last batch of another size runs eagerly rather than compiling every cell again
+            with self._autocast(), fastpath.uncompiled(self.args.compile and len(x) != self.local_batch):
                 logits = self.model(x)
             loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
             correct += accuracy_counts(logits, y, (1,))[0]

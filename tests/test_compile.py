@@ -95,6 +95,24 @@ def test_deep_copy_of_a_compiled_net_computes_with_its_own_buffers():
     assert len(moved) > 100  # the copy's own statistics did move
 
 
+def test_uncompiled_runs_a_new_shape_eagerly_without_compiling():
+    from torch._dynamo.utils import counters
+
+    model = fp.build_search(4, 4, 2, seed=4, batched_edges=True)[0].double().eval()
+    fp.compile_cells(model, backend="aot_eager")
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+        counters.clear()
+        with fp.uncompiled():
+            out = model(x[:2])  # another batch size: would compile every cell again
+        assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+        with fp.uncompiled(False):
+            again = model(x[:2])
+        assert counters["stats"]["unique_graphs"] > 0  # without it: compiled anew
+    assert torch.allclose(out, again, rtol=1e-12, atol=1e-12)
+
+
 RUN = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
        "--no-progress", "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "2",
        "--no-augment", "--fp64", "--seed", "3", "--batched-edges"]
