@@ -305,6 +305,25 @@ def _bn_buffers(model: nn.Module):
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
 
+class BNSnapshot:
+    """The values of every BatchNorm buffer, to put back after a warm-up/capture. `restore` looks the buffers up
+    again: the first forward of a batched cell (`--batched-edges`) replaces its edges' BN buffers with views of
+    shared ones, so the tensors seen before a first forward are no longer the model's after it (restoring into
+    them changed nothing: found on an H200, where the warm-up and capture updates stayed in the statistics)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.values = [b.detach().clone() for b in _bn_buffers(model)]
+
+    def restore(self) -> None:
+        bufs = _bn_buffers(self.model)
+        if len(bufs) != len(self.values):
+            raise RuntimeError("the model's BatchNorm buffers changed in number since the snapshot")
+        with torch.no_grad():
+            for b, v in zip(bufs, self.values):
+                b.copy_(v)
+
+
 class EagerSearchStep:
     """The eager search step of one rank without Horovod: `search.Searcher.arch_step` / `weight_step` with the
     averaging functions passed in (None on one rank). The reference that the fast paths are compared with, and
@@ -430,8 +449,7 @@ class GraphedSearchStep:
     def _capture(self, fn, x, y, clear):
         """Warm up `fn` on a side stream, then capture it; `clear` are the parameters whose .grad `fn` writes
         (set to None first, so the captured backward allocates them instead of accumulating into them)."""
-        bn = _bn_buffers(self.model)
-        saved = [b.detach().clone() for b in bn]
+        bn = BNSnapshot(self.model)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -447,9 +465,7 @@ class GraphedSearchStep:
         with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
             out = fn(x, y)
         torch.cuda.synchronize()
-        with torch.no_grad():
-            for b, s in zip(bn, saved):
-                b.copy_(s)
+        bn.restore()
         return g, out
 
     def arch_step(self, x, y) -> torch.Tensor:
@@ -573,8 +589,7 @@ class GraphedTrainStep:
         return logits.detach(), loss.detach().float()
 
     def _capture(self, x, y):
-        bn = _bn_buffers(self.model)
-        saved = [b.detach().clone() for b in bn]
+        bn = BNSnapshot(self.model)
         rng = torch.cuda.get_rng_state(x.device)
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream())
@@ -591,9 +606,7 @@ class GraphedTrainStep:
         with torch.cuda.graph(g, capture_error_mode="thread_local"):
             out = self._fwd_bwd(x, y)
         torch.cuda.synchronize()
-        with torch.no_grad():
-            for b, s in zip(bn, saved):
-                b.copy_(s)
+        bn.restore()
         torch.cuda.set_rng_state(rng, x.device)
         return g, out
 

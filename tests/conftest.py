@@ -62,3 +62,17 @@ def torch_single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def strict_fp32():
+    """GPU comparisons in true float32: deterministic cuDNN and no TF32 (torch lets cuDNN's convolutions use TF32
+    by default; its ~1e-3 rounding differs per kernel, so a batched grouped convolution and the per-edge ones
+    differed by 3e-4 in the loss on an H200). Restored afterwards."""
+    import torch
+
+    b = torch.backends
+    before = (b.cudnn.deterministic, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32)
+    b.cudnn.deterministic, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = True, False, False
+    yield
+    b.cudnn.deterministic, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = before

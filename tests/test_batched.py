@@ -164,8 +164,7 @@ def test_batched_edges_with_sync_bn_is_one_line_usage_error(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("cl", [False, True])
-def test_graphed_batched_step_equals_eager_reference_cuda(cl):
-    torch.backends.cudnn.deterministic = True
+def test_graphed_batched_step_equals_eager_reference_cuda(cl, strict_fp32):
     res = []
     for mode, batched in (("eager", False), ("graph", True)):
         model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, device="cuda", channels_last=cl,
@@ -178,12 +177,14 @@ def test_graphed_batched_step_equals_eager_reference_cuda(cl):
             xa, ya = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
             xw, yw = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
             losses += [float(step.arch_step(xa, ya)), float(step.weight_step(xw, yw)[1])]
-        res.append((losses, [p.detach().clone() for p in model.parameters()]))
-    (l0, p0), (l1, p1) = res
+        res.append((losses, [p.detach().clone() for p in model.parameters()],
+                    [b.detach().clone() for b in model.buffers() if b.is_floating_point()]))
+    (l0, p0, b0), (l1, p1, b1) = res
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-4
-    num = sum(float((a - b).double().pow(2).sum()) for a, b in zip(p0, p1)) ** 0.5
-    den = sum(float(a.double().pow(2).sum()) for a in p0) ** 0.5
-    assert num / den < 1e-4
+    for ref, new in ((p0, p1), (b0, b1)):  # parameters, then BN statistics (warm-up and capture must not count)
+        num = sum(float((a - b).double().pow(2).sum()) for a, b in zip(ref, new)) ** 0.5
+        den = sum(float(a.double().pow(2).sum()) for a in ref) ** 0.5
+        assert num / den < 1e-4
 
 
 @pytest.mark.parametrize("cl", [False, True])
@@ -215,3 +216,24 @@ def test_batched_under_bf16_autocast_runs_and_matches_reference(cl):
     assert err_new <= 2 * err_ref + 1e-4 * float(grads[0].norm()), (err_ref, err_new, float(grads[0].norm()))
     assert abs(losses[2] - losses[0]) <= 2 * abs(losses[1] - losses[0]) + 1e-3, losses
     assert all(m.running_mean.dtype == torch.float32 for m in new.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_bn_snapshot_restores_buffers_a_first_batched_forward_replaced():
+    """The CUDA-graph steps snapshot the BN statistics before warm-up and capture and put them back after. The first
+    forward of a batched cell replaces its edges' BN buffers with views of shared ones (and updates them): the
+    restore must reach the new buffers (restoring into the old tensors left the H200 run's statistics changed)."""
+    torch.manual_seed(3)
+    model = SearchNetwork(8, 10, 5, partial_k=4).set_batched_edges(True)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    snap = fp.BNSnapshot(model)
+    old = [b for m in model.modules() if isinstance(m, nn.BatchNorm2d) for b in m.buffers()]
+    model.train()
+    model(torch.randn(4, 3, 16, 16))
+    new = [b for m in model.modules() if isinstance(m, nn.BatchNorm2d) for b in m.buffers()]
+    assert sum(a is not b for a, b in zip(old, new)) > 0  # the batched forward did replace buffers
+    changed = {k for k, v in model.state_dict().items() if "running" in k and not torch.equal(v, before[k])}
+    assert changed  # and updated them
+    snap.restore()
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
