@@ -8,7 +8,7 @@
 #   SMOKE=1 PY=.venv/bin/python bash benchmarks/run_device.sh       # CPU rehearsal: tiny sizes, no build
 #   PY=.venv/bin/python JOBS=1 bash benchmarks/run_device.sh build  # only the Horovod NCCL build, log on stdout
 #   SKIP_BENCH=1 DEADLINE=360 bash benchmarks/run_device.sh         # the build, then Horovod checks + GPU searches
-#   SKIP_BUILD=1 DEADLINE=540 bash benchmarks/run_device.sh         # the benchmarks and CUDA tests only (run 3)
+#   SKIP_BUILD=1 DEADLINE=540 bash benchmarks/run_device.sh         # the benchmark stages only (see "Stages" below)
 # The Horovod build starts after the benchmarks (BUILD_FIRST=1: beside them, which disturbs the eager timings).
 #
 # Needs: python3 with torch (CUDA), nvcc, cmake, the nvidia-nccl-cu13 wheel; the Horovod sdist in .hvdsrc/
@@ -64,17 +64,27 @@ build_horovod() {
 }
 HVD_TARGET=${HVD_TARGET:-/tmp/hvd}
 if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
-# variants per batch (override with SS256= / SS32= / SSCOMPILE=); --check runs on the fp32 fast variants at B=32
-SS256=${SS256:-"eager graph+cl graph+cl+be graph+cl+be+bf16 graph+be"}
-SS32=${SS32:-"eager graph graph+be graph+cl+be"}
-# torch.compile (--compile): per batch, compiled inside the CUDA graph; B=32 also --check'ed against eager
-SSCOMPILE=${SSCOMPILE:-"graph+compile+be"}
-SSCOMPILE256=${SSCOMPILE256:-"graph+cl+compile+be"}
+# Stages, in this order, each skipped when its list is empty (VAR= on the command line) or the deadline is near:
+#  1. SSPROF256 / SSPROF32: short timings + torch.profiler (device time per step by kernel class, top kernels)
+#  2. SSCOMPILE256: torch.compile inside the CUDA graph at B=256 (setup_s = capture + compile time)
+#  3. SSCOMPILE: the same at B=32, --check'ed against eager first (the check's "seconds" include the compile)
+#  4. the inductor CUDA tests (tests/test_compile.py -k cuda)
+#  5. SS32 / SS256: the plain variants (B=32 with --check), then the CUDA-graph/batched CUDA tests (CUDA_TESTS=1)
+# Defaults: what the fourth device run (H200, 2026-11-27) left unmeasured; stage 5's lists were measured there.
+SSPROF256=${SSPROF256-"graph+cl+be"}
+SSPROF32=${SSPROF32-"graph+be"}
+SSCOMPILE256=${SSCOMPILE256-"graph+cl+compile+be"}
+SSCOMPILE=${SSCOMPILE-"graph+compile+be"}
+SS32=${SS32-""}
+SS256=${SS256-""}
+CUDA_TESTS=${CUDA_TESTS-0}
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu
   SSA=(--steps 1 --warmup 1 --C 8 --layers 5); B1=4; B2=2
   SS256="eager eager+be graph+be"; SS32="eager eager+be eager+cl+be"; SSCOMPILE="eager+compile+be"; SSCOMPILE256=""
+  SSPROF256="eager+be"; SSPROF32=""; CUDA_TESTS=1
   CB=(--compile-backend aot_eager); SSC=(--steps 1 --warmup 1 --C 8 --layers 5)  # inductor on 2 CPU cores: minutes
+  SSP=(--steps 1 --warmup 1 --C 8 --layers 5 --profile 1 --no-saved-memory)
   CK=(--check --check-batch 2 --check-steps 1)
   DA=(--batch 16 --workers 0 --batches 2 --images 200)
   echo "SMOKE: no Horovod build; the environment's Horovod is used. HOROVOD BUILD OK" > /tmp/hvd_build.log
@@ -88,6 +98,7 @@ else
   CK=(--check --check-batch 32 --check-steps 3)
   DA=(--batch 256 32 --workers 0 4 --batches 30)
   CB=(); SSC=(--steps 8 --warmup 3)
+  SSP=(--steps 3 --warmup 2 --profile 3 --no-saved-memory)
   E2E_EXTRA=""
   E2E_DEV=cuda
   E2E_FLAGS=("" "--cuda-graph --gpu-data" "--cuda-graph --gpu-data --channels-last --batched-edges")
@@ -102,38 +113,33 @@ fi
 
 # --- benchmarks (foreground) -------------------------------------------------------------------------------------
 if [ "${SKIP_BENCH:-0}" != 1 ]; then  # SKIP_BENCH=1: only the Horovod build and its checks
-echo "[$(el)s] search_step" | tee -a "$OUT/env.txt"
-# B=32 first (with the fp32 checks against eager), then B=256, then torch.compile, then the CUDA tests
+left() { echo $((DEADLINE - $(el))); }
+ss() {  # ss LABEL TIMEOUT ARGS...: one search_step.py run, its output in $OUT/LABEL.txt, rc in env.txt
+  local label=$1 t=$2; shift 2
+  echo "[$(el)s] search_step $label" | tee -a "$OUT/env.txt"
+  timeout "$t" $PY benchmarks/search_step.py --device $DEV --json "$OUT/results.jsonl" "$@" > "$OUT/$label.txt" 2>&1
+  echo "[$(el)s] search_step $label rc=$?" | tee -a "$OUT/env.txt"
+}
 # shellcheck disable=SC2086
-timeout 150 $PY benchmarks/search_step.py --device $DEV --batch $B2 --variants $SS32 "${SSA[@]}" "${CK[@]}" \
-  --json "$OUT/results.jsonl" > "$OUT/search_step32.txt" 2>&1
-rc=$?; echo "[$(el)s] search_step B=$B2 rc=$rc" | tee -a "$OUT/env.txt"
-# shellcheck disable=SC2086
-timeout 170 $PY benchmarks/search_step.py --device $DEV --batch $B1 --variants $SS256 "${SSA[@]}" \
-  --json "$OUT/results.jsonl" > "$OUT/search_step.txt" 2>&1
-rc=$?; echo "[$(el)s] search_step B=$B1 rc=$rc" | tee -a "$OUT/env.txt"
-echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
-timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_batched.py tests/test_fastpath.py \
-  -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" >> "$OUT/env.txt" 2>&1
-# torch.compile: B=32 with its check first (the check's "seconds" is the compile time: the timed run after it reuses
-# dynamo's cache), then B=256 (new shapes: compiles again), then the inductor CUDA tests, as time allows
-if [ -n "$SSCOMPILE" ] && [ "$(el)" -lt $((DEADLINE - 120)) ]; then
-  echo "[$(el)s] search_step torch.compile" | tee -a "$OUT/env.txt"
-  # shellcheck disable=SC2086
-  timeout $((DEADLINE - 40 - $(el))) $PY benchmarks/search_step.py --device $DEV --batch $B2 --variants $SSCOMPILE \
-    "${SSC[@]}" "${CK[@]}" "${CB[@]}" --json "$OUT/results.jsonl" > "$OUT/search_step_compile.txt" 2>&1
-  rc=$?; echo "[$(el)s] search_step compile B=$B2 rc=$rc" | tee -a "$OUT/env.txt"
-  if [ -n "$SSCOMPILE256" ] && [ "$(el)" -lt $((DEADLINE - 100)) ]; then
-    # shellcheck disable=SC2086
-    timeout $((DEADLINE - 30 - $(el))) $PY benchmarks/search_step.py --device $DEV --batch $B1 --variants $SSCOMPILE256 \
-      "${SSC[@]}" "${CB[@]}" --json "$OUT/results.jsonl" > "$OUT/search_step_compile256.txt" 2>&1
-    rc=$?; echo "[$(el)s] search_step compile B=$B1 rc=$rc" | tee -a "$OUT/env.txt"
-  fi
-fi
-if [ "$(el)" -lt $((DEADLINE - 60)) ]; then
+{
+[ -n "$SSPROF256" ] && [ "$(left)" -gt 120 ] && ss profile256 120 --batch $B1 --variants $SSPROF256 "${SSP[@]}"
+[ -n "$SSPROF32" ] && [ "$(left)" -gt 100 ] && ss profile32 60 --batch $B2 --variants $SSPROF32 "${SSP[@]}"
+# torch.compile: B=256 first (the target not yet met there); its compile time is the row's setup_s
+[ -n "$SSCOMPILE256" ] && [ "$(left)" -gt 100 ] && \
+  ss search_step_compile256 $(( $(left) - 30 )) --batch $B1 --variants $SSCOMPILE256 "${SSC[@]}" "${CB[@]}"
+[ -n "$SSCOMPILE" ] && [ "$(left)" -gt 100 ] && \
+  ss search_step_compile $(( $(left) - 30 )) --batch $B2 --variants $SSCOMPILE "${SSC[@]}" "${CK[@]}" "${CB[@]}"
+if [ -n "$SSCOMPILE$SSCOMPILE256" ] && [ "$(left)" -gt 60 ]; then
   echo "[$(el)s] pytest (inductor CUDA tests)" >> "$OUT/env.txt"
-  timeout $((DEADLINE - 15 - $(el))) $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda \
-    >> "$OUT/env.txt" 2>&1
+  timeout $(( $(left) - 15 )) $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda >> "$OUT/env.txt" 2>&1
+fi
+[ -n "$SS32" ] && [ "$(left)" -gt 100 ] && ss search_step32 150 --batch $B2 --variants $SS32 "${SSA[@]}" "${CK[@]}"
+[ -n "$SS256" ] && [ "$(left)" -gt 100 ] && ss search_step 170 --batch $B1 --variants $SS256 "${SSA[@]}"
+}
+if [ "$CUDA_TESTS" = 1 ] && [ "$(left)" -gt 60 ]; then
+  echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
+  timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_batched.py tests/test_fastpath.py \
+    -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" >> "$OUT/env.txt" 2>&1
 fi
 if [ "${SKIP_DATA:-1}" != 1 ]; then
   echo "[$(el)s] data" >> "$OUT/env.txt"
@@ -181,8 +187,8 @@ fi
 
 # --- summary: the tables ----------------------------------------------------------------------------------------
 echo "[$(el)s] done"
-for f in search_step32 search_step search_step_compile search_step_compile256; do
-  [ -f "$OUT/$f.txt" ] && { grep -E "^  (batch|check)" "$OUT/$f.txt"; sed -n '/^| device/,$p' "$OUT/$f.txt"; }
+for f in profile256 profile32 search_step_compile256 search_step_compile search_step32 search_step; do
+  [ -f "$OUT/$f.txt" ] && { grep -E "^ " "$OUT/$f.txt"; sed -n '/^| device/,$p' "$OUT/$f.txt"; }
 done
 [ -f "$OUT/data.txt" ] && sed -n '/^# data loaders/,$p' "$OUT/data.txt"
 cat "$OUT/hvd_check.txt"

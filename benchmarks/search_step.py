@@ -18,6 +18,9 @@ peak GPU memory (torch.cuda.max_memory_allocated, from model build to the end of
 `--check` (first, before the timings): every fp32 non-eager variant is run for `--check-steps` steps from the
 same initial weights and batches as eager (cuDNN deterministic) and the largest differences are printed (loss,
 weights, alphas/betas).
+`--profile N`: after the timings, N more steps of each variant under torch.profiler; prints the device time per
+step by kernel class (convolution, batch norm, elementwise, copy/cat, reduction, other) and the kernels that take
+most of it (on the CPU: aten ops' self time). Graph variants show the kernels their replays run.
 Results: a markdown table on stdout; `--json FILE` appends one JSON object per row.
 """
 
@@ -125,6 +128,12 @@ def bench(variant, batch, args, device):
     except Exception as e:  # one failing variant must not cost the others
         return dict(variant=variant, batch=batch, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    prof = None
+    if args.profile:
+        try:
+            prof = profile_steps(step, batches, args.profile, device)
+        except Exception as e:  # the timings stand
+            print(f"  profile of {variant} failed: {type(e).__name__}: {e}"[:200], flush=True)
     try:
         saved = saved_activations_gib(model, step, batches[0][0]) if args.saved_memory else None
     except Exception as e:  # e.g. out of memory: the timings stand
@@ -134,9 +143,70 @@ def bench(variant, batch, args, device):
     row = dict(variant=variant, batch=batch, C=args.C, layers=args.layers, K=args.K, device=device.type,
                ms_median=1e3 * med, ms_mean=1e3 * statistics.mean(times), ms_min=1e3 * min(times),
                images_per_s=2 * batch / med, peak_gib=peak, saved_gib=saved, setup_s=first, steps=args.steps,
-               loss=float(lw))
+               loss=float(lw), profile=prof)
     del model, step, batches
     return row
+
+
+KERNEL_CLASSES = (  # first match wins; lower-case substrings of kernel (or aten op) names
+    ("batch norm", ("batch_norm", "batchnorm", "bn_", "welford", "native_batch_norm")),
+    ("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "depthwise", "sm90_", "cutlass",
+                     "gemm", "mkldnn", "winograd")),
+    ("pooling", ("pool",)),
+    ("copy / cat", ("cat", "copy", "contiguous", "clone", "index")),
+    ("reduction", ("reduce", "sum", "softmax", "norm")),
+    ("elementwise", ("elementwise", "vectorized", "pointwise", "triton_poi", "add", "mul", "relu", "threshold",
+                     "fill", "where", "div", "sqrt", "pow")),
+)
+
+
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in n for k in keys):
+            return cls
+    return "other"
+
+
+def profile_steps(step, batches, n, device):
+    """Device time per step of `n` profiled steps: total, by kernel class and the top kernels (ms per step, calls
+    per step). CUDA: the kernels (also those a graph replay runs); CPU: the aten ops' self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        for i in range(n):
+            one_step(step, batches, i)
+        sync(device)
+    kernels = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if device.type == "cuda":
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = e.time_range.elapsed_us()  # a kernel's own duration on the GPU
+        else:
+            if not e.name.startswith("aten::"):
+                continue
+            us = e.self_cpu_time_total
+        kernels[e.name][0] += us / 1e3 / n
+        kernels[e.name][1] += 1 / n
+    by_class = collections.Counter()
+    for name, (ms, _) in kernels.items():
+        by_class[kernel_class(name)] += ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
+    return dict(total_ms=sum(by_class.values()), kernels_per_step=sum(c for _, c in kernels.values()),
+                by_class={k: round(v, 3) for k, v in by_class.most_common()},
+                top=[dict(name=k[:120], ms=round(ms, 3), calls=round(c, 1)) for k, (ms, c) in top])
+
+
+def print_profile(variant, batch, prof):
+    print(f"\n  profile {variant} B={batch}: {prof['total_ms']:.1f} ms of device time per step in "
+          f"{prof['kernels_per_step']:.0f} kernels/ops", flush=True)
+    print("   " + ", ".join(f"{k} {v:.1f} ms ({100 * v / max(prof['total_ms'], 1e-9):.0f}%)"
+                            for k, v in prof["by_class"].items()))
+    for t in prof["top"]:
+        print(f"    {t['ms']:8.2f} ms {t['calls']:7.1f}x  {t['name']}")
 
 
 def saved_activations_gib(model, step, x):
@@ -230,6 +300,8 @@ def main(argv=None):
                    "(aot_eager: a quick CPU rehearsal)")
     p.add_argument("--saved-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the activations one forward saves for backward (GiB; any device)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timings, profile N more steps of each variant: device time by kernel class")
     p.add_argument("--json", default=None, help="append one JSON object per result to this file")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -268,6 +340,8 @@ def main(argv=None):
             msg = r.get("error") or (f"{r['ms_median']:.1f} ms/step, {r['images_per_s']:.0f} img/s, "
                                      f"peak {fmt(r['peak_gib'], '.2f')} GiB, saved {fmt(r['saved_gib'], '.2f')} GiB")
             print(f"  batch {b:4d} {v:14s} {msg}", flush=True)
+            if r.get("profile"):
+                print_profile(v, b, r["profile"])
     base = {r["batch"]: r for r in rows if r["variant"] == "eager" and "error" not in r}
     print("\n| device | batch | variant | ms/step (median) | images/s | speedup vs eager | peak GiB | saved GiB |")
     print("|---|---|---|---|---|---|---|---|")
