@@ -153,7 +153,7 @@ KERNEL_CLASSES = (  # first match wins; lower-case substrings of kernel (or aten
     ("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "depthwise", "sm90_", "cutlass",
                      "gemm", "mkldnn", "winograd")),
     ("pooling", ("pool",)),
-    ("copy / cat", ("cat", "copy", "contiguous", "clone", "index")),
+    ("copy / cat", ("cat", "copy", "memcpy", "memset", "contiguous", "clone", "index")),
     ("reduction", ("reduce", "sum", "softmax", "norm")),
     ("elementwise", ("elementwise", "vectorized", "pointwise", "triton_poi", "add", "mul", "relu", "threshold",
                      "fill", "where", "div", "sqrt", "pow")),
