@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
