@@ -9,9 +9,10 @@ differ), so it explains GPU timings without a GPU.
 Per op: bytes = sizes of its tensor inputs + outputs (views and allocations move nothing; an in-place op counts its
 tensor twice: read and write), FLOPs from torch.utils.flop_counter (convolutions and matmuls only; elementwise work
 is counted as bytes; its convolution-backward formula ignores `groups` for the weight gradient, so the FLOPs of
-grouped convolutions are over-counted: an upper bound, and far from binding either way). Floor of an op = max(bytes / bandwidth, FLOPs / peak FLOP rate); `--node-us` adds a per-kernel
-floor (a CUDA-graph node costs ~2.8 us on an H100 however small: run 1 of RESULTS.md). A kernel's real time is
-above its floor; the ratio measured / floor says how far from the hardware a step's kernels run.
+grouped convolutions are over-counted: an upper bound, and far from binding either way).
+Floor of an op = max(bytes / bandwidth, FLOPs / peak FLOP rate); `--node-us` adds a per-kernel floor (a CUDA-graph
+node costs ~2.8 us on an H100 however small: run 1 of RESULTS.md). A kernel's real time is above its floor; the
+ratio measured / floor says how far from the hardware a step's kernels run.
 """
 
 from __future__ import annotations
