@@ -265,17 +265,46 @@ def compile_cells(model: nn.Module, backend: str = "inductor") -> nn.Module:
     softmaxes and classifier stay eager (a handful of kernels).
     `backend`: torch.compile's; the tests use "aot_eager" (the same graph capture and compiled autograd without
     inductor's code generation, which takes minutes on a small CPU)."""
+    _raise_recompile_limits()
+    for cell in model.cells:
+        cell.compile(dynamic=False, backend=backend)
+    return model
+
+
+def compile_ops(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """`--compile` of bin/train.py: torch.compile every operation of the retraining network's cells that has
+    weights (the preprocessing ReLU-conv-BNs, separable and dilated convolutions, factorized reductions), with
+    static shapes, so that each op's batch norms and ReLUs fuse with their neighbours. Per op, not per cell: the
+    drop path between an op and the node's sum draws random masks with a probability that changes every epoch,
+    which would make a compiled cell recompile each epoch (and draw from inductor's generator, not torch's); the
+    ops are pure functions of their input, shared by every instance of the same shape (one compile for all
+    cells of a stage). Pools and identities have nothing to fuse and stay eager, as do the stem, the auxiliary
+    head and the classifier."""
+    _raise_recompile_limits()
+    for cell in model.cells:
+        for m in (cell.preprocess0, cell.preprocess1, *cell._ops):
+            if any(True for _ in m.parameters()):
+                m.compile(dynamic=False, backend=backend)
+    return model
+
+
+def compile_note(backend: str, device: torch.device, what: str) -> str:
+    """The start line's words for a compiled run ("" when not compiled: backend None)."""
+    if backend is None:
+        return ""
+    slow = backend == "inductor" and device.type == "cpu"
+    return f"compiled {what} ({backend}{': many minutes of compiling on a CPU' if slow else ''}), "
+
+
+def _raise_recompile_limits() -> None:
     import torch._dynamo
 
     cfg = torch._dynamo.config
-    # one compiled entry per (cell shape, batch size, mode, memory format); dynamo keeps 8 by default
+    # one compiled entry per (shape, batch size, mode, memory format); dynamo keeps 8 by default
     for name, floor in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096),
                         ("accumulated_cache_size_limit", 4096)):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), floor))
-    for cell in model.cells:
-        cell.compile(dynamic=False, backend=backend)
-    return model
 
 
 def uncompiled(on: bool = True):
@@ -647,9 +676,13 @@ def check_fast_flags(args, device: torch.device, world: int) -> None:
     if getattr(args, "batched_edges", False) and getattr(args, "sync_bn", False):
         raise UsageError("--batched-edges and --sync-bn exclude each other (the batched cells compute their batch "
                          "norms themselves, unsynchronized): drop one")
-    if getattr(args, "compile", False) and not getattr(args, "batched_edges", False):
-        raise UsageError("--compile needs --batched-edges (the per-edge cells take about 20x longer to compile: "
-                         "minutes per cell); add --batched-edges")
+    if getattr(args, "compile", False):
+        if hasattr(args, "batched_edges") and not args.batched_edges:  # the search (train.py has no such flag)
+            raise UsageError("--compile needs --batched-edges (the per-edge cells take about 20x longer to compile: "
+                             "minutes per cell); add --batched-edges")
+        if getattr(args, "sync_bn", False) and world > 1:
+            raise UsageError("--compile and --sync-bn exclude each other on several ranks (the synchronized batch "
+                             "norms allreduce inside every op): drop one")
     if getattr(args, "cuda_graph", False):
         if device.type != "cuda":
             raise UsageError("--cuda-graph needs a CUDA GPU and this run is on the CPU: drop --cuda-graph")

@@ -483,11 +483,7 @@ class Searcher(RunLoop):
                 f"{self._compile_note()}output {a.output_dir}")
 
     def _compile_note(self) -> str:
-        a = self.args
-        if not a.compile:
-            return ""
-        slow = a.compile_backend == "inductor" and self.device.type == "cpu"
-        return f"compiled cells ({a.compile_backend}{': many minutes of compiling on a CPU' if slow else ''}), "
+        return fastpath.compile_note(self.args.compile_backend if self.args.compile else None, self.device, "cells")
 
     def _epochs(self, st):
         a = self.args

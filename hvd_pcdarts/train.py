@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
       "optimizer step stay outside")
     a("--gpu-data", action="store_true", help="fast path: keep the training set on the device as uint8 and "
       "augment a batch there (the same crops, flips and cutouts as the loader; tensor datasets only)")
+    a("--compile", action="store_true", help="fast path: torch.compile each operation of the cells (fused batch "
+      "norms and ReLUs); ops of one shape share the compiled code, compiled during the first steps (training and "
+      "evaluation mode each); composes with --cuda-graph and --channels-last")
+    a("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # testing aid: aot_eager compiles quickly
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a("--grad-allreduce", choices=dist.GRAD_ALLREDUCE_MODES, default="auto",
       help="how the weight gradients are averaged over the ranks: overlap = one allreduce per tensor started during "
@@ -135,14 +139,17 @@ def build_network(network: str, C: int, num_classes: int, layers: int, auxiliary
     return cls(C, num_classes, layers, auxiliary, genotype)
 
 
-def evaluate(model, loader, device, amp=False):
-    """Sums over this rank's shard, combined over ranks: (loss, top1 %, top5 %, count)."""
+def evaluate(model, loader, device, amp=False, compiled_batch=None):
+    """Sums over this rank's shard, combined over ranks: (loss, top1 %, top5 %, count). `compiled_batch`: the
+    batch size a compiled model was compiled for (--compile); a last batch of another size runs eagerly instead
+    of compiling every op once more."""
     model.eval()
     loss_sum = c1 = c5 = n = 0.0
     with torch.no_grad():
         for batch in loader:
             x, y = batch[0].to(device), batch[1].to(device)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            odd = compiled_batch is not None and len(x) != compiled_batch
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp), fastpath.uncompiled(odd):
                 logits, _ = model(x)
             loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
             k1, k5 = accuracy_counts(logits, y, (1, 5))
@@ -193,6 +200,8 @@ class Trainer(RunLoop):
             dist.convert_sync_batchnorm(self.model)
         if a.channels_last:
             fastpath.to_channels_last(self.model)
+        if a.compile:
+            fastpath.compile_ops(self.model, backend=a.compile_backend)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
         opt = torch.optim.SGD(self.model.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
         # --cuda-graph: a plain SGD; the graphed step averages the gradients itself (hooks do not replay in a graph)
@@ -355,6 +364,7 @@ class Trainer(RunLoop):
         return (f"train: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size}, "
                 f"{self.steps_per_epoch} steps/epoch, {count_parameters(self.model)} parameters "
                 f"(auxiliary head excluded), {'graphed' if a.cuda_graph else self.grad_allreduce} gradient allreduce, "
+                f"{fastpath.compile_note(a.compile_backend if a.compile else None, self.device, 'ops')}"
                 f"output {a.output_dir}")
 
     def _epochs(self, st):
@@ -365,7 +375,8 @@ class Trainer(RunLoop):
             t0 = time.time()
             lr = self.train_epoch(st)
             dist.average_buffers(self.model)  # one network on every rank: evaluated, checkpointed
-            te_loss, te1, te5, n_test = evaluate(self.model, self.test_loader, self.device, self.scaler is not None)
+            te_loss, te1, te5, n_test = evaluate(self.model, self.test_loader, self.device, self.scaler is not None,
+                                                   self.local_batch if a.compile else None)
             self._consistency(f"end of epoch {epoch}")
             loss_sum, c1, c5, n = st.sums
             rec = dict(epoch=epoch, lr=lr, train_loss=loss_sum / max(n, 1), train_top1=100 * c1 / max(n, 1),

@@ -169,3 +169,139 @@ def test_inductor_compiled_step_equals_eager_cuda(graph, strict_fp32):
     den = sum(float(s0[k].double().pow(2).sum()) for k in s0 if s0[k].is_floating_point()) ** 0.5
     assert num / den < 1e-4
     assert torch.allclose(o0, o1, rtol=1e-3, atol=1e-4)
+
+
+# --- bin/train.py --compile: fastpath.compile_ops (each op of the retraining cells) ----------------------------
+def _retrain(compiled, dtype=torch.float64, steps=6):
+    """Steps of the retraining loss (auxiliary head, drop path off then 0.2, SGD with momentum and clipping) on a
+    small PC-DARTS eval net; then eval-mode logits."""
+    from hvd_pcdarts.genotypes import PCDARTS
+    from hvd_pcdarts.train import build_network
+
+    torch.manual_seed(0)
+    model = build_network("cifar", 8, 10, 3, True, PCDARTS).to(dtype)
+    if compiled:
+        fp.compile_ops(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=3e-4)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(steps):
+        model.train()
+        model.drop_path_prob = 0.0 if step < steps // 2 else 0.2
+        x, y = torch.randn(6, 3, 16, 16, generator=g, dtype=dtype), torch.randint(0, 10, (6,), generator=g)
+        torch.manual_seed(100 + step)  # the drop-path masks: drawn eagerly, from torch's generator, in both
+        logits, aux = model(x)
+        loss = nn.functional.cross_entropy(logits, y) + 0.4 * nn.functional.cross_entropy(aux, y)
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        losses.append(float(loss))
+    model.eval()
+    with torch.no_grad():
+        out = model(x)[0]
+    return losses, model.state_dict(), out
+
+
+def test_compiled_ops_equal_eager_float64():
+    """Same losses, weights, BN statistics and eval outputs as eager (drop path on and off, auxiliary head), with
+    no graph break, and op instances of one shape share their compiled code."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    l0, s0, o0 = _retrain(False)
+    l1, s1, o1 = _retrain(True)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-12
+    for k in s0:
+        assert torch.allclose(s0[k].double(), s1[k].double(), rtol=1e-10, atol=1e-12), k
+    assert torch.allclose(o0, o1, rtol=1e-10, atol=1e-12)
+    n_compiled = sum(1 for m in _retrain_model_ops())
+    # a graph per distinct (op, shape) and mode: fewer than one per compiled module and mode (train, eval)
+    assert 0 < counters["stats"]["unique_graphs"] < 2 * n_compiled, (dict(counters["stats"]), n_compiled)
+
+
+def _retrain_model_ops():
+    from hvd_pcdarts.genotypes import PCDARTS
+    from hvd_pcdarts.train import build_network
+
+    model = build_network("cifar", 8, 10, 3, True, PCDARTS)
+    return [m for c in model.cells for m in (c.preprocess0, c.preprocess1, *c._ops)
+            if any(True for _ in m.parameters())]
+
+
+def test_evaluate_runs_a_last_smaller_batch_eagerly(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from hvd_pcdarts import train
+    from hvd_pcdarts.genotypes import PCDARTS
+    from hvd_pcdarts.train import build_network, evaluate
+
+    monkeypatch.setattr(train.dist, "sum_metrics", lambda values, name: values)  # one rank, no Horovod here
+
+    torch.manual_seed(0)
+    ref = build_network("cifar", 8, 10, 3, False, PCDARTS).double()
+    new = fp.compile_ops(__import__("copy").deepcopy(ref), backend="aot_eager")
+    g = torch.Generator().manual_seed(2)
+    loader = [(torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g))
+              for n in (4, 4, 3)]
+    counters.clear()
+    got = evaluate(new, loader[:1], torch.device("cpu"), compiled_batch=4)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    got = evaluate(new, loader, torch.device("cpu"), compiled_batch=4)
+    assert counters["stats"]["unique_graphs"] == graphs  # the batch of 3 compiled nothing
+    want = evaluate(ref, loader, torch.device("cpu"))
+    assert abs(got[0] - want[0]) < 1e-10 and got[1:] == want[1:]
+
+
+TRAIN_SCRIPT = str(REPO_ROOT / "bin" / "train.py")
+RETRAIN = ["--genotype", "PCDARTS", "--dataset", "digits", "--init-channels", "8", "--layers", "3", "--epochs", "2",
+           "--batch-size", "32", "--steps-per-epoch", "3", "--workers", "0", "--no-tensorboard", "--no-progress",
+           "--drop-path-prob", "0.2", "--seed", "1"]
+
+
+def _train_runs(tmp_path, cmd):
+    out = {}
+    for tag, extra in (("eager", []), ("compiled", COMPILE)):
+        res = launch(cmd(extra, tmp_path / tag), timeout=900)
+        assert res.returncode == 0, describe(res)
+        assert ("compiled ops (aot_eager)" in res.stdout + res.stderr) == (tag == "compiled"), describe(res)
+        ck = torch.load(tmp_path / tag / "checkpoint.pt", weights_only=True)
+        out[tag] = (res, ck["model"], [json.loads(ln) for ln in (tmp_path / tag / "metrics.jsonl").read_text()
+                                       .splitlines()])
+    (_, m0, r0), (_, m1, r1) = out["eager"], out["compiled"]
+    assert list(m0) == list(m1)  # the same checkpoint layout (compiled modules keep their names)
+    # float32 (train.py has no --fp64): the first epoch (drop path 0) agrees to rounding; float64 equality of the
+    # compiled ops is the in-process test above
+    assert abs(r0[0]["train_loss"] - r1[0]["train_loss"]) < 1e-3 and abs(r0[0]["test_loss"] - r1[0]["test_loss"]) < 1e-3
+    assert [r["epoch"] for r in r1] == [0, 1]
+    return out
+
+
+def test_train_compile_one_rank_runs_like_eager(tmp_path):
+    _train_runs(tmp_path, lambda extra, out: [python_exe(), TRAIN_SCRIPT, *RETRAIN, *extra, "--device", "cpu",
+                                              "--output-dir", out])
+
+
+@pytest.mark.slow
+def test_train_compile_two_ranks_with_hooks(tmp_path):
+    """2 real ranks, Horovod's per-tensor hooks on the compiled ops' parameters (--grad-allreduce overlap)."""
+    out = _train_runs(tmp_path, lambda extra, o: horovodrun_cmd(2, [TRAIN_SCRIPT, *RETRAIN, *extra, "--grad-allreduce",
+                                                                    "overlap", "--output-dir", o]))
+    for res, _, _ in out.values():
+        assert "all 2 rank(s) hold identical parameters" in res.stdout + res.stderr, describe(res)
+
+
+def test_compile_with_sync_bn_on_several_ranks_is_a_usage_error():
+    import argparse
+
+    from hvd_pcdarts.errors import UsageError
+
+    args = argparse.Namespace(compile=True, sync_bn=True, cuda_graph=False)
+    with pytest.raises(UsageError, match="--compile and --sync-bn exclude each other"):
+        fp.check_fast_flags(args, torch.device("cpu"), 2)
+    fp.check_fast_flags(args, torch.device("cpu"), 1)  # one rank: --sync-bn is a plain batch norm
+    args.batched_edges = False  # the search's args: --compile needs --batched-edges there
+    with pytest.raises(UsageError, match="--compile needs --batched-edges"):
+        fp.check_fast_flags(args, torch.device("cpu"), 1)
