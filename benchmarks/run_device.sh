@@ -118,7 +118,8 @@ ss() {  # ss LABEL TIMEOUT ARGS...: one search_step.py run, its output in $OUT/L
   local label=$1 t=$2; shift 2
   echo "[$(el)s] search_step $label" | tee -a "$OUT/env.txt"
   timeout "$t" $PY benchmarks/search_step.py --device $DEV --json "$OUT/results.jsonl" "$@" > "$OUT/$label.txt" 2>&1
-  echo "[$(el)s] search_step $label rc=$?" | tee -a "$OUT/env.txt"
+  local rc=$?  # before any $(...) in the echo below resets $? (124: cut by its timeout)
+  echo "[$(el)s] search_step $label rc=$rc" | tee -a "$OUT/env.txt"
 }
 # shellcheck disable=SC2086
 {
@@ -138,7 +139,7 @@ fi
 }
 if [ "$CUDA_TESTS" = 1 ] && [ "$(left)" -gt 60 ]; then
   echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
-  timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_batched.py tests/test_fastpath.py \
+  timeout $(( $(left) < 100 ? $(left) - 10 : 90 )) $PY -m pytest -q -p no:cacheprovider tests/test_batched.py tests/test_fastpath.py \
     -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" >> "$OUT/env.txt" 2>&1
 fi
 if [ "${SKIP_DATA:-1}" != 1 ]; then

@@ -140,6 +140,9 @@ def bench(variant, batch, args, device):
         print(f"  saved-memory measurement of {variant} failed: {type(e).__name__}: {e}"[:200], flush=True)
         saved = None
     med = statistics.median(times)
+    if prof and device.type == "cuda" and prof["total_ms"] < 0.3 * 1e3 * med:
+        print(f"  warning: the profile of {variant} accounts for {prof['total_ms']:.1f} ms of a {1e3 * med:.1f} ms "
+              f"step: kernels missing from it (graph replays not traced?) or a launch-bound step", flush=True)
     row = dict(variant=variant, batch=batch, C=args.C, layers=args.layers, K=args.K, device=device.type,
                ms_median=1e3 * med, ms_mean=1e3 * statistics.mean(times), ms_min=1e3 * min(times),
                images_per_s=2 * batch / med, peak_gib=peak, saved_gib=saved, setup_s=first, steps=args.steps,
@@ -160,29 +163,32 @@ KERNEL_CLASSES = (  # first match wins; lower-case substrings of kernel (or aten
 )
 
 
+INDUCTOR_PREFIXES = (  # inductor names its kernels after the aten ops it fused ("triton_poi_fused_convolution_relu_0"
+    # is a pointwise kernel, not a convolution): its prefix says what the kernel is
+    ("triton_poi", "elementwise"), ("triton_red", "reduction"), ("triton_per", "reduction"),
+)
+
+
 def kernel_class(name: str) -> str:
     n = name.lower()
+    for prefix, cls in INDUCTOR_PREFIXES:
+        if n.startswith(prefix):
+            return "batch norm" if cls == "reduction" and "batch_norm" in n else cls
     for cls, keys in KERNEL_CLASSES:
         if any(k in n for k in keys):
             return cls
     return "other"
 
 
-def profile_steps(step, batches, n, device):
-    """Device time per step of `n` profiled steps: total, by kernel class and the top kernels (ms per step, calls
-    per step). CUDA: the kernels (also those a graph replay runs); CPU: the aten ops' self time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
-    with profile(activities=acts) as prof:
-        for i in range(n):
-            one_step(step, batches, i)
-        sync(device)
+def aggregate_profile(events, n: int, device_type: str) -> dict:
+    """`events`: the profiler's FunctionEvents of `n` steps. CUDA: each kernel (and memcpy/memset) on the GPU,
+    by its duration there; annotation ranges that torch mirrors onto the GPU timeline (record_function, e.g.
+    "Optimizer.step#Adam.step", spanning other kernels) are not kernels and are left out. CPU: the aten ops' self
+    time. Returns ms and calls per step: total, by kernel class, the top 15 names."""
     kernels = collections.defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if device.type == "cuda":
-            if e.device_type != torch.autograd.DeviceType.CUDA:
+    for e in events:
+        if device_type == "cuda":
+            if e.device_type != torch.autograd.DeviceType.CUDA or getattr(e, "is_user_annotation", False):
                 continue
             us = e.time_range.elapsed_us()  # a kernel's own duration on the GPU
         else:
@@ -195,9 +201,24 @@ def profile_steps(step, batches, n, device):
     for name, (ms, _) in kernels.items():
         by_class[kernel_class(name)] += ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
-    return dict(total_ms=sum(by_class.values()), kernels_per_step=sum(c for _, c in kernels.values()),
+    return dict(total_ms=sum(ms for ms, _ in kernels.values()), kernels_per_step=sum(c for _, c in kernels.values()),
                 by_class={k: round(v, 3) for k, v in by_class.most_common()},
                 top=[dict(name=k[:120], ms=round(ms, 3), calls=round(c, 1)) for k, (ms, c) in top])
+
+
+def profile_steps(step, batches, n, device):
+    """Device time per step of `n` profiled steps (`aggregate_profile`). On CUDA the profiler (CUPTI) reports the
+    kernels a CUDA-graph replay runs one by one; `bench` warns when a profile accounts for far less than the
+    measured step (kernels not seen)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        for i in range(n):
+            one_step(step, batches, i)
+        sync(device)
+    return aggregate_profile(prof.events(), n, device.type)
 
 
 def print_profile(variant, batch, prof):

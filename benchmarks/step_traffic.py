@@ -10,7 +10,8 @@ Per op: bytes = sizes of its tensor inputs + outputs (views and allocations move
 tensor twice: read and write), FLOPs from torch.utils.flop_counter (convolutions and matmuls only; elementwise work
 is counted as bytes; its convolution-backward formula ignores `groups` for the weight gradient, so the FLOPs of
 grouped convolutions are over-counted: an upper bound, and far from binding either way).
-Floor of an op = max(bytes / bandwidth, FLOPs / peak FLOP rate); `--node-us` adds a per-kernel floor (a CUDA-graph
+Floor of a kernel class = max(its bytes / bandwidth, its FLOPs / peak FLOP rate), summed over the classes (a
+lower bound; per op it would be a little higher); `--node-us` adds a per-kernel floor (a CUDA-graph
 node costs ~2.8 us on an H100 however small: run 1 of RESULTS.md). A kernel's real time is above its floor; the
 ratio measured / floor says how far from the hardware a step's kernels run.
 """
@@ -31,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import search_step as ss  # noqa: E402
 
-GPUS = {  # bytes/s of HBM, fp32 FLOP/s without tensor cores (conservative for TF32 convolutions)
+GPUS = {  # bytes/s of HBM, fp32 FLOP/s without tensor cores (TF32 convolutions can go faster: FLOPs never bind here)
     "h100": (3.35e12, 67e12),
     "h200": (4.8e12, 67e12),
 }
@@ -40,7 +41,8 @@ FREE = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"
 
 
 def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    # an expanded (stride-0) view reads no more than its storage holds
+    return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
 
 
 class Traffic(TorchDispatchMode):
@@ -56,6 +58,8 @@ class Traffic(TorchDispatchMode):
         if getattr(func, "is_view", False) or name in FREE:
             return out
         ins = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, torch.Tensor)]
+        if name == "copy_":  # reads the source, writes the destination (counted once, as the output)
+            ins = ins[1:]
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         self.ops.append((name, sum(map(_nbytes, ins)) + sum(map(_nbytes, outs))))
         return out

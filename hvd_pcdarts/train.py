@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
       "augment a batch there (the same crops, flips and cutouts as the loader; tensor datasets only)")
     a("--compile", action="store_true", help="fast path: torch.compile each operation of the cells (fused batch "
       "norms and ReLUs); ops of one shape share the compiled code, compiled during the first steps (training and "
-      "evaluation mode each); composes with --cuda-graph and --channels-last")
+      "evaluation mode each); composes with --cuda-graph and --channels-last (their CUDA tests not yet run on a "
+      "GPU)")
     a("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # testing aid: aot_eager compiles quickly
     a("--device", choices=["auto", "cpu", "cuda"], default="auto")
     a("--grad-allreduce", choices=dist.GRAD_ALLREDUCE_MODES, default="auto",

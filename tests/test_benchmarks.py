@@ -24,9 +24,38 @@ TINY = dict(C=4, layers=5, K=4, seed=2, compile_backend="inductor")
     ("void at::native::vectorized_elementwise_kernel<4, add>", "elementwise"), ("aten::cat", "copy / cat"),
     ("Memcpy DtoD (Device -> Device)", "copy / cat"), ("triton_poi_fused_add_mul_0", "elementwise"),
     ("aten::native_batch_norm_backward", "batch norm"), ("something_new", "other"),
+    ("triton_poi_fused_convolution_relu_0", "elementwise"), ("triton_red_fused_cat_sum_3", "reduction"),
+    ("triton_per_fused__native_batch_norm_legit_functional_1", "batch norm"),
 ])
 def test_kernel_class(name, cls):
     assert ss.kernel_class(name) == cls
+
+
+class _Ev:
+    """A stand-in for the profiler's FunctionEvent: what aggregate_profile reads."""
+
+    def __init__(self, name, device, us, annotation=False):
+        from torch.autograd.profiler_util import Interval
+
+        self.name, self.is_user_annotation = name, annotation
+        self.device_type = torch.autograd.DeviceType.CUDA if device == "cuda" else torch.autograd.DeviceType.CPU
+        self.time_range = Interval(1000, 1000 + us)
+        self.self_cpu_time_total = us
+
+
+def test_aggregate_profile_counts_gpu_kernels_only():
+    ev = [_Ev("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float>", "cuda", 300),
+          _Ev("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float>", "cuda", 300),
+          _Ev("sm90_xmma_fprop_implicit_gemm_tf32", "cuda", 1000),
+          _Ev("Memcpy DtoD (Device -> Device)", "cuda", 100),
+          _Ev("Optimizer.step#Adam.step", "cuda", 5000, annotation=True),  # a range over other kernels
+          _Ev("aten::convolution", "cpu", 9000)]  # the CPU side of the same step
+    p = ss.aggregate_profile(ev, 2, "cuda")  # two steps
+    assert p["total_ms"] == pytest.approx(0.85) and p["kernels_per_step"] == pytest.approx(2.0)
+    assert p["by_class"] == {"convolution": 0.5, "batch norm": 0.3, "copy / cat": 0.05}
+    assert p["top"][0] == dict(name="sm90_xmma_fprop_implicit_gemm_tf32", ms=0.5, calls=0.5)
+    cpu = ss.aggregate_profile(ev, 1, "cpu")
+    assert cpu["total_ms"] == pytest.approx(9.0) and cpu["by_class"] == {"convolution": 9.0}
 
 
 def test_profile_steps_accounts_the_step_on_cpu():
@@ -37,6 +66,7 @@ def test_profile_steps_accounts_the_step_on_cpu():
     prof = ss.profile_steps(step, batches, 2, torch.device("cpu"))
     assert prof["total_ms"] > 0 and prof["kernels_per_step"] > 100
     assert abs(sum(prof["by_class"].values()) - prof["total_ms"]) < 1e-2 * prof["total_ms"] + 0.01
+    assert any(t["name"] == "aten::convolution_backward" for t in prof["top"])  # the step's backward was traced
     assert prof["by_class"]["convolution"] > 0 and prof["by_class"]["batch norm"] > 0
     assert len(prof["top"]) == 15 and prof["top"][0]["ms"] >= prof["top"][-1]["ms"]
 
