@@ -65,24 +65,28 @@ build_horovod() {
 HVD_TARGET=${HVD_TARGET:-/tmp/hvd}
 if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 # Stages, in this order, each skipped when its list is empty (VAR= on the command line) or the deadline is near:
-#  1. SSPROF256 / SSPROF32: short timings + torch.profiler (device time per step by kernel class, top kernels)
-#  2. SSCOMPILE256: torch.compile inside the CUDA graph at B=256 (setup_s = capture + compile time)
-#  3. SSCOMPILE: the same at B=32, --check'ed against eager first (the check's "seconds" include the compile)
+#  1. SSPROF256 / SSPROF32: timings + torch.profiler (device time per step by kernel class, top kernels), all the
+#     variants of a list in one process (cuDNN's autotuning of shared shapes done once)
+#  2. SS32 (B=32, --check'ed against eager first), then the CUDA equivalence tests of test_batched/test_fastpath
+#     (CUDA_TESTS=1), then SS256 (B=256)
+#  3. SSCOMPILE256 / SSCOMPILE: torch.compile inside the CUDA graph at B=256 / B=32 (+check); setup_s = capture
+#     + compile time (more than 160 s at B=256 on an H100: run last, with what time is left)
 #  4. the inductor CUDA tests (tests/test_compile.py -k cuda)
-#  5. SS32 / SS256: the plain variants (B=32 with --check), then the CUDA-graph/batched CUDA tests (CUDA_TESTS=1)
-# Defaults: what the fourth device run (H200, 2026-11-27) left unmeasured; stage 5's lists were measured there.
-SSPROF256=${SSPROF256-"graph+cl+be"}
-SSPROF32=${SSPROF32-"graph+be"}
+# Defaults: session 6's A/B of the batched op's options (search_step.py +pwg/+pwd/+nclg): new defaults against
+# the session-5 behaviour (+pwg+nclg), profiled at B=256.
+SSPROF256=${SSPROF256-"graph+cl+be graph+cl+be+pwg+nclg"}
+SSPROF32=${SSPROF32-""}
+SS32=${SS32-"graph+be graph+be+pwg"}
+SS256=${SS256-"graph+cl+be+pwg graph+cl+be+bf16"}
 SSCOMPILE256=${SSCOMPILE256-"graph+cl+compile+be"}
-SSCOMPILE=${SSCOMPILE-"graph+compile+be"}
-SS32=${SS32-""}
-SS256=${SS256-""}
-CUDA_TESTS=${CUDA_TESTS-0}
+SSCOMPILE=${SSCOMPILE-""}
+PROF_STEPS=${PROF_STEPS-1}
+CUDA_TESTS=${CUDA_TESTS-1}
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu
   SSA=(--steps 1 --warmup 1 --C 8 --layers 5); B1=4; B2=2
-  SS256="eager eager+be graph+be"; SS32="eager eager+be eager+cl+be"; SSCOMPILE="eager+compile+be"; SSCOMPILE256=""
-  SSPROF256="eager+be"; SSPROF32=""; CUDA_TESTS=1
+  SS256="eager eager+be+pwd graph+be"; SS32="eager eager+be eager+cl+be"; SSCOMPILE="eager+compile+be"; SSCOMPILE256=""
+  SSPROF256="eager+be eager+cl+be+pwg+nclg"; SSPROF32=""; CUDA_TESTS=1
   CB=(--compile-backend aot_eager); SSC=(--steps 1 --warmup 1 --C 8 --layers 5)  # inductor on 2 CPU cores: minutes
   SSP=(--steps 1 --warmup 1 --C 8 --layers 5 --profile 1 --no-saved-memory)
   CK=(--check --check-batch 2 --check-steps 1)
@@ -98,7 +102,7 @@ else
   CK=(--check --check-batch 32 --check-steps 3)
   DA=(--batch 256 32 --workers 0 4 --batches 30)
   CB=(); SSC=(--steps 8 --warmup 3)
-  SSP=(--steps 3 --warmup 2 --profile 3 --no-saved-memory)
+  SSP=(--steps 6 --warmup 2 --profile "$PROF_STEPS" --no-saved-memory)
   E2E_EXTRA=""
   E2E_DEV=cuda
   E2E_FLAGS=("" "--cuda-graph --gpu-data" "--cuda-graph --gpu-data --channels-last --batched-edges")
@@ -121,10 +125,21 @@ ss() {  # ss LABEL TIMEOUT ARGS...: one search_step.py run, its output in $OUT/L
   local rc=$?  # before any $(...) in the echo below resets $? (124: cut by its timeout)
   echo "[$(el)s] search_step $label rc=$rc" | tee -a "$OUT/env.txt"
 }
+nv() { echo $#; }  # number of variants in a list
 # shellcheck disable=SC2086
 {
-[ -n "$SSPROF256" ] && [ "$(left)" -gt 120 ] && ss profile256 120 --batch $B1 --variants $SSPROF256 "${SSP[@]}"
-[ -n "$SSPROF32" ] && [ "$(left)" -gt 100 ] && ss profile32 60 --batch $B2 --variants $SSPROF32 "${SSP[@]}"
+[ -n "$SSPROF256" ] && [ "$(left)" -gt 120 ] && \
+  ss profile256 $(( 70 + 40 * $(nv $SSPROF256) )) --batch $B1 --variants $SSPROF256 "${SSP[@]}"
+[ -n "$SSPROF32" ] && [ "$(left)" -gt 100 ] && \
+  ss profile32 $(( 40 + 25 * $(nv $SSPROF32) )) --batch $B2 --variants $SSPROF32 "${SSP[@]}"
+[ -n "$SS32" ] && [ "$(left)" -gt 100 ] && ss search_step32 150 --batch $B2 --variants $SS32 "${SSA[@]}" "${CK[@]}"
+if [ "$CUDA_TESTS" = 1 ] && [ "$(left)" -gt 60 ]; then
+  echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
+  timeout $(( $(left) < 130 ? $(left) - 10 : 120 )) $PY -m pytest -q -p no:cacheprovider tests/test_batched.py \
+    tests/test_fastpath.py -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" \
+    >> "$OUT/env.txt" 2>&1
+fi
+[ -n "$SS256" ] && [ "$(left)" -gt 100 ] && ss search_step $(( 60 + 40 * $(nv $SS256) )) --batch $B1 --variants $SS256 "${SSA[@]}"
 # torch.compile: B=256 first (the target not yet met there); its compile time is the row's setup_s
 [ -n "$SSCOMPILE256" ] && [ "$(left)" -gt 100 ] && \
   ss search_step_compile256 $(( $(left) - 30 )) --batch $B1 --variants $SSCOMPILE256 "${SSC[@]}" "${CB[@]}"
@@ -134,14 +149,7 @@ if [ -n "$SSCOMPILE$SSCOMPILE256" ] && [ "$(left)" -gt 60 ]; then
   echo "[$(el)s] pytest (inductor CUDA tests)" >> "$OUT/env.txt"
   timeout $(( $(left) - 15 )) $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda >> "$OUT/env.txt" 2>&1
 fi
-[ -n "$SS32" ] && [ "$(left)" -gt 100 ] && ss search_step32 150 --batch $B2 --variants $SS32 "${SSA[@]}" "${CK[@]}"
-[ -n "$SS256" ] && [ "$(left)" -gt 100 ] && ss search_step 170 --batch $B1 --variants $SS256 "${SSA[@]}"
 }
-if [ "$CUDA_TESTS" = 1 ] && [ "$(left)" -gt 60 ]; then
-  echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
-  timeout $(( $(left) < 100 ? $(left) - 10 : 90 )) $PY -m pytest -q -p no:cacheprovider tests/test_batched.py tests/test_fastpath.py \
-    -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" >> "$OUT/env.txt" 2>&1
-fi
 if [ "${SKIP_DATA:-1}" != 1 ]; then
   echo "[$(el)s] data" >> "$OUT/env.txt"
   timeout 60 $PY benchmarks/data.py --device $DEV "${DA[@]}" --json "$OUT/results.jsonl" > "$OUT/data.txt" 2>&1

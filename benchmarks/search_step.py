@@ -11,7 +11,10 @@ A variant is MODE[+cl][+bf16]: MODE is eager (the reference: search.Searcher's s
 compile (= eager+compile); +compile = torch.compile of each cell (fastpath.compile_cells, as --compile; needs
 +be; the arch step freezes the weights); +cl = channels_last; +bf16 = bf16 autocast; +bnc = batch
 norm as plain reductions (fastpath.CompositeBatchNorm2d); +be = the batched mixed op (--batched-edges:
-models/batched_cell.py, each cell's ready edges as grouped convolutions).
+models/batched_cell.py, each cell's ready edges as grouped convolutions), with its implementation choices
+(batched_cell.OPTIONS) for A/B timings: +pwg / +pwd = 1x1 convolutions grouped / block-diagonal dense (default:
+dense on CUDA), +nclg = without making the gradients channels_last (the behaviour before session 6), +msc / +mse =
+a group's ops on parallel CUDA streams while a graph is captured / also eager.
 Per variant: median and mean ms per step (arch + weight, synchronized every step, as the training loop is by
 its loss readout), images/s = 2 x batch / median step (each step trains on an arch batch and a weight batch),
 peak GPU memory (torch.cuda.max_memory_allocated, from model build to the end of timing).
@@ -41,9 +44,14 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from hvd_pcdarts import fastpath as fp  # noqa: E402
+from hvd_pcdarts.models import batched_cell  # noqa: E402
+
+DEFAULT_BE_OPTIONS = dict(batched_cell.OPTIONS)
 
 
-Variant = collections.namedtuple("Variant", "mode cl bf16 bnc be tc")
+Variant = collections.namedtuple("Variant", "mode cl bf16 bnc be tc opts")
+BE_OPTIONS = {"pwg": ("pointwise", "grouped"), "pwd": ("pointwise", "dense"), "nclg": ("cl_grads", False),
+              "msc": ("streams", "capture"), "mse": ("streams", "on")}
 
 
 def parse_variant(v: str) -> Variant:
@@ -52,15 +60,19 @@ def parse_variant(v: str) -> Variant:
     if mode not in ("eager", "graph", "compile"):
         raise SystemExit(f"unknown variant {v!r}: MODE must be eager, graph or compile")
     extra = set(parts[1:])
-    if extra - {"cl", "bf16", "bnc", "be", "compile"}:
-        raise SystemExit(f"unknown variant {v!r}: options are +cl, +bf16, +bnc, +be and +compile")
+    if extra - {"cl", "bf16", "bnc", "be", "compile", *BE_OPTIONS}:
+        raise SystemExit(f"unknown variant {v!r}: options are +cl, +bf16, +bnc, +be, +compile and (with +be) "
+                         f"+{', +'.join(BE_OPTIONS)}")
+    if extra & set(BE_OPTIONS) and "be" not in extra:
+        raise SystemExit(f"unknown variant {v!r}: +{', +'.join(BE_OPTIONS)} choose how +be computes")
+    opts = dict(BE_OPTIONS[o] for o in sorted(extra & set(BE_OPTIONS)))
     if {"bnc", "be"} <= extra:
         raise SystemExit(f"unknown variant {v!r}: +be computes its batch norms itself (no +bnc)")
     tc = mode == "compile" or "compile" in extra
     if tc and "be" not in extra:
         raise SystemExit(f"unknown variant {v!r}: torch.compile needs +be (as --compile needs --batched-edges)")
     return Variant("eager" if mode == "compile" else mode, "cl" in extra, "bf16" in extra, "bnc" in extra,
-                   "be" in extra, tc)
+                   "be" in extra, tc, opts)
 
 
 def make_batches(n, batch, device, size=32, classes=10, seed=123):
@@ -74,6 +86,8 @@ def make_batches(n, batch, device, size=32, classes=10, seed=123):
 
 
 def build_step(v: Variant, args, device):
+    batched_cell.OPTIONS.clear()
+    batched_cell.OPTIONS.update(DEFAULT_BE_OPTIONS, **v.opts)  # read at every forward (and graph capture)
     model, arch, weights, a_opt, w_opt = fp.build_search(args.C, args.layers, args.K, seed=args.seed, device=device,
                                                          channels_last=v.cl, batched_edges=v.be)
     if v.bnc:

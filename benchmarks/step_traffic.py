@@ -25,12 +25,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import search_step as ss  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-import search_step as ss  # noqa: E402
 
 GPUS = {  # bytes/s of HBM, fp32 FLOP/s without tensor cores (TF32 convolutions can go faster: FLOPs never bind here)
     "h100": (3.35e12, 67e12),

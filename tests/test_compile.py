@@ -22,13 +22,15 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 SCRIPT = str(REPO_ROOT / "bin" / "train_search.py")
 
 
-def _search(backend=None, freeze=False, steps=2, device="cpu", dtype=torch.float64, graph=False):
-    model, arch, weights, a_opt, w_opt = fp.build_search(4, 4, 2, seed=4, device=device, batched_edges=True)
+def _search(backend=None, freeze=False, steps=2, device="cpu", dtype=torch.float64, graph=False, cl=False):
+    model, arch, weights, a_opt, w_opt = fp.build_search(4, 4, 2, seed=4, device=device, batched_edges=True,
+                                                         channels_last=cl)
     model.to(dtype)
     if backend:
         fp.compile_cells(model, backend=backend)
     cls = fp.GraphedSearchStep if graph else fp.EagerSearchStep
-    step = cls(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0, freeze_weights=freeze)
+    step = cls(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0, freeze_weights=freeze,
+               channels_last=cl)
     g = torch.Generator().manual_seed(9)
     losses = []
     for _ in range(steps):
@@ -39,7 +41,8 @@ def _search(backend=None, freeze=False, steps=2, device="cpu", dtype=torch.float
     assert all(p.requires_grad for p in model.parameters())  # frozen() gave the weights back
     model.eval()
     with torch.no_grad():
-        out = model(torch.randn(5, 3, 8, 8, generator=g, dtype=dtype).to(device))
+        x = torch.randn(5, 3, 8, 8, generator=g, dtype=dtype).to(device)
+        out = model(x.contiguous(memory_format=torch.channels_last) if cl else x)
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, out
 
 
@@ -66,13 +69,22 @@ def test_frozen_restores_requires_grad_after_an_error():
     assert [p.requires_grad for p in params] == [True, False]  # only what it froze is unfrozen
 
 
-def test_compiled_cells_equal_eager_float64():
+@pytest.mark.parametrize("cl,pointwise", [(False, "grouped"), (True, "dense")])
+def test_compiled_cells_equal_eager_float64(cl, pointwise):
     """Losses of arch and weight steps, every parameter, BN running statistics and counters after the steps, and
-    eval-mode outputs: compiled cells (training, frozen-weight arch step, no-grad evaluation) equal eager."""
+    eval-mode outputs: compiled cells (training, frozen-weight arch step, no-grad evaluation) equal eager; also
+    channels_last (its gradient-layout function) with block-diagonal 1x1 convolutions (the CUDA default)."""
     from torch._dynamo.utils import counters
 
+    from hvd_pcdarts.models import batched_cell
+
     counters.clear()
-    _assert_same(_search(), _search(backend="aot_eager", freeze=True), 1e-10)
+    saved = dict(batched_cell.OPTIONS)
+    batched_cell.OPTIONS["pointwise"] = pointwise
+    try:
+        _assert_same(_search(cl=cl), _search(backend="aot_eager", freeze=True, cl=cl), 1e-10)
+    finally:
+        batched_cell.OPTIONS.update(saved)
     # really compiled, in one piece per cell: 4 cells of 3 shapes x (training, arch step, no-grad eval)
     assert counters["stats"]["unique_graphs"] >= 9, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
@@ -157,12 +169,12 @@ def test_compile_without_batched_edges_is_one_line_usage_error(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor's GPU code)")
-@pytest.mark.parametrize("graph", [False, True])
-def test_inductor_compiled_step_equals_eager_cuda(graph, strict_fp32):
-    """Inductor on the GPU, eager step and inside the CUDA graph (--compile --cuda-graph): float32, different
-    kernels, so equal to a tolerance."""
-    ref = _search(device="cuda", dtype=torch.float32, steps=3)
-    new = _search(backend="inductor", freeze=True, device="cuda", dtype=torch.float32, steps=3, graph=graph)
+@pytest.mark.parametrize("graph,cl", [(False, False), (True, False), (True, True)])
+def test_inductor_compiled_step_equals_eager_cuda(graph, cl, strict_fp32):
+    """Inductor on the GPU, eager step and inside the CUDA graph (--compile --cuda-graph, also channels_last):
+    float32, different kernels, so equal to a tolerance."""
+    ref = _search(device="cuda", dtype=torch.float32, steps=3, cl=cl)
+    new = _search(backend="inductor", freeze=True, device="cuda", dtype=torch.float32, steps=3, graph=graph, cl=cl)
     (l0, s0, o0), (l1, s1, o1) = ref, new
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-4
     num = sum(float((s0[k] - s1[k]).double().pow(2).sum()) for k in s0 if s0[k].is_floating_point()) ** 0.5

@@ -35,6 +35,24 @@ _IDX = {name: i for i, name in enumerate(PRIMITIVES)}
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")
 _DIL = ("dil_conv_3x3", "dil_conv_5x5")
 
+# How the batched op computes, for A/B timings (benchmarks/search_step.py --batched-opt KEY=VALUE); the results
+# are the same either way (tests/test_batched.py runs every choice against the per-edge reference).
+OPTIONS = {
+    # the 1x1 convolutions of the stacked edges (pointwise convs, FactorizedReduce): "grouped" (groups=E, each
+    # edge's weight) or "dense" (one block-diagonal weight: E x the FLOPs, but one GEMM instead of cuDNN's
+    # grouped kernels with C/K channels per group, 5x slower on an H100); "auto": dense on CUDA, grouped elsewhere
+    "pointwise": "auto",
+    # channels_last runs: the gradient reaching each group's ops made channels_last (the backward of the
+    # node sums/unbind hands back NCHW gradients, which send BN backward to its slow strided kernel and cuDNN
+    # to layout conversions)
+    "cl_grads": True,
+    # the independent ops of a group (pools, separable and dilated convs) on CUDA side streams, forked from and
+    # joined back to the current stream: "capture" = only while a CUDA graph is captured (the graph then holds
+    # parallel branches; their backward runs on the same streams), "on" = eager too, "off"
+    "streams": "off",
+}
+_SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]
+
 
 def edge_offset(node: int) -> int:
     """Index of the first incoming edge of intermediate node `node` (node i has 2 + i incoming edges)."""
@@ -144,8 +162,19 @@ class BatchedCellRunner:
                 self._counter.add_(1)
         cp = cell.preprocess1[-1].num_features // cell._ops[0].k
         index = [self._channel_index(s1.device, gi, cp) for gi in range(len(self.groups))]
+        if _dense_pointwise(s1.device):  # eye(E) per group size, to mask block-diagonal weights
+            dt = cell.preprocess1[1].weight.dtype
+            index.append({len(g.edges): self._eye(s1.device, dt, len(g.edges)) for g in self.groups})
+        if OPTIONS["streams"] != "off" and s1.is_cuda:  # created here, not in the middle of a graph capture
+            _side_streams(s1.device, len(PRIMITIVES))
         fn = self._compiled or BatchedCellRunner._compute
         return fn(self, cell, s0, s1, weights, edge_weights, index)
+
+    def _eye(self, device, dtype, n):
+        key = ("eye", device, dtype, n)
+        if key not in self._index:
+            self._index[key] = torch.eye(n, dtype=dtype, device=device)
+        return self._index[key]
 
     def compile(self, **options) -> None:
         """Run the tensor work through torch.compile (the cell's `--compile`); the bookkeeping stays eager. The
@@ -180,7 +209,10 @@ class BatchedCellRunner:
             parts = [heads[j] for j in group.inputs]
             X = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             sc = scales.index_select(1, index[gi])  # (ops, E * cp)
-            Y = self._mixed(cell, gi, group, X, sc, cell.training)
+            eyes = index[len(self.groups)] if len(index) > len(self.groups) else None
+            Y = self._mixed(cell, gi, group, X, sc, cell.training, eyes)
+            if nhwc and OPTIONS["cl_grads"]:
+                Y = _ChannelsLastGrad.apply(Y)
             if gi == 0:  # edges ordered (node, input 0/1): sum each node's two
                 for i, p in enumerate(Y.unflatten(1, (cell._steps, 2, cp)).sum(2).unbind(1)):
                     mixed[i].append(p)
@@ -213,8 +245,9 @@ class BatchedCellRunner:
         out = torch.cat([m.unsqueeze(2), r.unflatten(1, (k - 1, cp)).transpose(1, 2)], dim=2)
         return out.reshape(n, cp * k, h, w)
 
-    def _mixed(self, cell, gi, group, X, sc, training):
-        """sum over ops of scale * op(X) for every edge of the group at once: (N, E * cp, H', W')."""
+    def _mixed(self, cell, gi, group, X, sc, training, eyes=None):
+        """sum over ops of scale * op(X) for every edge of the group at once: (N, E * cp, H', W'). `eyes`: the
+        1x1 convolutions with block-diagonal dense weights (OPTIONS["pointwise"])."""
         ops = [cell._ops[e]._ops for e in group.edges]
         E = len(group.edges)
         cp = X.shape[1] // E
@@ -231,47 +264,120 @@ class BatchedCellRunner:
 
         def conv(y, primitive, index, groups):
             c = ops[0][_IDX[primitive]][index]
-            return F.conv2d(y, weight(primitive, index), None, c.stride, c.padding, c.dilation, groups)
+            w = weight(primitive, index)
+            if eyes is not None and groups == E > 1 and tuple(c.kernel_size) == (1, 1):
+                w, groups = _block_diagonal(w, eyes[E]), 1
+            return F.conv2d(y, w, None, c.stride, c.padding, c.dilation, groups)
 
         R = F.relu(X)
-        out = []
-        for primitive, s in zip(PRIMITIVES, sc.unbind(0)):
-            if primitive == "none":  # zeros: contributes nothing
-                continue
+
+        def branch(primitive, s):
             if primitive in ("max_pool_3x3", "avg_pool_3x3"):
-                out.append(bn(ops[0][_IDX[primitive]][0](X), primitive, "pool", s))
-            elif primitive == "skip_connect":
+                return bn(ops[0][_IDX[primitive]][0](X), primitive, "pool", s)
+            if primitive == "skip_connect":
                 if group.stride == 1:
-                    out.append(X * s.to(X.dtype)[None, :, None, None])
-                else:
-                    w1, w2 = weight(primitive, None, "conv_1"), weight(primitive, None, "conv_2")
-                    out.append(bn(_factorized_reduce(R, w1, w2, E), primitive, "fr", s))
-            elif primitive in _SEP:  # relu, dw, pw, BN, relu, dw, pw, BN
+                    return X * s.to(X.dtype)[None, :, None, None]
+                w1, w2 = weight(primitive, None, "conv_1"), weight(primitive, None, "conv_2")
+                return bn(_factorized_reduce(R, w1, w2, E, eyes), primitive, "fr", s)
+            if primitive in _SEP:  # relu, dw, pw, BN, relu, dw, pw, BN
                 y = conv(conv(R, primitive, 1, E * cp), primitive, 2, E)
                 y = F.relu(bn(y, primitive, "mid", None))
                 y = conv(conv(y, primitive, 5, E * cp), primitive, 6, E)
-                out.append(bn(y, primitive, "last", s))
-            else:  # dilated conv: relu, dw (dilated), pw, BN
-                y = conv(conv(R, primitive, 1, E * cp), primitive, 2, E)
-                out.append(bn(y, primitive, "last", s))
+                return bn(y, primitive, "last", s)
+            y = conv(conv(R, primitive, 1, E * cp), primitive, 2, E)  # dilated conv: relu, dw (dilated), pw, BN
+            return bn(y, primitive, "last", s)
+
+        # "none" is zeros: contributes nothing
+        todo = [(primitive, s) for primitive, s in zip(PRIMITIVES, sc.unbind(0)) if primitive != "none"]
+        if _use_streams(X):
+            out = _on_side_streams([lambda p=p, s=s: branch(p, s) for p, s in todo], (X, R, sc))
+        else:
+            out = [branch(p, s) for p, s in todo]
         total = out[0]
         for y in out[1:]:
             total = total + y
         return total
 
 
+def _use_streams(x: torch.Tensor) -> bool:
+    mode = OPTIONS["streams"]
+    if mode not in ("off", "capture", "on"):
+        raise ValueError(f"batched_cell.OPTIONS['streams'] = {mode!r}: off, capture or on")
+    if mode == "off" or not x.is_cuda or torch.compiler.is_compiling():
+        return False
+    return mode == "on" or torch.cuda.is_current_stream_capturing()
+
+
+def _side_streams(device, n):
+    streams = _SIDE_STREAMS.setdefault(torch.device(device).index, [])
+    while len(streams) < n:
+        streams.append(torch.cuda.Stream(device=device))
+    return streams
+
+
+def _on_side_streams(fns, inputs):
+    """fns() each on its own side stream, forked from the current stream after `inputs` are ready and joined back
+    before the results are used. The caching allocator is told which streams use which blocks (record_stream), so
+    no block is reused while another stream may still read it; autograd runs each op's backward on the op's stream
+    and synchronizes the streams it joins."""
+    main = torch.cuda.current_stream()
+    streams = _side_streams(main.device, len(fns))
+    outs = []
+    for fn, st in zip(fns, streams):
+        for t in inputs:
+            t.record_stream(st)
+        st.wait_stream(main)
+        with torch.cuda.stream(st):
+            outs.append(fn())
+    for st, y in zip(streams, outs):
+        main.wait_stream(st)
+        y.record_stream(main)
+    return outs
+
+
 def _is_nhwc(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _factorized_reduce(R, w1, w2, E):
+def _dense_pointwise(device) -> bool:
+    mode = OPTIONS["pointwise"]
+    if mode not in ("auto", "dense", "grouped"):
+        raise ValueError(f"batched_cell.OPTIONS['pointwise'] = {mode!r}: auto, dense or grouped")
+    return mode == "dense" or (mode == "auto" and device.type == "cuda")
+
+
+def _block_diagonal(w, eye):
+    """(E*co, ci, kh, kw) weights of E groups -> the (E*co, E*ci, kh, kw) dense weight with them on the diagonal
+    and exact zeros elsewhere (a multiply by eye(E): one kernel, and its backward hands each edge its block)."""
+    E = eye.shape[0]
+    co, ci, kh, kw = w.shape[0] // E, w.shape[1], w.shape[2], w.shape[3]
+    dense = w.view(E, co, 1, ci, kh, kw) * eye.to(w.dtype).view(E, 1, E, 1, 1, 1)
+    return dense.reshape(E * co, E * ci, kh, kw)
+
+
+class _ChannelsLastGrad(torch.autograd.Function):
+    """Identity; its backward returns the gradient channels_last (OPTIONS["cl_grads"])."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous(memory_format=torch.channels_last)
+
+
+def _factorized_reduce(R, w1, w2, E, eyes=None):
     """Every edge's FactorizedReduce (after its ReLU, before its BN) over the stacked inputs: two stride-2 1x1
     convs, the second on the input shifted by one pixel (odd sizes padded); each edge's two halves side by side."""
     shifted = R[:, :, 1:, 1:]
     if R.shape[-1] % 2 or R.shape[-2] % 2:
         shifted = F.pad(shifted, (0, R.shape[-1] % 2, 0, R.shape[-2] % 2))
-    a = F.conv2d(R, w1, None, 2, 0, 1, E)
-    b = F.conv2d(shifted, w2, None, 2, 0, 1, E)
+    groups = E
+    if eyes is not None and E > 1:
+        w1, w2, groups = _block_diagonal(w1, eyes[E]), _block_diagonal(w2, eyes[E]), 1
+    a = F.conv2d(R, w1, None, 2, 0, 1, groups)
+    b = F.conv2d(shifted, w2, None, 2, 0, 1, groups)
     n, _, h, w = a.shape
     half = a.shape[1] // E
     return torch.cat([a.unflatten(1, (E, half)), b.unflatten(1, (E, half))], dim=2).reshape(n, E * 2 * half, h, w)
