@@ -132,7 +132,7 @@ nv() { echo $#; }  # number of variants in a list
   ss profile256 $(( 70 + 40 * $(nv $SSPROF256) )) --batch $B1 --variants $SSPROF256 "${SSP[@]}"
 [ -n "$SSPROF32" ] && [ "$(left)" -gt 100 ] && \
   ss profile32 $(( 40 + 25 * $(nv $SSPROF32) )) --batch $B2 --variants $SSPROF32 "${SSP[@]}"
-[ -n "$SS32" ] && [ "$(left)" -gt 100 ] && ss search_step32 150 --batch $B2 --variants $SS32 "${SSA[@]}" "${CK[@]}"
+[ -n "$SS32" ] && [ "$(left)" -gt 100 ] && ss search_step32 $(( 60 + 30 * $(nv $SS32) )) --batch $B2 --variants $SS32 "${SSA[@]}" "${CK[@]}"
 if [ "$CUDA_TESTS" = 1 ] && [ "$(left)" -gt 60 ]; then
   echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
   timeout $(( $(left) < 130 ? $(left) - 10 : 120 )) $PY -m pytest -q -p no:cacheprovider tests/test_batched.py \
