@@ -72,12 +72,14 @@ if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 #  3. SSCOMPILE256 / SSCOMPILE: torch.compile inside the CUDA graph at B=256 / B=32 (+check); setup_s = capture
 #     + compile time (more than 160 s at B=256 on an H100: run last, with what time is left)
 #  4. the inductor CUDA tests (tests/test_compile.py -k cuda)
-# Defaults: session 6's A/B of the batched op's options (search_step.py +pwg/+pwd/+nclg): new defaults against
-# the session-5 behaviour (+pwg+nclg), profiled at B=256.
-SSPROF256=${SSPROF256-"graph+cl+be graph+cl+be+pwg+nclg"}
+# Defaults: what session 6 (H100) left open: a profile of the new default step (streams, dense 1x1, NHWC gradients)
+# fp32 and bf16 at B=256, the B=32 check, the CUDA tests (incl. train_search.py --bf16 --cuda-graph), then compile.
+# Session 6's A/B: SSPROF256="graph+cl+be graph+cl+be+pwg+nclg graph+cl+be+msc" SS32="graph+be graph+be+msc
+# graph+cl+be graph+cl+be+msc" SS256="graph+cl+be+bf16 graph+cl+be+msc+bf16 graph+cl+be+pwg" SSCOMPILE256="".
+SSPROF256=${SSPROF256-"graph+cl+be graph+cl+be+bf16"}
 SSPROF32=${SSPROF32-""}
-SS32=${SS32-"graph+be graph+be+pwg"}
-SS256=${SS256-"graph+cl+be+pwg graph+cl+be+bf16"}
+SS32=${SS32-"graph+be"}
+SS256=${SS256-""}
 SSCOMPILE256=${SSCOMPILE256-"graph+cl+compile+be"}
 SSCOMPILE=${SSCOMPILE-""}
 PROF_STEPS=${PROF_STEPS-1}
@@ -105,7 +107,7 @@ else
   SSP=(--steps 6 --warmup 2 --profile "$PROF_STEPS" --no-saved-memory)
   E2E_EXTRA=""
   E2E_DEV=cuda
-  E2E_FLAGS=("" "--cuda-graph --gpu-data" "--cuda-graph --gpu-data --channels-last --batched-edges")
+  E2E_FLAGS=("" "--cuda-graph --gpu-data" "--cuda-graph --gpu-data --channels-last --batched-edges --bf16")
   HVDRUN=$HVD_TARGET/bin/horovodrun
   if [ "${SKIP_BUILD:-0}" = 1 ]; then  # the benchmarks alone (Horovod's NCCL build was shown in run 2)
     echo "SKIP_BUILD=1" > /tmp/hvd_build.log; BUILD_PID=$$

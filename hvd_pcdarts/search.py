@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sync-bn", action="store_true", help="batch norm statistics of the global batch")
     a("--fp16-allreduce", action="store_true", help="compress weight gradients to fp16 for the allreduce")
     a("--amp", action="store_true", help="mixed precision (CUDA only)")
+    a("--bf16", action="store_true", help="bfloat16 autocast of the forward passes (weights, gradients and "
+      "optimizers stay float32; no loss scaling); works with --cuda-graph, also on the CPU")
     a("--cuda-graph", action="store_true", help="fast path (CUDA only): replay the forward+backward of the arch "
       "and weight steps as CUDA graphs; gradient averaging and optimizer steps stay outside (benchmarks/)")
     a("--channels-last", action="store_true", help="fast path: NHWC memory format for weights and images")
@@ -157,6 +159,8 @@ class Searcher(RunLoop):
         dist.init(cpu_tuning=not a.sync_bn)
         self.world, self.rank = dist.size(), dist.rank()
         self.local_batch, _ = per_rank_batch(a.batch_size, self.world, strict=True)
+        if a.amp and a.bf16:
+            raise UsageError("--amp (float16 with loss scaling) and --bf16 exclude each other: pick one")
         self.device = pick_device(a)
         if a.output_dir is None:
             a.output_dir = default_output_dir("search")
@@ -170,9 +174,11 @@ class Searcher(RunLoop):
                                    stem=a.stem, batched_edges=a.batched_edges).to(self.device)
         self.dtype = torch.float64 if a.fp64 else torch.float32
         if a.fp64:
-            if a.amp:
-                raise UsageError("--fp64 and --amp exclude each other")
+            for flag in ("amp", "bf16"):
+                if getattr(a, flag):
+                    raise UsageError(f"--fp64 and --{flag} exclude each other")
             self.model.double()
+
         if a.sync_bn and self.world > 1:
             dist.convert_sync_batchnorm(self.model)
         fastpath.check_fast_flags(a, self.device, self.world)
@@ -294,6 +300,8 @@ class Searcher(RunLoop):
 
     # --- one step -------------------------------------------------------------------------------------------
     def _autocast(self):
+        if self.args.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         if self.scaler is None:
             return torch.autocast("cpu", enabled=False)
         return torch.autocast("cuda", dtype=torch.float16)
@@ -304,7 +312,8 @@ class Searcher(RunLoop):
                 self.model, self.criterion, self.arch_params, self.model.weight_parameters(), self.a_opt, self.w_opt,
                 self.args.grad_clip, average_arch=lambda g: dist.grouped_average(g, name="arch_grads"),
                 average_weights=lambda g: dist.grouped_average(g, name="w_grads"),
-                channels_last=self.args.channels_last, freeze_weights=self.args.compile)
+                channels_last=self.args.channels_last, freeze_weights=self.args.compile,
+                autocast_dtype=torch.bfloat16 if self.args.bf16 else None)
         return self.graphed
 
     def arch_step(self, x, y):
@@ -480,7 +489,7 @@ class Searcher(RunLoop):
                 f"({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, {n_w} weights, "
                 f"weight/arch images {len(self.weight_set)}/{len(self.arch_set)}, "
                 f"{'graphed' if a.cuda_graph else self.grad_allreduce} gradient allreduce, "
-                f"{self._compile_note()}output {a.output_dir}")
+                f"{'bf16 autocast, ' if a.bf16 else ''}{self._compile_note()}output {a.output_dir}")
 
     def _compile_note(self) -> str:
         return fastpath.compile_note(self.args.compile_backend if self.args.compile else None, self.device, "cells")

@@ -67,15 +67,19 @@ def test_batched_forward_backward_equal_reference_float64(C, layers, k, size, st
     be_options["pointwise"] = pointwise  # 1x1 convs as grouped convs or with block-diagonal dense weights
     ref, new = _pair(C, layers, k, stem)
     x = torch.randn(6, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    if cl:
+    y = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(6))
+    plain_loss = None
+    if cl:  # channels_last changes nothing either: the NCHW per-edge net's loss is the same
+        plain = copy.deepcopy(ref).train()
+        plain_loss = float(F.cross_entropy(plain(x), y).detach())
         fp.to_channels_last(ref)
         fp.to_channels_last(new)
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(6))
     ref.train()
     new.train()
     lr, ln = F.cross_entropy(ref(x), y), F.cross_entropy(new(x), y)
     assert abs(float(lr.detach()) - float(ln.detach())) < 1e-12
+    assert plain_loss is None or abs(plain_loss - float(ln.detach())) < 1e-12
     pr, pn = list(ref.named_parameters()), list(new.named_parameters())
     gr = torch.autograd.grad(lr, [p for _, p in pr])
     gn = torch.autograd.grad(ln, [p for _, p in pn])

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from helpers import REPO_ROOT, describe, launch, python_exe
+from helpers import REPO_ROOT, describe, horovodrun_cmd, launch, python_exe
 
 from hvd_pcdarts import fastpath as fp
 from hvd_pcdarts.data import DataBundle, SeededView, ShardSampler, _digits, _synthetic, make_loader, make_transform
@@ -208,6 +208,20 @@ def test_train_channels_last_runs_and_matches(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_train_search_bf16_cuda_graph_matches_eager_bf16_cuda(tmp_path):
+    """--bf16 with --cuda-graph (the graphed steps autocast inside the graphs) against the eager --bf16 run."""
+    out = {}
+    for tag, extra in (("eager", []), ("graph", ["--cuda-graph", "--gpu-data", "--batched-edges"])):
+        d = tmp_path / tag
+        res = launch([python_exe(), SCRIPT, *TINY, "--bf16", *extra, "--device", "cuda", "--no-augment",
+                      "--output-dir", d], timeout=300)
+        assert res.returncode == 0, describe(res)
+        out[tag] = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(out["eager"], out["graph"]):  # bf16 rounding, different kernels: a looser tolerance
+        assert abs(a["train_loss"] - b["train_loss"]) < 2e-2 and abs(a["valid_loss"] - b["valid_loss"]) < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_train_search_cuda_graph_matches_eager_cuda(tmp_path):
     """train_search.py --cuda-graph --gpu-data on a GPU: the same search as the eager path, to float32 rounding."""
     out = {}
@@ -391,3 +405,48 @@ def test_device_loader_batches_on_cuda_equal_eager_loader(dataset, cutout):
     for (x, y, _), (xr, yr, _) in zip(dev, ref):
         assert x.is_cuda and torch.equal(y.cpu(), yr)
         assert torch.equal(x.cpu(), xr), (x.cpu() - xr).abs().max()
+
+
+# --- train_search.py --bf16 ----------------------------------------------------------------------------------------
+BF16_RUN = [*TINY[:TINY.index("--epochs")], "--epochs", "2", *TINY[TINY.index("--epochs") + 2:], "--no-augment",
+            "--device", "cpu"]
+
+
+def test_train_search_bf16_runs_close_to_float32(tmp_path):
+    """--bf16 (here on the CPU: the same autocast code): the forward passes run in bfloat16, so the losses differ
+    from the float32 run, but only by bf16 rounding; weights, BN statistics and optimizer states stay float32."""
+    out = {}
+    for tag, extra in (("fp32", []), ("bf16", ["--bf16"]), ("bf16_be", ["--bf16", "--batched-edges"])):
+        d = tmp_path / tag
+        res = launch([python_exe(), SCRIPT, *BF16_RUN, *extra, "--output-dir", d], timeout=300)
+        assert res.returncode == 0, describe(res)
+        assert ("bf16 autocast" in res.stdout + res.stderr) == (tag != "fp32"), describe(res)
+        ckpt = torch.load(d / "checkpoint.pt", weights_only=True)
+        assert all(t.dtype in (torch.float32, torch.int64) and (not t.is_floating_point() or torch.isfinite(t).all())
+                   for t in ckpt["model"].values())
+        out[tag] = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    for tag in ("bf16", "bf16_be"):
+        diffs = [abs(a[k] - b[k]) for a, b in zip(out["fp32"], out[tag]) for k in ("train_loss", "valid_loss")]
+        assert len(diffs) == 4 and max(diffs) < 2e-2, (tag, diffs)
+        assert max(diffs) > 0  # autocast was on: bf16 rounding shows
+
+
+@pytest.mark.slow
+def test_train_search_bf16_two_ranks_hold_identical_parameters(tmp_path):
+    """2 real ranks with --bf16 and Horovod's per-tensor hooks: the float32 gradients of bf16 forwards average as
+    usual; every rank ends with the same parameters."""
+    res = launch(horovodrun_cmd(2, [SCRIPT, *BF16_RUN, "--bf16", "--batched-edges", "--grad-allreduce", "overlap",
+                                    "--output-dir", tmp_path / "o"]), timeout=600)
+    assert res.returncode == 0, describe(res)
+    assert "all 2 rank(s) hold identical parameters" in res.stdout + res.stderr, describe(res)
+
+
+@pytest.mark.parametrize("flags,msg", [(["--bf16", "--amp"], "--amp (float16 with loss scaling) and --bf16 exclude"),
+                                       (["--bf16", "--fp64"], "--fp64 and --bf16 exclude each other")])
+def test_bf16_with_amp_or_fp64_is_one_line_usage_error(tmp_path, flags, msg):
+    res = launch([python_exe(), SCRIPT, *TINY, *flags, "--device", "cpu", "--output-dir", tmp_path / "o"],
+                 timeout=120)
+    assert res.returncode == 2, describe(res)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and msg in lines[0], describe(res)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
