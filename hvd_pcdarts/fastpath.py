@@ -604,8 +604,9 @@ class GraphedTrainStep:
     """
 
     def __init__(self, model: nn.Module, criterion, params, opt, grad_clip: float = 0.0, aux_weight: float = 0.0,
-                 average=None, channels_last: bool = False, warmup: int = 3):
+                 average=None, channels_last: bool = False, warmup: int = 3, autocast_dtype=None):
         self.model, self.criterion, self.params, self.opt = model, criterion, list(params), opt
+        self.autocast_dtype = autocast_dtype  # bf16 (--bf16): no loss scaling, so it can live in the graph
         self.grad_clip, self.aux_weight, self.average = grad_clip, aux_weight, average
         self.channels_last = channels_last
         self.warmup = warmup
@@ -613,7 +614,9 @@ class GraphedTrainStep:
         self._graph = None  # (key, graph, x, y, logits, loss, parameters with a gradient)
 
     def _fwd_bwd(self, x, y):
-        logits, loss = train_loss(self.model, self.criterion, x, y, self.aux_weight)
+        with torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None, cache_enabled=False):
+            logits, loss = train_loss(self.model, self.criterion, x, y, self.aux_weight)
         loss.backward()
         return logits.detach(), loss.detach().float()
 

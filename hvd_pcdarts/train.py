@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--workers", type=nonneg_int, default=2)
     a("--sync-bn", action="store_true")
     a("--fp16-allreduce", action="store_true")
-    a("--amp", action="store_true")
+    a("--amp", action="store_true", help="float16 mixed precision with loss scaling (CUDA only)")
+    a("--bf16", action="store_true", help="bfloat16 autocast of the forward passes (weights, gradients and "
+      "optimizer stay float32; no loss scaling); works with --cuda-graph, also on the CPU")
     a("--channels-last", action="store_true", help="fast path: NHWC memory format for the weights (and so the "
       "activations); see benchmarks/RESULTS.md for when it pays")
     a("--cuda-graph", action="store_true", help="fast path (CUDA only): replay the forward+backward of a step as "
@@ -141,16 +143,17 @@ def build_network(network: str, C: int, num_classes: int, layers: int, auxiliary
 
 
 def evaluate(model, loader, device, amp=False, compiled_batch=None):
-    """Sums over this rank's shard, combined over ranks: (loss, top1 %, top5 %, count). `compiled_batch`: the
-    batch size a compiled model was compiled for (--compile); a last batch of another size runs eagerly instead
-    of compiling every op once more."""
+    """Sums over this rank's shard, combined over ranks: (loss, top1 %, top5 %, count). `amp`: False, True
+    (float16 autocast) or an autocast dtype. `compiled_batch`: the batch size a compiled model was compiled for
+    (--compile); a last batch of another size runs eagerly instead of compiling every op once more."""
+    dtype = amp if isinstance(amp, torch.dtype) else torch.float16 if amp else torch.bfloat16
     model.eval()
     loss_sum = c1 = c5 = n = 0.0
     with torch.no_grad():
         for batch in loader:
             x, y = batch[0].to(device), batch[1].to(device)
             odd = compiled_batch is not None and len(x) != compiled_batch
-            with torch.autocast("cuda", dtype=torch.float16, enabled=amp), fastpath.uncompiled(odd):
+            with torch.autocast(device.type, dtype=dtype, enabled=bool(amp)), fastpath.uncompiled(odd):
                 logits, _ = model(x)
             loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
             k1, k5 = accuracy_counts(logits, y, (1, 5))
@@ -166,6 +169,8 @@ class Trainer(RunLoop):
         self.world, self.rank = dist.size(), dist.rank()
         self.local_batch, _ = per_rank_batch(a.batch_size, self.world, strict=True)
         self.genotype = load_genotype(a.genotype)
+        if a.amp and a.bf16:
+            raise UsageError("--amp (float16 with loss scaling) and --bf16 exclude each other: pick one")
         self.device = pick_device(a)
         fastpath.check_fast_flags(a, self.device, self.world)
         if a.deterministic:  # eager vs --cuda-graph comparisons: no run-to-run noise from atomics in cuDNN kernels
@@ -311,7 +316,8 @@ class Trainer(RunLoop):
         """One step with Horovod's DistributedOptimizer (gradients averaged by its hooks, clipped after)."""
         a = self.args
         self.opt.zero_grad()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.scaler is not None):
+        with torch.autocast(self.device.type, dtype=self._autocast_dtype() or torch.bfloat16,
+                            enabled=self._autocast_dtype() is not None):
             logits, loss = fastpath.train_loss(self.model, self.criterion, x, y, a.auxiliary_weight)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -338,8 +344,12 @@ class Trainer(RunLoop):
             self.graphed = fastpath.GraphedTrainStep(
                 self.model, self.criterion, list(self.model.parameters()), self.opt, a.grad_clip,
                 aux_weight=a.auxiliary_weight, average=lambda g: dist.grouped_average(g, name="train_grads"),
-                channels_last=a.channels_last)
+                channels_last=a.channels_last, autocast_dtype=self._autocast_dtype())
         return self.graphed
+
+    def _autocast_dtype(self):
+        """bfloat16 (--bf16), float16 (--amp) or None."""
+        return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.amp else None
 
     def _set_lr(self, pos):
         a = self.args
@@ -365,6 +375,7 @@ class Trainer(RunLoop):
         return (f"train: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size}, "
                 f"{self.steps_per_epoch} steps/epoch, {count_parameters(self.model)} parameters "
                 f"(auxiliary head excluded), {'graphed' if a.cuda_graph else self.grad_allreduce} gradient allreduce, "
+                f"{'bf16 autocast, ' if a.bf16 else ''}"
                 f"{fastpath.compile_note(a.compile_backend if a.compile else None, self.device, 'ops')}"
                 f"output {a.output_dir}")
 
@@ -376,8 +387,9 @@ class Trainer(RunLoop):
             t0 = time.time()
             lr = self.train_epoch(st)
             dist.average_buffers(self.model)  # one network on every rank: evaluated, checkpointed
-            te_loss, te1, te5, n_test = evaluate(self.model, self.test_loader, self.device, self.scaler is not None,
-                                                   self.local_batch if a.compile else None)
+            te_loss, te1, te5, n_test = evaluate(self.model, self.test_loader, self.device,
+                                                 self._autocast_dtype() or False,
+                                                 self.local_batch if a.compile else None)
             self._consistency(f"end of epoch {epoch}")
             loss_sum, c1, c5, n = st.sums
             rec = dict(epoch=epoch, lr=lr, train_loss=loss_sum / max(n, 1), train_top1=100 * c1 / max(n, 1),

@@ -62,9 +62,12 @@ def test_plan_covers_every_edge_once_in_dependency_order():
     (8, 5, 4, 16, "cifar", True),  # channels_last
     (16, 5, 2, 32, "imagenet", False),  # ImageNet stem, reduction_prev cells
 ])
-@pytest.mark.parametrize("pointwise", ["grouped", "dense"])
-def test_batched_forward_backward_equal_reference_float64(C, layers, k, size, stem, cl, pointwise, be_options):
-    be_options["pointwise"] = pointwise  # 1x1 convs as grouped convs or with block-diagonal dense weights
+@pytest.mark.parametrize("pointwise,dedup", [("grouped", False), ("dense", False), ("dense", True)])
+def test_batched_forward_backward_equal_reference_float64(C, layers, k, size, stem, cl, pointwise, dedup,
+                                                          be_options):
+    # 1x1 convs as grouped convs or with block-diagonal dense weights; pools/ReLU/pool-BN statistics once per
+    # distinct input
+    be_options.update(pointwise=pointwise, dedup=dedup)
     ref, new = _pair(C, layers, k, stem)
     x = torch.randn(6, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     y = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(6))
@@ -129,9 +132,9 @@ def _search_steps(batched: bool, steps: int = 2):
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("pointwise", ["grouped", "dense"])
-def test_batched_search_steps_equal_reference_float64(pointwise, be_options):
-    be_options["pointwise"] = pointwise
+@pytest.mark.parametrize("pointwise,dedup", [("grouped", False), ("dense", False), ("grouped", True)])
+def test_batched_search_steps_equal_reference_float64(pointwise, dedup, be_options):
+    be_options.update(pointwise=pointwise, dedup=dedup)
     (l0, s0), (l1, s1) = _search_steps(False), _search_steps(True)
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-10
     for k in s0:
@@ -259,11 +262,12 @@ def test_graphed_batched_step_equals_eager_reference_cuda(cl, pointwise, streams
         assert num / den < 1e-4
 
 
-@pytest.mark.parametrize("cl", [False, True])
-def test_batched_under_bf16_autocast_runs_and_matches_reference(cl):
+@pytest.mark.parametrize("cl,dedup", [(False, False), (True, False), (True, True)])
+def test_batched_under_bf16_autocast_runs_and_matches_reference(cl, dedup, be_options):
     """bf16 autocast (the +bf16 fast variants): the batched BNs get bf16 inputs with float32 running statistics
     and mixing scales (batch_norm's mixed mode; a bf16 scale beside float32 statistics is refused). Same
     function as the per-edge net under the same autocast, up to bf16 rounding."""
+    be_options["dedup"] = dedup
     torch.manual_seed(1)
     ref = SearchNetwork(8, 10, 5, partial_k=4)
     with torch.no_grad():

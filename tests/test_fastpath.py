@@ -450,3 +450,49 @@ def test_bf16_with_amp_or_fp64_is_one_line_usage_error(tmp_path, flags, msg):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and msg in lines[0], describe(res)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+# --- train.py --bf16 -------------------------------------------------------------------------------------------------
+TRAIN_RUN = ["--genotype", "PCDARTS", "--dataset", "digits", "--init-channels", "8", "--layers", "3", "--epochs", "2",
+             "--batch-size", "32", "--steps-per-epoch", "3", "--workers", "0", "--no-tensorboard", "--no-progress",
+             "--seed", "1", "--device", "cpu"]
+
+
+def test_train_bf16_runs_close_to_float32(tmp_path):
+    """bin/train.py --bf16 (CPU autocast here; auxiliary head, drop path, evaluation under autocast too): close to
+    the float32 run, not equal to it, float32 checkpoint."""
+    train = str(REPO_ROOT / "bin" / "train.py")
+    out = {}
+    for tag, extra in (("fp32", []), ("bf16", ["--bf16"])):
+        d = tmp_path / tag
+        res = launch([python_exe(), train, *TRAIN_RUN, *extra, "--output-dir", d], timeout=300)
+        assert res.returncode == 0, describe(res)
+        assert ("bf16 autocast" in res.stdout + res.stderr) == (tag == "bf16"), describe(res)
+        ckpt = torch.load(d / "checkpoint.pt", weights_only=True)
+        assert all(t.dtype in (torch.float32, torch.int64) for t in ckpt["model"].values())
+        out[tag] = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    diffs = [abs(a[k] - b[k]) for a, b in zip(out["fp32"], out["bf16"]) for k in ("train_loss", "test_loss")]
+    assert len(diffs) == 4 and 0 < max(diffs) < 5e-2, diffs
+
+
+def test_train_bf16_with_amp_is_one_line_usage_error(tmp_path):
+    res = launch([python_exe(), str(REPO_ROOT / "bin" / "train.py"), *TRAIN_RUN, "--bf16", "--amp",
+                  "--output-dir", tmp_path / "o"], timeout=120)
+    assert res.returncode == 2, describe(res)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--amp (float16 with loss scaling) and --bf16 exclude" in lines[0], describe(res)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_train_bf16_cuda_graph_matches_eager_bf16_cuda(tmp_path):
+    """train.py --bf16 --cuda-graph (autocast inside the captured step) against eager --bf16, drop path on."""
+    train = str(REPO_ROOT / "bin" / "train.py")
+    out = {}
+    for tag, extra in (("eager", []), ("graph", ["--cuda-graph", "--gpu-data"])):
+        d = tmp_path / tag
+        args = [a if a != "cpu" else "cuda" for a in TRAIN_RUN]
+        res = launch([python_exe(), train, *args, "--bf16", *extra, "--no-augment", "--output-dir", d], timeout=300)
+        assert res.returncode == 0, describe(res)
+        out[tag] = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(out["eager"], out["graph"]):
+        assert abs(a["train_loss"] - b["train_loss"]) < 5e-2 and abs(a["test_loss"] - b["test_loss"]) < 5e-2

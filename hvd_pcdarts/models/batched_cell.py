@@ -51,6 +51,11 @@ OPTIONS = {
     # parallel branches, their backward runs on the same streams; H100, session 6: B=256 143.8 -> 129.5 ms,
     # B=32 44.8 -> 34.0 ms, bit-identical results), "on" = eager too (launch-bound there: no gain expected), "off"
     "streams": "capture",
+    # edges of a group that read the same state (group 0: 8 edges over the 2 cell inputs; later groups: all edges
+    # read one node) share one pooling, one ReLU and one set of batch statistics for the pools' BNs, computed
+    # once per distinct input instead of once per edge (each edge keeps its own running statistics and scale):
+    # fewer bytes, a few more small kernels. Not yet timed on a GPU: off
+    "dedup": False,
 }
 _SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]
 
@@ -66,6 +71,10 @@ class Group:
 
     def __init__(self, edges, inputs, nodes, stride):
         self.edges, self.inputs, self.nodes, self.stride = list(edges), list(inputs), list(nodes), stride
+        # inputs == distinct * repeats (group 0: [0, 1] * steps; later groups: [t] * E)
+        distinct = list(dict.fromkeys(self.inputs))
+        r = len(self.inputs) // len(distinct)
+        self.repeats = r if distinct * r == self.inputs else 1
 
 
 def plan(steps: int, reduction: bool):
@@ -207,11 +216,13 @@ class BatchedCellRunner:
             if gi == 0:
                 split(states[0], group.stride)
                 split(states[1], group.stride)
-            parts = [heads[j] for j in group.inputs]
+            rep = group.repeats if OPTIONS["dedup"] else 1
+            inputs = group.inputs[:len(group.inputs) // rep]  # the distinct inputs when deduplicated
+            parts = [heads[j] for j in inputs]
             X = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             sc = scales.index_select(1, index[gi])  # (ops, E * cp)
             eyes = index[len(self.groups)] if len(index) > len(self.groups) else None
-            Y = self._mixed(cell, gi, group, X, sc, cell.training, eyes)
+            Y = self._mixed(cell, gi, group, X, sc, cell.training, eyes, rep)
             if nhwc and OPTIONS["cl_grads"]:
                 Y = _ChannelsLastGrad.apply(Y)
             if gi == 0:  # edges ordered (node, input 0/1): sum each node's two
@@ -246,12 +257,13 @@ class BatchedCellRunner:
         out = torch.cat([m.unsqueeze(2), r.unflatten(1, (k - 1, cp)).transpose(1, 2)], dim=2)
         return out.reshape(n, cp * k, h, w)
 
-    def _mixed(self, cell, gi, group, X, sc, training, eyes=None):
+    def _mixed(self, cell, gi, group, X, sc, training, eyes=None, rep=1):
         """sum over ops of scale * op(X) for every edge of the group at once: (N, E * cp, H', W'). `eyes`: the
-        1x1 convolutions with block-diagonal dense weights (OPTIONS["pointwise"])."""
+        1x1 convolutions with block-diagonal dense weights (OPTIONS["pointwise"]). rep > 1: X holds the distinct
+        inputs only, and the edges' stacked input is X repeated rep times along the channels (OPTIONS["dedup"])."""
         ops = [cell._ops[e]._ops for e in group.edges]
         E = len(group.edges)
-        cp = X.shape[1] // E
+        cp = X.shape[1] * rep // E
 
         def weight(primitive, index, attr=None):
             mods = [o[_IDX[primitive]][index] if attr is None else getattr(o[_IDX[primitive]], attr) for o in ops]
@@ -270,13 +282,31 @@ class BatchedCellRunner:
                 w, groups = _block_diagonal(w, eyes[E]), 1
             return F.conv2d(y, w, None, c.stride, c.padding, c.dilation, groups)
 
-        R = F.relu(X)
+        def bn_repeated(y, primitive, slot, scale):
+            """bn() of y repeated rep times along the channels: batch statistics once, each edge's running
+            statistics updated with them (training), or each edge's own statistics (eval)."""
+            m, rm, rv = self._shared[(gi, primitive, slot)]
+            if training:
+                yn = F.batch_norm(y, None, None, None, None, True, 0.0, m.eps)
+                with torch.no_grad():  # as batch_norm updates them: unbiased variance, exponential average
+                    var, mean = torch.var_mean(y.detach().to(rm.dtype), dim=(0, 2, 3), correction=1)
+                    rm.lerp_(mean.repeat(rep), m.momentum)
+                    rv.lerp_(var.repeat(rep), m.momentum)
+                return _repeat_channels(yn, rep, scale.to(yn.dtype))
+            a = scale * torch.rsqrt(rv + m.eps)
+            return _repeat_channels(y, rep, a.to(y.dtype), (-rm * a).to(y.dtype))
+
+        R = F.relu(X) if rep == 1 else _repeat_channels(F.relu(X), rep)
 
         def branch(primitive, s):
             if primitive in ("max_pool_3x3", "avg_pool_3x3"):
+                if rep > 1:
+                    return bn_repeated(ops[0][_IDX[primitive]][0](X), primitive, "pool", s)
                 return bn(ops[0][_IDX[primitive]][0](X), primitive, "pool", s)
             if primitive == "skip_connect":
                 if group.stride == 1:
+                    if rep > 1:
+                        return _repeat_channels(X, rep, s.to(X.dtype))
                     return X * s.to(X.dtype)[None, :, None, None]
                 w1, w2 = weight(primitive, None, "conv_1"), weight(primitive, None, "conv_2")
                 return bn(_factorized_reduce(R, w1, w2, E, eyes), primitive, "fr", s)
@@ -334,6 +364,25 @@ def _on_side_streams(fns, inputs):
         main.wait_stream(st)
         y.record_stream(main)
     return outs
+
+
+def _repeat_channels(x, rep, scale=None, shift=None):
+    """x (N, C, H, W) repeated rep times along the channels -> (N, rep*C, H, W), in x's memory format, times a
+    per-channel `scale` plus `shift` (each of rep*C channels) when given: one kernel either way."""
+    n, c, h, w = x.shape
+    nhwc = _is_nhwc(x)
+    v = x.permute(0, 2, 3, 1).unsqueeze(3) if nhwc else x.unsqueeze(1)  # (n, h, w, 1, c) or (n, 1, c, h, w)
+    shape = (rep, c) if nhwc else (1, rep, c, 1, 1)
+    if scale is None:
+        y = v.expand(*v.shape[:3], rep, c) if nhwc else v.expand(n, rep, c, h, w)
+        y = y.contiguous()
+    elif shift is None:
+        y = v * scale.view(shape)
+    else:
+        y = torch.addcmul(shift.view(shape), v, scale.view(shape))
+    if nhwc:
+        return y.reshape(n, h, w, rep * c).permute(0, 3, 1, 2)
+    return y.reshape(n, rep * c, h, w)
 
 
 def _is_nhwc(x: torch.Tensor) -> bool:
