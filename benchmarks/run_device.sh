@@ -138,7 +138,7 @@ nv() { echo $#; }  # number of variants in a list
 [ -n "$SS32" ] && [ "$(left)" -gt 100 ] && ss search_step32 $(( 60 + 30 * $(nv $SS32) )) --batch $B2 --variants $SS32 "${SSA[@]}" "${CK[@]}"
 if [ "$CUDA_TESTS" = 1 ] && [ "$(left)" -gt 60 ]; then
   echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
-  timeout $(( $(left) < 130 ? $(left) - 10 : 120 )) $PY -m pytest -q -p no:cacheprovider tests/test_batched.py \
+  timeout $(( $(left) < 190 ? $(left) - 10 : 180 )) $PY -m pytest -q -p no:cacheprovider tests/test_batched.py \
     tests/test_fastpath.py -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" \
     >> "$OUT/env.txt" 2>&1
 fi
