@@ -67,7 +67,10 @@ def parse_variant(v: str) -> Variant:
                          f"+{', +'.join(BE_OPTIONS)}")
     if extra & set(BE_OPTIONS) and "be" not in extra:
         raise SystemExit(f"unknown variant {v!r}: +{', +'.join(BE_OPTIONS)} choose how +be computes")
-    opts = dict(BE_OPTIONS[o] for o in sorted(extra & set(BE_OPTIONS)))
+    chosen = [BE_OPTIONS[o] for o in sorted(extra & set(BE_OPTIONS))]
+    opts = dict(chosen)
+    if len(opts) < len(chosen):
+        raise SystemExit(f"unknown variant {v!r}: two options set the same choice ({sorted(extra & set(BE_OPTIONS))})")
     if {"bnc", "be"} <= extra:
         raise SystemExit(f"unknown variant {v!r}: +be computes its batch norms itself (no +bnc)")
     tc = mode == "compile" or "compile" in extra

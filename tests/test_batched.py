@@ -193,6 +193,24 @@ def test_block_diagonal_weight_is_exact():
                                                       for e in range(3)]))
 
 
+@pytest.mark.parametrize("cl", [False, True])
+def test_repeat_channels_values_and_layout(cl):
+    """dedup's helper: x repeated along the channels, times a scale (plus a shift), in x's layout - also for a
+    channel slice of an NHWC state (what the later groups' inputs are)."""
+    base = torch.randn(2, 6, 5, 4, dtype=torch.float64)
+    if cl:
+        base = base.contiguous(memory_format=torch.channels_last)
+    x = base[:, :2]  # a channel slice
+    scale, shift = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    ref = torch.cat([x] * 3, dim=1)
+    for got, want in ((batched_cell._repeat_channels(x, 3), ref),
+                      (batched_cell._repeat_channels(x, 3, scale), ref * scale[None, :, None, None]),
+                      (batched_cell._repeat_channels(x, 3, scale, shift),
+                       ref * scale[None, :, None, None] + shift[None, :, None, None])):
+        assert got.shape == (2, 6, 5, 4) and torch.allclose(got, want, rtol=0, atol=1e-15)
+        assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 class _BNGradLayouts(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts batch-norm backward calls on channels_last inputs by the layout of their incoming gradient."""
 

@@ -90,3 +90,12 @@ def test_step_traffic_refuses_graph_and_compile_variants():
     for v in ("graph+be", "eager+compile+be"):
         with pytest.raises(SystemExit, match="counts the eager ops"):
             st.measure(v, 2, args)
+
+
+def test_variant_options_set_the_batched_op_choices():
+    v = ss.parse_variant("graph+cl+be+pwg+msc+dd")
+    assert (v.mode, v.cl, v.be) == ("graph", True, True)
+    assert v.opts == {"pointwise": "grouped", "streams": "capture", "dedup": True}
+    for bad in ("eager+pwg", "eager+be+pwg+pwd", "eager+be+msc+nms", "eager+be+xyz"):
+        with pytest.raises(SystemExit):
+            ss.parse_variant(bad)

@@ -292,7 +292,9 @@ class BatchedCellRunner:
                     var, mean = torch.var_mean(y.detach().to(rm.dtype), dim=(0, 2, 3), correction=1)
                     rm.lerp_(mean.repeat(rep), m.momentum)
                     rv.lerp_(var.repeat(rep), m.momentum)
-                return _repeat_channels(yn, rep, scale.to(yn.dtype))
+                if yn.dtype != scale.dtype:  # autocast: scaled in float32 like batch_norm's mixed mode (and the
+                    return _repeat_channels(yn, rep, scale).to(yn.dtype)  # scale's gradient reduced in float32)
+                return _repeat_channels(yn, rep, scale)
             a = scale * torch.rsqrt(rv + m.eps)
             return _repeat_channels(y, rep, a.to(y.dtype), (-rm * a).to(y.dtype))
 
@@ -336,7 +338,10 @@ def _use_streams(x: torch.Tensor) -> bool:
         raise ValueError(f"batched_cell.OPTIONS['streams'] = {mode!r}: off, capture or on")
     if mode == "off" or not x.is_cuda or torch.compiler.is_compiling():
         return False
-    return mode == "on" or torch.cuda.is_current_stream_capturing()
+    if mode == "on":
+        return True
+    with torch.cuda.device(x.device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _side_streams(device, n):
@@ -351,7 +356,7 @@ def _on_side_streams(fns, inputs):
     before the results are used. The caching allocator is told which streams use which blocks (record_stream), so
     no block is reused while another stream may still read it; autograd runs each op's backward on the op's stream
     and synchronizes the streams it joins."""
-    main = torch.cuda.current_stream()
+    main = torch.cuda.current_stream(inputs[0].device)
     streams = _side_streams(main.device, len(fns))
     outs = []
     for fn, st in zip(fns, streams):
@@ -370,7 +375,7 @@ def _repeat_channels(x, rep, scale=None, shift=None):
     """x (N, C, H, W) repeated rep times along the channels -> (N, rep*C, H, W), in x's memory format, times a
     per-channel `scale` plus `shift` (each of rep*C channels) when given: one kernel either way."""
     n, c, h, w = x.shape
-    nhwc = _is_nhwc(x)
+    nhwc = x.stride(1) == 1 and h * w > 1  # channels innermost: NHWC, also a channel slice of an NHWC tensor
     v = x.permute(0, 2, 3, 1).unsqueeze(3) if nhwc else x.unsqueeze(1)  # (n, h, w, 1, c) or (n, 1, c, h, w)
     shape = (rep, c) if nhwc else (1, rep, c, 1, 1)
     if scale is None:
