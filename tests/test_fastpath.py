@@ -496,3 +496,16 @@ def test_train_bf16_cuda_graph_matches_eager_bf16_cuda(tmp_path):
         out[tag] = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(out["eager"], out["graph"]):
         assert abs(a["train_loss"] - b["train_loss"]) < 5e-2 and abs(a["test_loss"] - b["test_loss"]) < 5e-2
+
+
+def test_pick_device_turns_on_cudnn_benchmark_on_gpus(monkeypatch):
+    """Both scripts run cuDNN in benchmark mode on GPUs (as the original code and the GPU benchmarks do)."""
+    import argparse
+
+    from hvd_pcdarts import runtime
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    for dev in ("cpu", "cuda"):
+        monkeypatch.setattr(runtime.dist, "setup_device", lambda want, dev=dev: torch.device(dev))
+        got = runtime.pick_device(argparse.Namespace(device="auto", amp=False))
+        assert got.type == dev and torch.backends.cudnn.benchmark == (dev == "cuda")
