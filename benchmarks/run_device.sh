@@ -72,15 +72,16 @@ if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 #  3. SSCOMPILE256 / SSCOMPILE: torch.compile inside the CUDA graph at B=256 / B=32 (+check); setup_s = capture
 #     + compile time (more than 160 s at B=256 on an H100: run last, with what time is left)
 #  4. the inductor CUDA tests (tests/test_compile.py -k cuda)
-# Defaults: what session 6 (H100) left open: profiles of the new default step (streams, dense 1x1, NHWC gradients)
-# in bf16 and fp32 at B=256, with and without +dd (pools once per distinct input), the B=32 check, the CUDA tests
-# (incl. --bf16 --cuda-graph of both scripts), then compile.
+# Defaults: what session 6 (H100) left open: the new default step (streams, dense 1x1, NHWC gradients) at B=256 in
+# bf16 (profiled) and fp32 against the untimed options +ud3/+uda (dilated depthwise convs undilated) and +dd (pools
+# once per distinct input), the same at B=32 with checks, the CUDA tests (incl. --bf16 --cuda-graph of both
+# scripts), then compile.
 # Session 6's A/B: SSPROF256="graph+cl+be graph+cl+be+pwg+nclg graph+cl+be+msc" SS32="graph+be graph+be+msc
 # graph+cl+be graph+cl+be+msc" SS256="graph+cl+be+bf16 graph+cl+be+msc+bf16 graph+cl+be+pwg" SSCOMPILE256="".
-SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+dd+bf16 graph+cl+be graph+cl+be+dd"}
+SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+uda+bf16 graph+cl+be+dd+bf16"}
 SSPROF32=${SSPROF32-""}
-SS32=${SS32-"graph+be graph+be+dd"}
-SS256=${SS256-""}
+SS32=${SS32-"graph+be graph+be+ud3 graph+be+dd"}
+SS256=${SS256-"graph+cl+be graph+cl+be+ud3 graph+cl+be+uda graph+cl+be+ud3+dd"}
 SSCOMPILE256=${SSCOMPILE256-"graph+cl+compile+be"}
 SSCOMPILE=${SSCOMPILE-""}
 PROF_STEPS=${PROF_STEPS-1}

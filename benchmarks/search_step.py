@@ -15,7 +15,8 @@ models/batched_cell.py, each cell's ready edges as grouped convolutions), with i
 (batched_cell.OPTIONS) for A/B timings: +pwg / +pwd = 1x1 convolutions grouped / block-diagonal dense (default:
 dense on CUDA), +nclg = without making the gradients channels_last (the behaviour before session 6), +msc / +mse /
 +nms = a group's ops on parallel CUDA streams while a graph is captured (default) / also eager / never, +dd = pools,
-ReLU and pool-BN statistics once per distinct input of a group.
+ReLU and pool-BN statistics once per distinct input of a group, +ud3 / +uda = dilated depthwise convolutions as
+undilated ones with zeros between the taps (dil_conv_3x3 only / both).
 Per variant: median and mean ms per step (arch + weight, synchronized every step, as the training loop is by
 its loss readout), images/s = 2 x batch / median step (each step trains on an arch batch and a weight batch),
 peak GPU memory (torch.cuda.max_memory_allocated, from model build to the end of timing).
@@ -53,7 +54,7 @@ DEFAULT_BE_OPTIONS = dict(batched_cell.OPTIONS)
 Variant = collections.namedtuple("Variant", "mode cl bf16 bnc be tc opts")
 BE_OPTIONS = {"pwg": ("pointwise", "grouped"), "pwd": ("pointwise", "dense"), "nclg": ("cl_grads", False),
               "msc": ("streams", "capture"), "mse": ("streams", "on"), "nms": ("streams", "off"),
-              "dd": ("dedup", True)}
+              "dd": ("dedup", True), "ud3": ("dilated", "3x3"), "uda": ("dilated", "all")}
 
 
 def parse_variant(v: str) -> Variant:

@@ -62,12 +62,13 @@ def test_plan_covers_every_edge_once_in_dependency_order():
     (8, 5, 4, 16, "cifar", True),  # channels_last
     (16, 5, 2, 32, "imagenet", False),  # ImageNet stem, reduction_prev cells
 ])
-@pytest.mark.parametrize("pointwise,dedup", [("grouped", False), ("dense", False), ("dense", True)])
-def test_batched_forward_backward_equal_reference_float64(C, layers, k, size, stem, cl, pointwise, dedup,
+@pytest.mark.parametrize("pointwise,dedup,dilated", [("grouped", False, "native"), ("dense", False, "3x3"),
+                                                     ("dense", True, "all")])
+def test_batched_forward_backward_equal_reference_float64(C, layers, k, size, stem, cl, pointwise, dedup, dilated,
                                                           be_options):
     # 1x1 convs as grouped convs or with block-diagonal dense weights; pools/ReLU/pool-BN statistics once per
-    # distinct input
-    be_options.update(pointwise=pointwise, dedup=dedup)
+    # distinct input; dilated depthwise convs with zeros between the taps
+    be_options.update(pointwise=pointwise, dedup=dedup, dilated=dilated)
     ref, new = _pair(C, layers, k, stem)
     x = torch.randn(6, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     y = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(6))
@@ -132,9 +133,10 @@ def _search_steps(batched: bool, steps: int = 2):
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("pointwise,dedup", [("grouped", False), ("dense", False), ("grouped", True)])
-def test_batched_search_steps_equal_reference_float64(pointwise, dedup, be_options):
-    be_options.update(pointwise=pointwise, dedup=dedup)
+@pytest.mark.parametrize("pointwise,dedup,dilated", [("grouped", False, "native"), ("dense", False, "all"),
+                                                     ("grouped", True, "3x3")])
+def test_batched_search_steps_equal_reference_float64(pointwise, dedup, dilated, be_options):
+    be_options.update(pointwise=pointwise, dedup=dedup, dilated=dilated)
     (l0, s0), (l1, s1) = _search_steps(False), _search_steps(True)
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-10
     for k in s0:
@@ -209,6 +211,20 @@ def test_repeat_channels_values_and_layout(cl):
                        ref * scale[None, :, None, None] + shift[None, :, None, None])):
         assert got.shape == (2, 6, 5, 4) and torch.allclose(got, want, rtol=0, atol=1e-15)
         assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def test_dilate_weight_is_the_same_convolution():
+    x = torch.randn(2, 6, 11, 9, dtype=torch.float64)
+    for k, pad in ((3, 2), (5, 4)):
+        w = torch.randn(6, 1, k, k, dtype=torch.float64, requires_grad=True)
+        wd = batched_cell._dilate_weight(w, (2, 2))
+        assert wd.shape[-1] == 2 * (k - 1) + 1 and int((wd != 0).sum()) == w.numel()
+        for stride in (1, 2):
+            a = F.conv2d(x, w, None, stride, pad, 2, 6)
+            b = F.conv2d(x, batched_cell._dilate_weight(w, (2, 2)), None, stride, pad, 1, 6)
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+            ga, gb = (torch.autograd.grad(y.square().sum(), w)[0] for y in (a, b))
+            assert torch.allclose(ga, gb, rtol=1e-10, atol=1e-12)
 
 
 class _BNGradLayouts(torch.utils._python_dispatch.TorchDispatchMode):

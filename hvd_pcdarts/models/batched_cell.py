@@ -56,6 +56,11 @@ OPTIONS = {
     # once per distinct input instead of once per edge (each edge keeps its own running statistics and scale):
     # fewer bytes, a few more small kernels. Not yet timed on a GPU: off
     "dedup": False,
+    # dilated depthwise convs as ordinary depthwise convs with zeros between the taps (3x3 dilation 2 -> 5x5,
+    # 5x5 dilation 2 -> 9x9): on the H100 in NHWC, cuDNN ran the dilated ones in a direct kernel ~6x slower per
+    # call than the 5x5 of sep_conv_5x5 (session 6 profile). "native" (off), "3x3" (dil_conv_3x3 only), "all".
+    # Not yet timed on a GPU
+    "dilated": "native",
 }
 _SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]
 
@@ -277,10 +282,12 @@ class BatchedCellRunner:
 
         def conv(y, primitive, index, groups):
             c = ops[0][_IDX[primitive]][index]
-            w = weight(primitive, index)
+            w, dilation = weight(primitive, index), c.dilation
             if eyes is not None and groups == E > 1 and tuple(c.kernel_size) == (1, 1):
                 w, groups = _block_diagonal(w, eyes[E]), 1
-            return F.conv2d(y, w, None, c.stride, c.padding, c.dilation, groups)
+            if tuple(dilation) != (1, 1) and _undilate(primitive):
+                w, dilation = _dilate_weight(w, dilation), 1
+            return F.conv2d(y, w, None, c.stride, c.padding, dilation, groups)
 
         def bn_repeated(y, primitive, slot, scale):
             """bn() of y repeated rep times along the channels: batch statistics once, each edge's running
@@ -399,6 +406,23 @@ def _dense_pointwise(device) -> bool:
     if mode not in ("auto", "dense", "grouped"):
         raise ValueError(f"batched_cell.OPTIONS['pointwise'] = {mode!r}: auto, dense or grouped")
     return mode == "dense" or (mode == "auto" and device.type == "cuda")
+
+
+def _undilate(primitive: str) -> bool:
+    mode = OPTIONS["dilated"]
+    if mode not in ("native", "3x3", "all"):
+        raise ValueError(f"batched_cell.OPTIONS['dilated'] = {mode!r}: native, 3x3 or all")
+    return mode == "all" or (mode == "3x3" and primitive == "dil_conv_3x3")
+
+
+def _dilate_weight(w, dilation):
+    """A (C, 1, k, k) kernel with dilation d as the (C, 1, d(k-1)+1, ...) kernel with zeros between its taps: the
+    same convolution (same padding and stride) without dilation; the zeros get no gradient."""
+    dh, dw = dilation
+    kh, kw = w.shape[2], w.shape[3]
+    out = w.new_zeros(w.shape[0], w.shape[1], dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+    out[:, :, ::dh, ::dw] = w
+    return out
 
 
 def _block_diagonal(w, eye):
