@@ -72,16 +72,16 @@ if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 #  3. SSCOMPILE256 / SSCOMPILE: torch.compile inside the CUDA graph at B=256 / B=32 (+check); setup_s = capture
 #     + compile time (more than 160 s at B=256 on an H100: run last, with what time is left)
 #  4. the inductor CUDA tests (tests/test_compile.py -k cuda)
-# Defaults: what session 6 (H100) left open: the new default step (streams, dense 1x1, NHWC gradients) at B=256 in
-# bf16 (profiled) and fp32 against the untimed options +ud3/+uda (dilated depthwise convs undilated) and +dd (pools
-# once per distinct input), the same at B=32 with checks, the CUDA tests (incl. --bf16 --cuda-graph of both
-# scripts), then compile.
+# Defaults: what sessions 6 (H100) and 7 (no device) left open: the default step (streams, dense 1x1, NHWC
+# gradients) at B=256 in bf16 (profiled) and fp32 against the untimed options +ud3/+uda (dilated depthwise convs
+# undilated), +fz5/+fza (a group's conv ops fused into one chain) and +dd (pools once per distinct input), the same
+# at B=32 with checks, the CUDA tests (incl. the fused graphs and --bf16 --cuda-graph of both scripts), then compile.
 # Session 6's A/B: SSPROF256="graph+cl+be graph+cl+be+pwg+nclg graph+cl+be+msc" SS32="graph+be graph+be+msc
 # graph+cl+be graph+cl+be+msc" SS256="graph+cl+be+bf16 graph+cl+be+msc+bf16 graph+cl+be+pwg" SSCOMPILE256="".
-SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+uda+bf16 graph+cl+be+dd+bf16"}
+SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+uda+bf16 graph+cl+be+fz5+bf16 graph+cl+be+fza+bf16 graph+cl+be+dd+bf16"}
 SSPROF32=${SSPROF32-""}
-SS32=${SS32-"graph+be graph+be+ud3 graph+be+dd"}
-SS256=${SS256-"graph+cl+be graph+cl+be+ud3 graph+cl+be+uda graph+cl+be+ud3+dd"}
+SS32=${SS32-"graph+be graph+be+ud3 graph+be+fz5"}
+SS256=${SS256-"graph+cl+be graph+cl+be+ud3 graph+cl+be+uda graph+cl+be+fz5"}
 SSCOMPILE256=${SSCOMPILE256-"graph+cl+compile+be"}
 SSCOMPILE=${SSCOMPILE-""}
 PROF_STEPS=${PROF_STEPS-1}
@@ -89,7 +89,7 @@ CUDA_TESTS=${CUDA_TESTS-1}
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu
   SSA=(--steps 1 --warmup 1 --C 8 --layers 5); B1=4; B2=2
-  SS256="eager eager+be+pwd graph+be"; SS32="eager eager+be eager+cl+be"; SSCOMPILE="eager+compile+be"; SSCOMPILE256=""
+  SS256="eager eager+be+pwd graph+be"; SS32="eager eager+be eager+cl+be eager+cl+be+fza"; SSCOMPILE="eager+compile+be"; SSCOMPILE256=""
   SSPROF256="eager+be eager+cl+be+pwg+nclg"; SSPROF32=""; CUDA_TESTS=1
   CB=(--compile-backend aot_eager); SSC=(--steps 1 --warmup 1 --C 8 --layers 5)  # inductor on 2 CPU cores: minutes
   SSP=(--steps 1 --warmup 1 --C 8 --layers 5 --profile 1 --no-saved-memory)

@@ -62,13 +62,14 @@ def test_plan_covers_every_edge_once_in_dependency_order():
     (8, 5, 4, 16, "cifar", True),  # channels_last
     (16, 5, 2, 32, "imagenet", False),  # ImageNet stem, reduction_prev cells
 ])
-@pytest.mark.parametrize("pointwise,dedup,dilated", [("grouped", False, "native"), ("dense", False, "3x3"),
-                                                     ("dense", True, "all")])
+@pytest.mark.parametrize("pointwise,dedup,dilated,fuse", [
+    ("grouped", False, "native", "off"), ("dense", False, "3x3", "off"), ("dense", True, "all", "off"),
+    ("grouped", False, "native", "5x5"), ("dense", True, "3x3", "all")])
 def test_batched_forward_backward_equal_reference_float64(C, layers, k, size, stem, cl, pointwise, dedup, dilated,
-                                                          be_options):
+                                                          fuse, be_options):
     # 1x1 convs as grouped convs or with block-diagonal dense weights; pools/ReLU/pool-BN statistics once per
-    # distinct input; dilated depthwise convs with zeros between the taps
-    be_options.update(pointwise=pointwise, dedup=dedup, dilated=dilated)
+    # distinct input; dilated depthwise convs with zeros between the taps; the conv ops fused into one chain
+    be_options.update(pointwise=pointwise, dedup=dedup, dilated=dilated, fuse=fuse)
     ref, new = _pair(C, layers, k, stem)
     x = torch.randn(6, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     y = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(6))
@@ -94,6 +95,24 @@ def test_batched_forward_backward_equal_reference_float64(C, layers, k, size, st
     assert list(sr) == list(sn)  # same checkpoint layout
     for name in sr:  # BN running statistics and counters updated exactly as the per-edge BNs do
         assert torch.allclose(sr[name].double(), sn[name].double(), rtol=1e-10, atol=1e-12), name
+    ref.eval()
+    new.eval()
+    assert torch.allclose(ref(x), new(x), rtol=1e-9, atol=1e-12)
+
+
+def test_fuse_option_changed_between_forwards_keeps_bn_statistics(be_options):
+    """OPTIONS["fuse"] decides which BN buffers are one tensor; switching it between forwards shares them anew
+    (the statistics carried over), so the running statistics still follow the per-edge reference."""
+    ref, new = _pair(8, 5, 4)
+    g = torch.Generator().manual_seed(2)
+    for fuse in ("off", "all", "5x5", "off"):
+        be_options["fuse"] = fuse
+        x = torch.randn(4, 3, 16, 16, dtype=torch.float64, generator=g)
+        ref.train()
+        new.train()
+        assert torch.allclose(ref(x), new(x), rtol=1e-9, atol=1e-12)
+    for (name, a), b in zip(ref.state_dict().items(), new.state_dict().values()):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-10, atol=1e-12), name
     ref.eval()
     new.eval()
     assert torch.allclose(ref(x), new(x), rtol=1e-9, atol=1e-12)
@@ -133,10 +152,12 @@ def _search_steps(batched: bool, steps: int = 2):
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("pointwise,dedup,dilated", [("grouped", False, "native"), ("dense", False, "all"),
-                                                     ("grouped", True, "3x3")])
-def test_batched_search_steps_equal_reference_float64(pointwise, dedup, dilated, be_options):
-    be_options.update(pointwise=pointwise, dedup=dedup, dilated=dilated)
+@pytest.mark.parametrize("pointwise,dedup,dilated,fuse", [("grouped", False, "native", "off"),
+                                                          ("dense", False, "all", "off"),
+                                                          ("grouped", True, "3x3", "5x5"),
+                                                          ("dense", False, "native", "all")])
+def test_batched_search_steps_equal_reference_float64(pointwise, dedup, dilated, fuse, be_options):
+    be_options.update(pointwise=pointwise, dedup=dedup, dilated=dilated, fuse=fuse)
     (l0, s0), (l1, s1) = _search_steps(False), _search_steps(True)
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-10
     for k in s0:
@@ -267,13 +288,13 @@ def test_channels_last_batched_backward_hands_batch_norm_channels_last_gradients
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("cl", [False, True])
-@pytest.mark.parametrize("pointwise", ["grouped", "dense"])
-@pytest.mark.parametrize("streams", ["off", "capture"])
-def test_graphed_batched_step_equals_eager_reference_cuda(cl, pointwise, streams, strict_fp32, be_options):
+@pytest.mark.parametrize("cl,pointwise,streams,fuse", [
+    *[(cl, pw, st, "off") for cl in (False, True) for pw in ("grouped", "dense") for st in ("off", "capture")],
+    (True, "dense", "capture", "5x5"), (True, "dense", "capture", "all"), (False, "grouped", "capture", "all")])
+def test_graphed_batched_step_equals_eager_reference_cuda(cl, pointwise, streams, fuse, strict_fp32, be_options):
     """Also with a group's ops on parallel streams inside the graphs (OPTIONS["streams"]): a missing stream
-    synchronization shows as different numbers."""
-    be_options.update(pointwise=pointwise, streams=streams)
+    synchronization shows as different numbers; and with the conv ops fused (OPTIONS["fuse"])."""
+    be_options.update(pointwise=pointwise, streams=streams, fuse=fuse)
     res = []
     for mode, batched in (("eager", False), ("graph", True)):
         model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, device="cuda", channels_last=cl,
@@ -296,12 +317,13 @@ def test_graphed_batched_step_equals_eager_reference_cuda(cl, pointwise, streams
         assert num / den < 1e-4
 
 
-@pytest.mark.parametrize("cl,dedup", [(False, False), (True, False), (True, True)])
-def test_batched_under_bf16_autocast_runs_and_matches_reference(cl, dedup, be_options):
+@pytest.mark.parametrize("cl,dedup,fuse", [(False, False, "off"), (True, False, "off"), (True, True, "off"),
+                                           (True, False, "all"), (False, True, "5x5")])
+def test_batched_under_bf16_autocast_runs_and_matches_reference(cl, dedup, fuse, be_options):
     """bf16 autocast (the +bf16 fast variants): the batched BNs get bf16 inputs with float32 running statistics
     and mixing scales (batch_norm's mixed mode; a bf16 scale beside float32 statistics is refused). Same
     function as the per-edge net under the same autocast, up to bf16 rounding."""
-    be_options["dedup"] = dedup
+    be_options.update(dedup=dedup, fuse=fuse)
     torch.manual_seed(1)
     ref = SearchNetwork(8, 10, 5, partial_k=4)
     with torch.no_grad():

@@ -96,6 +96,8 @@ def test_variant_options_set_the_batched_op_choices():
     v = ss.parse_variant("graph+cl+be+pwg+msc+dd")
     assert (v.mode, v.cl, v.be) == ("graph", True, True)
     assert v.opts == {"pointwise": "grouped", "streams": "capture", "dedup": True}
-    for bad in ("eager+pwg", "eager+be+pwg+pwd", "eager+be+msc+nms", "eager+be+xyz"):
+    assert ss.parse_variant("graph+be+fz5").opts == {"fuse": "5x5"}
+    assert ss.parse_variant("eager+cl+be+fza+ud3").opts == {"fuse": "all", "dilated": "3x3"}
+    for bad in ("eager+pwg", "eager+be+pwg+pwd", "eager+be+msc+nms", "eager+be+xyz", "eager+be+fz5+fza"):
         with pytest.raises(SystemExit):
             ss.parse_variant(bad)

@@ -61,8 +61,40 @@ OPTIONS = {
     # call than the 5x5 of sep_conv_5x5 (session 6 profile). "native" (off), "3x3" (dil_conv_3x3 only), "all".
     # Not yet timed on a GPU
     "dilated": "native",
+    # the convolution ops of a group as one chain: "5x5" = the first depthwise convs of sep_conv_3x3, sep_conv_5x5
+    # and dil_conv_3x3 as ONE depthwise conv over the group's ReLU'd input with 3 filters per channel (5x5 kernels:
+    # the 3x3 zero-padded, the dilated 3x3 undilated), their 1x1 convs as one dense conv, their BNs (the separable
+    # convs' first, the dilated conv's only) as one BN; then both separable convs' second halves as one 5x5
+    # depthwise conv, one 1x1 conv and one BN. "all" also takes dil_conv_5x5 in (9x9 kernels, 4 filters per
+    # channel). The input is read once instead of 3-4 times and its gradient comes out of one convolution instead
+    # of 3-4 summed ones; 3x fewer kernels for these ops. "off": each op its own chain. Not yet timed on a GPU
+    "fuse": "off",
 }
 _SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]
+
+
+def _fused_members(mode: str):
+    """OPTIONS["fuse"] -> (primitives of the fused first stage, their common kernel size), or None when off."""
+    if mode not in ("off", "5x5", "all"):
+        raise ValueError(f"batched_cell.OPTIONS['fuse'] = {mode!r}: off, 5x5 or all")
+    if mode == "off":
+        return None
+    if mode == "5x5":
+        return ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3"), 5
+    return ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"), 9
+
+
+def _buffer_sets(stride: int, mode: str):
+    """The BN slots of one edge as the sets whose running statistics are one tensor per group: one set per slot,
+    except with OPTIONS["fuse"] on, where the fused first stage's BNs are one set and the separable convs' last
+    BNs another (each computed by one batch_norm call)."""
+    fused = _fused_members(mode)
+    if fused is None:
+        return [[slot] for slot in bn_slots(stride)]
+    first = [(p, "mid" if p in _SEP else "last") for p in fused[0]]
+    second = [(p, "last") for p in _SEP]
+    rest = [slot for slot in bn_slots(stride) if slot not in first and slot not in second]
+    return [[slot] for slot in rest] + [first, second]
 
 
 def edge_offset(node: int) -> int:
@@ -118,7 +150,9 @@ class BatchedCellRunner:
 
     def __init__(self, cell):
         self.groups = plan(cell._steps, cell.reduction)
-        self._shared = None  # {(group, primitive, slot): (first module, running_mean, running_var)}
+        # {(group, primitive, slot): (first module, running_mean, running_var[, the whole set's mean, var])}
+        self._shared = None
+        self._layout = None  # OPTIONS["fuse"] the buffers were shared for
         self._counter = None
         self._index = {}  # (device, group, channels per edge) -> channel -> edge index
         self._compiled = None  # torch.compile(BatchedCellRunner._compute) after compile()
@@ -128,27 +162,32 @@ class BatchedCellRunner:
         return [_SLOTS[slot](cell._ops[e]._ops[_IDX[primitive]]) for e in group.edges]
 
     def _alias(self, cell):
-        shared, counter = {}, None
+        shared, counter, self._layout = {}, None, OPTIONS["fuse"]
         for gi, group in enumerate(self.groups):
-            for primitive, slot in bn_slots(group.stride):
-                mods = self._bns(cell, group, primitive, slot)
-                rm = torch.cat([m.running_mean.detach() for m in mods])
-                rv = torch.cat([m.running_var.detach() for m in mods])
-                n = mods[0].running_mean.numel()
-                for k, m in enumerate(mods):
-                    m.running_mean = rm[k * n:(k + 1) * n]
-                    m.running_var = rv[k * n:(k + 1) * n]
-                    if counter is None:
-                        counter = m.num_batches_tracked.detach().clone()
-                    m.num_batches_tracked = counter
-                shared[(gi, primitive, slot)] = (mods[0], rm, rv)
+            for members in _buffer_sets(group.stride, self._layout):
+                mods = [self._bns(cell, group, primitive, slot) for primitive, slot in members]
+                rm = torch.cat([m.running_mean.detach() for ms in mods for m in ms])
+                rv = torch.cat([m.running_var.detach() for ms in mods for m in ms])
+                n, off = mods[0][0].running_mean.numel(), 0
+                for (primitive, slot), ms in zip(members, mods):
+                    for k, m in enumerate(ms):
+                        m.running_mean = rm[off + k * n:off + (k + 1) * n]
+                        m.running_var = rv[off + k * n:off + (k + 1) * n]
+                        if counter is None:
+                            counter = m.num_batches_tracked.detach().clone()
+                        m.num_batches_tracked = counter
+                    size = n * len(ms)
+                    shared[(gi, primitive, slot)] = (ms[0], rm[off:off + size], rv[off:off + size])
+                    off += size
+                if len(members) > 1:  # the whole set, for the one batch_norm call over it
+                    shared[(gi, *members[0])] = shared[(gi, *members[0])] + (rm, rv)
         self._shared, self._counter = shared, counter
 
     def _buffers_intact(self, cell) -> bool:
         """False after anything replaced the modules' buffers (model.to(), .double(), a module swap)."""
-        if self._shared is None:
+        if self._shared is None or self._layout != OPTIONS["fuse"]:
             return False
-        for (gi, primitive, slot), (m, rm, rv) in self._shared.items():
+        for (gi, primitive, slot), (m, rm, rv, *_) in self._shared.items():
             if self._bns(cell, self.groups[gi], primitive, slot)[0] is not m:
                 return False
             if m.running_mean.data_ptr() != rm.data_ptr() or m.running_var.data_ptr() != rv.data_ptr():
@@ -177,9 +216,14 @@ class BatchedCellRunner:
                 self._counter.add_(1)
         cp = cell.preprocess1[-1].num_features // cell._ops[0].k
         index = [self._channel_index(s1.device, gi, cp) for gi in range(len(self.groups))]
-        if _dense_pointwise(s1.device):  # eye(E) per group size, to mask block-diagonal weights
+        fused = _fused_members(OPTIONS["fuse"])
+        if _dense_pointwise(s1.device) or fused:  # eye(n) to mask block-diagonal weights, n = edges (x ops)
             dt = cell.preprocess1[1].weight.dtype
-            index.append({len(g.edges): self._eye(s1.device, dt, len(g.edges)) for g in self.groups})
+            sizes = {len(g.edges) * m for g in self.groups for m in ((1, 2, len(fused[0])) if fused else (1,))}
+            index.append({n: self._eye(s1.device, dt, n) for n in sizes})
+            if fused:  # the fused 1x1 conv's input channels: (channel, op) interleaved -> op-major
+                for g in self.groups:
+                    index[-1][("perm", len(g.edges))] = self._perm(s1.device, len(fused[0]), len(g.edges) * cp)
         if OPTIONS["streams"] != "off" and s1.is_cuda:  # created here, not in the middle of a graph capture
             _side_streams(s1.device, len(PRIMITIVES))
         fn = self._compiled or BatchedCellRunner._compute
@@ -189,6 +233,12 @@ class BatchedCellRunner:
         key = ("eye", device, dtype, n)
         if key not in self._index:
             self._index[key] = torch.eye(n, dtype=dtype, device=device)
+        return self._index[key]
+
+    def _perm(self, device, n, c):
+        key = ("perm", device, n, c)
+        if key not in self._index:  # perm[ch * n + m] = m * c + ch
+            self._index[key] = torch.arange(n * c).view(n, c).t().reshape(-1).to(device)
         return self._index[key]
 
     def compile(self, **options) -> None:
@@ -226,8 +276,8 @@ class BatchedCellRunner:
             parts = [heads[j] for j in inputs]
             X = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             sc = scales.index_select(1, index[gi])  # (ops, E * cp)
-            eyes = index[len(self.groups)] if len(index) > len(self.groups) else None
-            Y = self._mixed(cell, gi, group, X, sc, cell.training, eyes, rep)
+            aux = index[len(self.groups)] if len(index) > len(self.groups) else None
+            Y = self._mixed(cell, gi, group, X, sc, cell.training, aux, rep)
             if nhwc and OPTIONS["cl_grads"]:
                 Y = _ChannelsLastGrad.apply(Y)
             if gi == 0:  # edges ordered (node, input 0/1): sum each node's two
@@ -262,20 +312,25 @@ class BatchedCellRunner:
         out = torch.cat([m.unsqueeze(2), r.unflatten(1, (k - 1, cp)).transpose(1, 2)], dim=2)
         return out.reshape(n, cp * k, h, w)
 
-    def _mixed(self, cell, gi, group, X, sc, training, eyes=None, rep=1):
-        """sum over ops of scale * op(X) for every edge of the group at once: (N, E * cp, H', W'). `eyes`: the
-        1x1 convolutions with block-diagonal dense weights (OPTIONS["pointwise"]). rep > 1: X holds the distinct
-        inputs only, and the edges' stacked input is X repeated rep times along the channels (OPTIONS["dedup"])."""
+    def _mixed(self, cell, gi, group, X, sc, training, aux=None, rep=1):
+        """sum over ops of scale * op(X) for every edge of the group at once: (N, E * cp, H', W'). `aux`: eye(n)
+        per size n (the 1x1 convolutions with block-diagonal dense weights: OPTIONS["pointwise"], "fuse") and the
+        fused 1x1 conv's input permutation. rep > 1: X holds the distinct inputs only, and the edges' stacked input
+        is X repeated rep times along the channels (OPTIONS["dedup"])."""
         ops = [cell._ops[e]._ops for e in group.edges]
         E = len(group.edges)
         cp = X.shape[1] * rep // E
+        eyes = aux if _dense_pointwise(X.device) else None
+        fused = _fused_members(OPTIONS["fuse"])
 
         def weight(primitive, index, attr=None):
             mods = [o[_IDX[primitive]][index] if attr is None else getattr(o[_IDX[primitive]], attr) for o in ops]
             return torch.cat([m.weight for m in mods], dim=0) if E > 1 else mods[0].weight
 
         def bn(y, primitive, slot, scale):
-            m, rm, rv = self._shared[(gi, primitive, slot)]
+            m, rm, rv, *whole = self._shared[(gi, primitive, slot)]
+            if whole:  # the first slot of a fused set: one batch_norm over the whole set's channels
+                rm, rv = whole
             if scale is not None and scale.dtype != rm.dtype:  # under autocast: float32 like the running stats
                 scale = scale.to(rm.dtype)  # (a bf16 input with float32 parameters is batch_norm's mixed mode)
             return F.batch_norm(y, rm, rv, scale, None, training, m.momentum, m.eps)
@@ -292,7 +347,7 @@ class BatchedCellRunner:
         def bn_repeated(y, primitive, slot, scale):
             """bn() of y repeated rep times along the channels: batch statistics once, each edge's running
             statistics updated with them (training), or each edge's own statistics (eval)."""
-            m, rm, rv = self._shared[(gi, primitive, slot)]
+            m, rm, rv, *_ = self._shared[(gi, primitive, slot)]
             if training:
                 yn = F.batch_norm(y, None, None, None, None, True, 0.0, m.eps)
                 with torch.no_grad():  # as batch_norm updates them: unbiased variance, exponential average
@@ -327,12 +382,43 @@ class BatchedCellRunner:
             y = conv(conv(R, primitive, 1, E * cp), primitive, 2, E)  # dilated conv: relu, dw (dilated), pw, BN
             return bn(y, primitive, "last", s)
 
+        def fused_chain(scales):
+            """The fused ops (OPTIONS["fuse"]): relu, one depthwise conv with n filters per channel, one 1x1 conv,
+            one BN (the dilated convs end here), relu, one depthwise conv, one 1x1 conv, one BN (separable)."""
+            members, k = fused
+            n, c = len(members), E * cp
+            first = ops[0][_IDX[members[0]]][1]
+            w = []
+            for primitive in members:
+                wi = weight(primitive, 1)
+                dilation = ops[0][_IDX[primitive]][1].dilation
+                w.append(_pad_kernel(_dilate_weight(wi, dilation) if tuple(dilation) != (1, 1) else wi, k))
+            # output channel ch * n + m: filter m of channel ch (a depthwise conv's channel multiplier)
+            y = F.conv2d(R, torch.stack(w, dim=1).flatten(0, 1), None, first.stride, k // 2, 1, c)
+            # one 1x1 conv: block-diagonal over (op, edge), op-major outputs, inputs in the interleaved order
+            w = _block_diagonal(torch.cat([weight(p, 2) for p in members]), aux[n * E])
+            y = F.conv2d(y, w.index_select(1, aux[("perm", E)]))
+            ones = scales[members[0]].new_ones(2 * c)
+            y = bn(y, members[0], "mid", torch.cat([ones] + [scales[p] for p in members[2:]]))
+            sep, *dil = y.split([2 * c] + [c] * (n - 2), dim=1)
+            # the separable convs' second halves: one 5x5 depthwise conv, one 1x1 conv, one BN
+            w = torch.cat([_pad_kernel(weight(p, 5), 5) for p in _SEP])
+            y = F.conv2d(F.relu(sep), w, None, 1, 2, 1, 2 * c)
+            w = torch.cat([weight(p, 6) for p in _SEP])
+            y = F.conv2d(y, _block_diagonal(w, eyes[2 * E]), None) if eyes is not None else \
+                F.conv2d(y, w, None, 1, 0, 1, 2 * E)
+            a, b = bn(y, _SEP[0], "last", torch.cat([scales[p] for p in _SEP])).split(c, dim=1)
+            total = a + b
+            for d in dil:
+                total = total + d
+            return total
+
         # "none" is zeros: contributes nothing
         todo = [(primitive, s) for primitive, s in zip(PRIMITIVES, sc.unbind(0)) if primitive != "none"]
-        if _use_streams(X):
-            out = _on_side_streams([lambda p=p, s=s: branch(p, s) for p, s in todo], (X, R, sc))
-        else:
-            out = [branch(p, s) for p, s in todo]
+        jobs = [lambda p=p, s=s: branch(p, s) for p, s in todo if not fused or p not in fused[0]]
+        if fused:
+            jobs.append(lambda: fused_chain(dict(todo)))
+        out = _on_side_streams(jobs, (X, R, sc)) if _use_streams(X) else [job() for job in jobs]
         total = out[0]
         for y in out[1:]:
             total = total + y
@@ -423,6 +509,12 @@ def _dilate_weight(w, dilation):
     out = w.new_zeros(w.shape[0], w.shape[1], dh * (kh - 1) + 1, dw * (kw - 1) + 1)
     out[:, :, ::dh, ::dw] = w
     return out
+
+
+def _pad_kernel(w, k):
+    """A (C, 1, kh, kw) kernel zero-padded around to (C, 1, k, k): the same convolution with padding k // 2."""
+    p = (k - w.shape[-1]) // 2
+    return F.pad(w, (p, p, p, p)) if p else w
 
 
 def _block_diagonal(w, eye):
