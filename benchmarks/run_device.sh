@@ -65,23 +65,26 @@ build_horovod() {
 HVD_TARGET=${HVD_TARGET:-/tmp/hvd}
 if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 # Stages, in this order, each skipped when its list is empty (VAR= on the command line) or the deadline is near:
+#  0. DWBENCH: benchmarks/depthwise.py with these Triton tiles (cuDNN vs Triton depthwise kernels per shape)
 #  1. SSPROF256 / SSPROF32: timings + torch.profiler (device time per step by kernel class, top kernels), all the
 #     variants of a list in one process (cuDNN's autotuning of shared shapes done once)
-#  2. SS32 (B=32, --check'ed against eager first), then the CUDA equivalence tests of test_batched/test_fastpath
-#     (CUDA_TESTS=1), then SS256 (B=256)
+#  2. SS32 (B=32, --check'ed against eager first), then the CUDA equivalence tests of test_batched/test_fastpath/
+#     test_depthwise (CUDA_TESTS=1), then SS256 (B=256)
 #  3. SSCOMPILE256 / SSCOMPILE: torch.compile inside the CUDA graph at B=256 / B=32 (+check); setup_s = capture
 #     + compile time (more than 160 s at B=256 on an H100: run last, with what time is left)
 #  4. the inductor CUDA tests (tests/test_compile.py -k cuda)
-# Defaults: what sessions 6 (H100) and 7 (no device) left open: the default step (streams, dense 1x1, NHWC
-# gradients) at B=256 in bf16 (profiled) and fp32 against the untimed options +ud3/+uda (dilated depthwise convs
-# undilated), +fz5/+fza (a group's conv ops fused into one chain) and +dd (pools once per distinct input), the same
-# at B=32 with checks, the CUDA tests (incl. the fused graphs and --bf16 --cuda-graph of both scripts), then compile.
+# Defaults: what sessions 6 (H100) and 7 (no device) left open: the Triton depthwise kernels against cuDNN per
+# shape (DWBENCH), then the default step (streams, dense 1x1, NHWC gradients) at B=256 in bf16 (profiled) against
+# the untimed options +ud3/+uda (dilated depthwise convs undilated), +fz5/+fza (a group's conv ops fused into one
+# chain), +tdw (Triton depthwise kernels) and +dd (pools once per distinct input), B=32 with checks, the CUDA tests
+# (incl. the fused and Triton graphs and --bf16 --cuda-graph of both scripts), B=256 fp32, then compile.
 # Session 6's A/B: SSPROF256="graph+cl+be graph+cl+be+pwg+nclg graph+cl+be+msc" SS32="graph+be graph+be+msc
 # graph+cl+be graph+cl+be+msc" SS256="graph+cl+be+bf16 graph+cl+be+msc+bf16 graph+cl+be+pwg" SSCOMPILE256="".
-SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+uda+bf16 graph+cl+be+fz5+bf16 graph+cl+be+fza+bf16 graph+cl+be+dd+bf16"}
+DWBENCH=${DWBENCH-"128,32,8 64,32,4"}
+SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+uda+bf16 graph+cl+be+tdw+bf16 graph+cl+be+fz5+bf16 graph+cl+be+fza+bf16 graph+cl+be+dd+bf16"}
 SSPROF32=${SSPROF32-""}
-SS32=${SS32-"graph+be graph+be+ud3 graph+be+fz5"}
-SS256=${SS256-"graph+cl+be graph+cl+be+ud3 graph+cl+be+uda graph+cl+be+fz5"}
+SS32=${SS32-"graph+be graph+be+ud3"}
+SS256=${SS256-"graph+cl+be graph+cl+be+ud3 graph+cl+be+tdw"}
 SSCOMPILE256=${SSCOMPILE256-"graph+cl+compile+be"}
 SSCOMPILE=${SSCOMPILE-""}
 PROF_STEPS=${PROF_STEPS-1}
@@ -90,7 +93,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu
   SSA=(--steps 1 --warmup 1 --C 8 --layers 5); B1=4; B2=2
   SS256="eager eager+be+pwd graph+be"; SS32="eager eager+be eager+cl+be eager+cl+be+fza"; SSCOMPILE="eager+compile+be"; SSCOMPILE256=""
-  SSPROF256="eager+be eager+cl+be+pwg+nclg"; SSPROF32=""; CUDA_TESTS=1
+  SSPROF256="eager+be eager+cl+be+pwg+nclg"; SSPROF32=""; CUDA_TESTS=1; DWBENCH="128,32,4 64,16,2"
   CB=(--compile-backend aot_eager); SSC=(--steps 1 --warmup 1 --C 8 --layers 5)  # inductor on 2 CPU cores: minutes
   SSP=(--steps 1 --warmup 1 --C 8 --layers 5 --profile 1 --no-saved-memory)
   CK=(--check --check-batch 2 --check-steps 1)
@@ -132,6 +135,13 @@ ss() {  # ss LABEL TIMEOUT ARGS...: one search_step.py run, its output in $OUT/L
 nv() { echo $#; }  # number of variants in a list
 # shellcheck disable=SC2086
 {
+if [ -n "$DWBENCH" ]; then  # the Triton depthwise kernels against cuDNN, per shape (compiles them: ~1 s each)
+  echo "[$(el)s] depthwise" | tee -a "$OUT/env.txt"
+  # shellcheck disable=SC2206
+  DWA=(--tiles $DWBENCH); [ "${SMOKE:-0}" = 1 ] && DWA+=(--smoke --device cpu) && export TRITON_INTERPRET=1
+  timeout 100 $PY benchmarks/depthwise.py "${DWA[@]}" --json "$OUT/results.jsonl" > "$OUT/depthwise.txt" 2>&1
+  rc=$?; unset TRITON_INTERPRET; echo "[$(el)s] depthwise rc=$rc" | tee -a "$OUT/env.txt"
+fi
 [ -n "$SSPROF256" ] && [ "$(left)" -gt 120 ] && \
   ss profile256 $(( 70 + 40 * $(nv $SSPROF256) )) --batch $B1 --variants $SSPROF256 "${SSP[@]}"
 [ -n "$SSPROF32" ] && [ "$(left)" -gt 100 ] && \
@@ -140,7 +150,7 @@ nv() { echo $#; }  # number of variants in a list
 if [ "$CUDA_TESTS" = 1 ] && [ "$(left)" -gt 60 ]; then
   echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
   timeout $(( $(left) < 190 ? $(left) - 10 : 180 )) $PY -m pytest -q -p no:cacheprovider tests/test_batched.py \
-    tests/test_fastpath.py -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" \
+    tests/test_fastpath.py tests/test_depthwise.py -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" \
     >> "$OUT/env.txt" 2>&1
 fi
 [ -n "$SS256" ] && [ "$(left)" -gt 100 ] && ss search_step $(( 60 + 40 * $(nv $SS256) )) --batch $B1 --variants $SS256 "${SSA[@]}"

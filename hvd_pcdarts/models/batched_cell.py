@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..genotypes import PRIMITIVES
+from . import depthwise
 
 _IDX = {name: i for i, name in enumerate(PRIMITIVES)}
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")
@@ -69,6 +70,10 @@ OPTIONS = {
     # channel). The input is read once instead of 3-4 times and its gradient comes out of one convolution instead
     # of 3-4 summed ones; 3x fewer kernels for these ops. "off": each op its own chain. Not yet timed on a GPU
     "fuse": "off",
+    # the depthwise convolutions (one filter per channel) of channels_last runs: "cudnn" (F.conv2d) or "triton"
+    # (models/depthwise.py: forward and both gradients as Triton kernels, dilation native; CUDA only, elsewhere
+    # F.conv2d). Not yet timed on a GPU
+    "depthwise": "cudnn",
 }
 _SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]
 
@@ -340,6 +345,8 @@ class BatchedCellRunner:
             w, dilation = weight(primitive, index), c.dilation
             if eyes is not None and groups == E > 1 and tuple(c.kernel_size) == (1, 1):
                 w, groups = _block_diagonal(w, eyes[E]), 1
+            if groups == w.shape[0] > 1 and _triton_depthwise(y):  # dilation native, any kernel size
+                return depthwise.depthwise_conv2d(y, w, c.stride, c.padding, dilation)
             if tuple(dilation) != (1, 1) and _undilate(primitive):
                 w, dilation = _dilate_weight(w, dilation), 1
             return F.conv2d(y, w, None, c.stride, c.padding, dilation, groups)
@@ -402,8 +409,9 @@ class BatchedCellRunner:
             y = bn(y, members[0], "mid", torch.cat([ones] + [scales[p] for p in members[2:]]))
             sep, *dil = y.split([2 * c] + [c] * (n - 2), dim=1)
             # the separable convs' second halves: one 5x5 depthwise conv, one 1x1 conv, one BN
-            w = torch.cat([_pad_kernel(weight(p, 5), 5) for p in _SEP])
-            y = F.conv2d(F.relu(sep), w, None, 1, 2, 1, 2 * c)
+            w, sep = torch.cat([_pad_kernel(weight(p, 5), 5) for p in _SEP]), F.relu(sep)
+            y = depthwise.depthwise_conv2d(sep, w, 1, 2) if _triton_depthwise(sep) else \
+                F.conv2d(sep, w, None, 1, 2, 1, 2 * c)
             w = torch.cat([weight(p, 6) for p in _SEP])
             y = F.conv2d(y, _block_diagonal(w, eyes[2 * E]), None) if eyes is not None else \
                 F.conv2d(y, w, None, 1, 0, 1, 2 * E)
@@ -485,6 +493,13 @@ def _repeat_channels(x, rep, scale=None, shift=None):
 
 def _is_nhwc(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _triton_depthwise(x) -> bool:
+    mode = OPTIONS["depthwise"]
+    if mode not in ("cudnn", "triton"):
+        raise ValueError(f"batched_cell.OPTIONS['depthwise'] = {mode!r}: cudnn or triton")
+    return mode == "triton" and _is_nhwc(x) and depthwise.available(x) and not torch.compiler.is_compiling()
 
 
 def _dense_pointwise(device) -> bool:

@@ -1,0 +1,241 @@
+"""Depthwise convolution (groups == channels, one filter per channel) as Triton kernels for channels_last tensors:
+forward, input gradient and weight gradient (batched_cell.OPTIONS["depthwise"] = "triton", search_step.py +tdw).
+
+Why: in the H100 profile of the batched search step (RESULTS.md, sixth session) cuDNN ran the search cells'
+depthwise convolutions far from the memory bandwidth they need: the dilated ones' forward in a direct kernel ~6x
+slower per call than the undilated 5x5 (plus NHWC<->NCHW conversions around it), the weight gradients 3-4x above
+their bytes' time. These kernels read each operand once per tile and take every tap from the tile's neighbourhood
+(L1/L2), dilation and stride included at no cost; fp32 accumulation for any input dtype (bf16 under autocast).
+The weight gradient is deterministic: per-tile partial sums, then one sum over the tiles (no atomics).
+
+Runs wherever Triton runs: CUDA GPUs, and the CPU under TRITON_INTERPRET=1 (how the tests check it without a GPU).
+Same function as F.conv2d(x, w, None, stride, padding, dilation, groups=C) (tests: forward and both gradients).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # a dependency of torch's CUDA wheels; optional
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - no triton: the option is refused
+    triton = None
+
+# (pixels, channels, warps) per program of each kernel; HVD_PCDARTS_DW_TILES="P,C,W;P,C,W;P,C,W" overrides them
+# (forward; input gradient; weight gradient), for tuning on a GPU
+# (fewer channels than the tile's: the channel block shrinks to the next power of two). 16 values per thread: ~80
+# registers, no spills (ptxas for sm_90, fp32 and bf16, 5x5)
+TILES = {"fwd": (128, 32, 8), "dgrad": (128, 32, 8), "wgrad": (128, 32, 8)}
+if os.environ.get("HVD_PCDARTS_DW_TILES"):
+    TILES = dict(zip(TILES, (tuple(int(v) for v in t.split(",")) for t in
+                             os.environ["HVD_PCDARTS_DW_TILES"].split(";"))))
+MAX_ELEMENTS = 2**31 - 1  # int32 offsets in the kernels
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on x (CUDA, or the CPU under TRITON_INTERPRET=1; int32-addressable)."""
+    if triton is None or x.numel() > MAX_ELEMENTS:
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+# Channel stride 1 (channels_last) is assumed, every other size and stride is a runtime argument (not specialized:
+# one compiled kernel per kernel size, tile and dtype, whatever the map sizes, strides, paddings and dilations).
+_ARGS = ["total", "C", "H", "W", "Ho", "Wo", "san", "sah", "saw", "sbn", "sbh", "sbw", "stride", "pad", "dil"]
+
+if triton is not None:
+    @triton.jit
+    def _mask(rows, cm, EVEN_C: tl.constexpr):
+        # the (pixels, channels) mask: rows only when the channel blocks tile C exactly (a mask constant along the
+        # channels lets the compiler use vector loads)
+        if EVEN_C:
+            return rows[:, None]
+        else:
+            return rows[:, None] & cm[None, :]
+
+    @triton.jit(do_not_specialize=_ARGS)
+    def _fwd_kernel(x, w, y, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
+                    KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr,
+                    EVEN_C: tl.constexpr):
+        # y[n, c, ho, wo] = sum over taps (i, j) of x[n, c, ho * stride - pad + i * dil, ...] * w[c, i, j]
+        # (a = x's strides, b = y's; VEC divides every row offset: aligned vector loads along the channels)
+        p = tl.program_id(0) * BP + tl.arange(0, BP)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        pm, cm = p < total, c < C
+        wo = p % Wo
+        ho = (p // Wo) % Ho
+        n = p // (Wo * Ho)
+        acc = tl.zeros((BP, BC), dtype=tl.float32)
+        for i in range(KH):
+            hi = ho * stride - pad + i * dil
+            hm = pm & (hi >= 0) & (hi < H)
+            for j in range(KW):
+                wi = wo * stride - pad + j * dil
+                m = hm & (wi >= 0) & (wi < W)
+                row = tl.multiple_of(n * san + hi * sah + wi * saw, VEC)
+                xv = tl.load(x + row[:, None] + c[None, :], mask=_mask(m, cm, EVEN_C), other=0.0).to(tl.float32)
+                wv = tl.load(w + c * (KH * KW) + (i * KW + j), mask=cm, other=0.0).to(tl.float32)
+                acc += xv * wv[None, :]
+        row = tl.multiple_of(n * sbn + ho * sbh + wo * sbw, VEC)
+        tl.store(y + row[:, None] + c[None, :], acc.to(y.dtype.element_ty), mask=_mask(pm, cm, EVEN_C))
+
+    @triton.jit(do_not_specialize=_ARGS)
+    def _dgrad_kernel(g, w, dx, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
+                      KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr,
+                      EVEN_C: tl.constexpr):
+        # dx[n, c, hi, wi] = sum over taps (i, j) with hi = ho * stride - pad + i * dil (same for wi) of
+        # g[n, c, ho, wo] * w[c, i, j]; a = g's strides, b = dx's
+        p = tl.program_id(0) * BP + tl.arange(0, BP)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        pm, cm = p < total, c < C
+        wi = p % W
+        hi = (p // W) % H
+        n = p // (W * H)
+        acc = tl.zeros((BP, BC), dtype=tl.float32)
+        for i in range(KH):
+            th = hi + pad - i * dil
+            ho = th // stride
+            hm = pm & (th >= 0) & (th - ho * stride == 0) & (ho < Ho)
+            for j in range(KW):
+                tw = wi + pad - j * dil
+                wo = tw // stride
+                m = hm & (tw >= 0) & (tw - wo * stride == 0) & (wo < Wo)
+                row = tl.multiple_of(n * san + ho * sah + wo * saw, VEC)
+                gv = tl.load(g + row[:, None] + c[None, :], mask=_mask(m, cm, EVEN_C), other=0.0).to(tl.float32)
+                wv = tl.load(w + c * (KH * KW) + (i * KW + j), mask=cm, other=0.0).to(tl.float32)
+                acc += gv * wv[None, :]
+        row = tl.multiple_of(n * sbn + hi * sbh + wi * sbw, VEC)
+        tl.store(dx + row[:, None] + c[None, :], acc.to(dx.dtype.element_ty), mask=_mask(pm, cm, EVEN_C))
+
+    @triton.jit(do_not_specialize=_ARGS)
+    def _wgrad_kernel(x, g, part, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
+                      KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr,
+                      EVEN_C: tl.constexpr):
+        # part[program, tap, c] = sum over this program's output pixels of g * x at the tap's input pixel
+        # (a = x's strides, b = g's); the weight gradient is the sum over the programs
+        pid = tl.program_id(0)
+        p = pid * BP + tl.arange(0, BP)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        pm, cm = p < total, c < C
+        wo = p % Wo
+        ho = (p // Wo) % Ho
+        n = p // (Wo * Ho)
+        row = tl.multiple_of(n * sbn + ho * sbh + wo * sbw, VEC)
+        gv = tl.load(g + row[:, None] + c[None, :], mask=_mask(pm, cm, EVEN_C), other=0.0).to(tl.float32)
+        for i in range(KH):
+            hi = ho * stride - pad + i * dil
+            hm = pm & (hi >= 0) & (hi < H)
+            for j in range(KW):
+                wi = wo * stride - pad + j * dil
+                m = hm & (wi >= 0) & (wi < W)
+                row = tl.multiple_of(n * san + hi * sah + wi * saw, VEC)
+                xv = tl.load(x + row[:, None] + c[None, :], mask=_mask(m, cm, EVEN_C), other=0.0).to(tl.float32)
+                tl.store(part + (pid * (KH * KW) + i * KW + j) * C + c, tl.sum(xv * gv, axis=0), mask=cm)
+
+
+def _out_size(size, k, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _nhwc(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _sizes(t):  # batch, row and column strides (the channel stride is 1)
+    return t.stride(0), t.stride(2), t.stride(3)
+
+
+def _layout(c, bc, *tensors):
+    """(VEC, EVEN_C): VEC elements (16 bytes) divide every row offset and the data pointers are 16-byte aligned
+    (else 1); EVEN_C: the channel blocks tile C exactly."""
+    vec = 16 // tensors[0].element_size()
+    ok = c % vec == 0 and all(t.data_ptr() % 16 == 0 and all(v % vec == 0 for v in _sizes(t)) for t in tensors)
+    return (vec if ok else 1), c % bc == 0
+
+
+def _launch(kernel, tile, a, w, out, total, c, h, wd, ho, wo, conf):
+    """The forward or input-gradient kernel: reads a (x or the output gradient) and w, writes out."""
+    bp, bc, warps = TILES[tile]
+    bc = min(bc, triton.next_power_of_2(c))
+    grid = (triton.cdiv(total, bp), triton.cdiv(c, bc))
+    vec, even = _layout(c, bc, a, out)
+    kernel[grid](a, w, out, total, c, h, wd, ho, wo, *_sizes(a), *_sizes(out), *conf, KH=w.shape[2], KW=w.shape[3],
+                 BP=bp, BC=bc, VEC=vec, EVEN_C=even, num_warps=warps)
+
+
+def _forward(x, w, stride, padding, dilation):
+    n, c, h, wd = x.shape
+    kh, kw = w.shape[2], w.shape[3]
+    ho, wo = _out_size(h, kh, stride, padding, dilation), _out_size(wd, kw, stride, padding, dilation)
+    y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    _launch(_fwd_kernel, "fwd", x, w, y, n * ho * wo, c, h, wd, ho, wo, (stride, padding, dilation))
+    return y
+
+
+def _input_grad(g, w, shape, dtype, stride, padding, dilation):
+    n, c, h, wd = shape
+    dx = torch.empty(shape, dtype=dtype, device=g.device, memory_format=torch.channels_last)
+    _launch(_dgrad_kernel, "dgrad", g, w, dx, n * h * wd, c, h, wd, g.shape[2], g.shape[3], (stride, padding, dilation))
+    return dx
+
+
+def _weight_grad(x, g, wshape, dtype, stride, padding, dilation):
+    n, c, h, wd = x.shape
+    kh, kw = wshape[2], wshape[3]
+    bp, bc, warps = TILES["wgrad"]
+    bc = min(bc, triton.next_power_of_2(c))
+    total = n * g.shape[2] * g.shape[3]
+    grid = (triton.cdiv(total, bp), triton.cdiv(c, bc))
+    part = torch.empty((grid[0], kh * kw, c), dtype=torch.float32, device=x.device)
+    vec, even = _layout(c, bc, x, g)
+    _wgrad_kernel[grid](x, g, part, total, c, h, wd, g.shape[2], g.shape[3], *_sizes(x), *_sizes(g),
+                        stride, padding, dilation, KH=kh, KW=kw, BP=bp, BC=bc, VEC=vec, EVEN_C=even, num_warps=warps)
+    return part.sum(0).t().reshape(wshape).to(dtype)
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, stride, padding, dilation):
+        ctx.save_for_backward(x, w)
+        ctx.conf = (stride, padding, dilation)
+        return _forward(x, w, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g = _nhwc(g)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _input_grad(g, w, x.shape, x.dtype, *ctx.conf)
+        if ctx.needs_input_grad[1]:
+            dw = _weight_grad(x, g, w.shape, w.dtype, *ctx.conf)
+        return dx, dw, None, None, None
+
+
+def _one(v, name):
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    if v[0] != v[1]:
+        raise ValueError(f"depthwise_conv2d: {name} {v} must be the same along both axes")
+    return int(v[0])
+
+
+def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1):
+    """F.conv2d(x, w, None, stride, padding, dilation, groups=x.shape[1]) for w of shape (C, 1, kh, kw), computed
+    by the Triton kernels (output channels_last). Under autocast both operands are cast to its dtype first, as
+    autocast casts a convolution's."""
+    if w.dim() != 4 or w.shape[1] != 1 or w.shape[0] != x.shape[1]:
+        raise ValueError(f"depthwise_conv2d: weight {tuple(w.shape)} is not depthwise for {x.shape[1]} channels")
+    conf = (_one(stride, "stride"), _one(padding, "padding"), _one(dilation, "dilation"))
+    x, w = _nhwc(x), w.contiguous()
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, w = x.to(dt), w.to(dt)
+        with torch.autocast(dev, enabled=False):
+            return _DepthwiseConv2d.apply(x, w, *conf)
+    if x.dtype != w.dtype:
+        raise ValueError(f"depthwise_conv2d: input {x.dtype} and weight {w.dtype} differ")
+    return _DepthwiseConv2d.apply(x, w, *conf)

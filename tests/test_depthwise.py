@@ -1,0 +1,163 @@
+"""The Triton depthwise convolution (hvd_pcdarts/models/depthwise.py, batched_cell.OPTIONS["depthwise"] = "triton")
+against F.conv2d: forward, input gradient and weight gradient, for kernel sizes 3/5/9, strides 1/2, dilations 1/2,
+odd maps, channel counts that are not a power of two; bf16; and inside the batched search cell.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 on CPU tensors, set before triton is
+imported: hence the subprocesses). On a GPU the same checks run compiled, plus a graphed search step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import describe, launch, python_exe
+
+from hvd_pcdarts import fastpath as fp
+from hvd_pcdarts.models import batched_cell, depthwise
+
+pytestmark = pytest.mark.skipif(depthwise.triton is None, reason="triton is not installed")
+
+# (channels, kernel, stride, dilation, height, width)
+SHAPES = [(12, 3, 1, 1, 9, 10), (32, 5, 2, 1, 8, 8), (40, 3, 1, 2, 7, 8), (8, 5, 2, 2, 10, 11), (16, 9, 1, 1, 6, 6),
+          (70, 3, 2, 2, 9, 9)]
+
+CHECK = r"""
+import json, sys, torch, torch.nn.functional as F
+from hvd_pcdarts.models import depthwise
+device, shapes, dtype = sys.argv[1], json.loads(sys.argv[2]), getattr(torch, sys.argv[3])
+torch.manual_seed(0)
+out = []
+for C, k, s, d, H, W in shapes:
+    pad = d * (k - 1) // 2
+    x = torch.randn(2, C, H, W, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C, 1, k, k, device=device).to(dtype)
+    x.requires_grad_(), w.requires_grad_()
+    y = depthwise.depthwise_conv2d(x, w, s, pad, d)
+    # the reference in float32 from the same (rounded) values
+    xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    yr = F.conv2d(xr, wr, None, s, pad, d, C)
+    g = torch.randn_like(yr)
+    dx, dw = torch.autograd.grad(y, [x, w], g.to(dtype))
+    dxr, dwr = torch.autograd.grad(yr, [xr, wr], g.to(dtype).float())
+    rel = lambda a, b: float((a.float() - b).abs().max() / b.abs().max())
+    out.append(dict(shape=[C, k, s, d, H, W], y=rel(y, yr), dx=rel(dx, dxr), dw=rel(dw, dwr),
+                    cl=y.is_contiguous(memory_format=torch.channels_last), dtype=str(y.dtype)))
+print(json.dumps(out))
+"""
+
+
+def _interpreted(script: str, *args, timeout=600):
+    res = launch([python_exe(), "-c", script, *args], timeout=timeout, env={"TRITON_INTERPRET": "1"})
+    assert res.returncode == 0, describe(res)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _check_rows(rows, dtype):
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bf16 outputs: rounded to 8 bits of mantissa
+    for r in rows:
+        assert r["cl"] and r["dtype"] == f"torch.{dtype}", r
+        assert r["y"] < tol and r["dx"] < tol and r["dw"] < 10 * tol, r
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_triton_depthwise_equals_conv2d_interpreted(dtype):
+    _check_rows(_interpreted(CHECK, "cpu", json.dumps(SHAPES), dtype), dtype)
+
+
+NET = r"""
+import copy, json, torch, torch.nn.functional as F
+from hvd_pcdarts import fastpath as fp
+from hvd_pcdarts.models import SearchNetwork, batched_cell, depthwise
+calls = [0]
+apply = depthwise._DepthwiseConv2d.apply
+def counted(*a):
+    calls[0] += 1
+    return apply(*a)
+depthwise._DepthwiseConv2d.apply = counted
+torch.manual_seed(1)
+ref = SearchNetwork(8, 10, 5, partial_k=4)
+with torch.no_grad():
+    for p in ref.arch_parameters():
+        p.normal_(0, 1)
+new = copy.deepcopy(ref).set_batched_edges(True)
+fp.to_channels_last(ref)
+fp.to_channels_last(new)
+x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 10, (2,))
+batched_cell.OPTIONS["depthwise"] = "triton"
+out = {}
+for fuse in ("off", "all"):
+    batched_cell.OPTIONS["fuse"] = fuse
+    before = calls[0]
+    lr, ln = F.cross_entropy(ref(x), y), F.cross_entropy(new(x), y)
+    gr = torch.autograd.grad(lr, list(ref.parameters()))
+    gn = torch.autograd.grad(ln, list(new.parameters()))
+    err = max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(gr, gn))
+    out[fuse] = dict(loss=abs(float(lr.detach()) - float(ln.detach())), grad=err, calls=calls[0] - before)
+print(json.dumps(out))
+"""
+
+
+def test_batched_cell_with_triton_depthwise_equals_reference_interpreted():
+    """The batched channels_last search net with every depthwise conv through the kernels (and with the fused
+    chain, whose second depthwise conv is one): same loss and gradients as the per-edge reference (cuDNN/CPU
+    convolutions) to float32 rounding."""
+    out = _interpreted(NET)
+    assert out["off"]["calls"] == 120  # 5 cells x 4 groups x 6 depthwise convs: every one went through Triton
+    assert out["all"]["calls"] == 20  # fused: one (the separable convs' second) per group
+    for r in out.values():
+        assert r["loss"] < 1e-5 and r["grad"] < 1e-3, out
+
+
+def test_depthwise_refuses_what_it_does_not_compute():
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match="not depthwise"):
+        depthwise.depthwise_conv2d(x, torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="both axes"):
+        depthwise.depthwise_conv2d(x, torch.randn(4, 1, 3, 3), stride=(1, 2))
+    with pytest.raises(ValueError, match="differ"):
+        depthwise.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, dtype=torch.float64))
+    assert not depthwise.available(x)  # a CPU tensor without the interpreter: the batched op uses F.conv2d
+
+
+def test_depthwise_option_values_are_checked(monkeypatch):
+    monkeypatch.setitem(batched_cell.OPTIONS, "depthwise", "cuda")
+    with pytest.raises(ValueError, match="cudnn or triton"):
+        batched_cell._triton_depthwise(torch.randn(1, 4, 5, 5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_triton_depthwise_equals_conv2d_cuda(dtype, strict_fp32):
+    res = launch([python_exe(), "-c", CHECK, "cuda", json.dumps(SHAPES), dtype], timeout=300)
+    assert res.returncode == 0, describe(res)
+    _check_rows(json.loads(res.stdout.strip().splitlines()[-1]), dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("fuse", ["off", "5x5"])
+def test_graphed_batched_step_with_triton_depthwise_equals_eager_reference_cuda(fuse, strict_fp32, monkeypatch):
+    """The kernels inside the captured search step (streams on): the eager per-edge step's numbers."""
+    monkeypatch.setitem(batched_cell.OPTIONS, "depthwise", "triton")
+    monkeypatch.setitem(batched_cell.OPTIONS, "fuse", fuse)
+    res = []
+    for mode, batched in (("eager", False), ("graph", True)):
+        model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, device="cuda", channels_last=True,
+                                                             batched_edges=batched)
+        cls = fp.GraphedSearchStep if mode == "graph" else fp.EagerSearchStep
+        step = cls(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0, channels_last=True)
+        g = torch.Generator().manual_seed(9)
+        losses = []
+        for _ in range(3):
+            xa, ya = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
+            xw, yw = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
+            losses += [float(step.arch_step(xa, ya)), float(step.weight_step(xw, yw)[1])]
+        res.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (l0, p0), (l1, p1) = res
+    # other kernels, other rounding (the cuDNN ones of test_batched's graphed-step test agree to 1e-4)
+    assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-3
+    num = sum(float((a - b).double().pow(2).sum()) for a, b in zip(p0, p1)) ** 0.5
+    den = sum(float(a.double().pow(2).sum()) for a in p0) ** 0.5
+    assert num / den < 1e-3
