@@ -112,6 +112,37 @@ def test_batched_cell_with_triton_depthwise_equals_reference_interpreted():
         assert r["loss"] < 1e-5 and r["grad"] < 1e-3, out
 
 
+SKIP = r"""
+import json, torch
+from hvd_pcdarts.models import depthwise as dw
+n = {"w": 0, "x": 0}
+ow, ox = dw._weight_grad, dw._input_grad
+dw._weight_grad = lambda *a: (n.__setitem__("w", n["w"] + 1), ow(*a))[1]
+dw._input_grad = lambda *a: (n.__setitem__("x", n["x"] + 1), ox(*a))[1]
+a = torch.randn(8, requires_grad=True)
+x0 = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+wp = torch.randn(8, 1, 3, 3, requires_grad=True)
+y = lambda: dw.depthwise_conv2d(x0 * a[None, :, None, None], wp * 1.0, 1, 1).sum()
+out = []
+torch.autograd.grad(y(), [a])
+out.append(dict(n))
+torch.autograd.grad(y(), [wp])
+out.append(dict(n))
+y().backward()
+out.append(dict(n))
+print(json.dumps(out))
+"""
+
+
+def test_backward_computes_only_the_gradients_the_engine_uses_interpreted():
+    """The architecture step's autograd.grad(loss, alphas/betas) reaches the depthwise convs' inputs but not their
+    weights: no weight-gradient kernel then (torch's convolutions skip it too); .backward() computes both."""
+    arch, weights, both = _interpreted(SKIP)
+    assert arch == {"w": 0, "x": 1}
+    assert weights == {"w": 1, "x": 1}
+    assert both == {"w": 2, "x": 2}
+
+
 def test_depthwise_refuses_what_it_does_not_compute():
     x = torch.randn(1, 4, 5, 5)
     with pytest.raises(ValueError, match="not depthwise"):

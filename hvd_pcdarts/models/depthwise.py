@@ -208,11 +208,24 @@ class _DepthwiseConv2d(torch.autograd.Function):
         x, w = ctx.saved_tensors
         g = _nhwc(g)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
+        if _wanted(ctx, 0):
             dx = _input_grad(g, w, x.shape, x.dtype, *ctx.conf)
-        if ctx.needs_input_grad[1]:
+        if _wanted(ctx, 1):
             dw = _weight_grad(x, g, w.shape, w.dtype, *ctx.conf)
         return dx, dw, None, None, None
+
+
+def _wanted(ctx, i: int) -> bool:
+    """Whether this backward pass uses the gradient of input i: not only requires_grad (ctx.needs_input_grad), but
+    also reached by the engine. The architecture step's torch.autograd.grad(loss, alphas/betas) needs no weight
+    gradient, and skips it for torch's own convolutions; a custom Function must ask."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    try:
+        return node is None or torch._C._will_engine_execute_node(node)
+    except (AttributeError, RuntimeError):  # not in this torch, or not in a backward pass: compute it
+        return True
 
 
 def _one(v, name):
