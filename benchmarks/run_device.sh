@@ -75,16 +75,17 @@ if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 #  4. the inductor CUDA tests (tests/test_compile.py -k cuda)
 # Defaults: what sessions 6 (H100) and 7 (no device) left open: the Triton depthwise kernels against cuDNN per
 # shape (DWBENCH), then the default step (streams, dense 1x1, NHWC gradients) at B=256 in bf16 (profiled) against
-# the untimed options +ud3/+uda (dilated depthwise convs undilated), +fz5/+fza (a group's conv ops fused into one
-# chain), +tdw (Triton depthwise kernels) and +dd (pools once per distinct input), B=32 with checks, the CUDA tests
-# (incl. the fused and Triton graphs and --bf16 --cuda-graph of both scripts), B=256 fp32, then compile.
+# the untimed options +ud3/+uda (dilated depthwise convs undilated), +tdw/+tdh (Triton depthwise kernels: all /
+# dilated ones + weight gradients) and +fz5/+fza (a group's conv ops fused into one chain), B=32 with checks, the
+# CUDA tests (incl. the fused and Triton graphs and --bf16 --cuda-graph of both scripts), B=256 fp32, then compile
+# (+dd, pools once per distinct input, dropped from the lists: more kernels, 3% slower on the CPU).
 # Session 6's A/B: SSPROF256="graph+cl+be graph+cl+be+pwg+nclg graph+cl+be+msc" SS32="graph+be graph+be+msc
 # graph+cl+be graph+cl+be+msc" SS256="graph+cl+be+bf16 graph+cl+be+msc+bf16 graph+cl+be+pwg" SSCOMPILE256="".
 DWBENCH=${DWBENCH-"128,32,8 64,32,4"}
-SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+uda+bf16 graph+cl+be+tdw+bf16 graph+cl+be+fz5+bf16 graph+cl+be+fza+bf16 graph+cl+be+dd+bf16"}
+SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+uda+bf16 graph+cl+be+tdw+bf16 graph+cl+be+tdh+bf16 graph+cl+be+fz5+bf16 graph+cl+be+fza+bf16"}
 SSPROF32=${SSPROF32-""}
 SS32=${SS32-"graph+be graph+be+ud3"}
-SS256=${SS256-"graph+cl+be graph+cl+be+ud3 graph+cl+be+tdw"}
+SS256=${SS256-"graph+cl+be graph+cl+be+ud3 graph+cl+be+tdh"}
 SSCOMPILE256=${SSCOMPILE256-"graph+cl+compile+be"}
 SSCOMPILE=${SSCOMPILE-""}
 PROF_STEPS=${PROF_STEPS-1}

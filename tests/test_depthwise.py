@@ -27,7 +27,7 @@ SHAPES = [(12, 3, 1, 1, 9, 10), (32, 5, 2, 1, 8, 8), (40, 3, 1, 2, 7, 8), (8, 5,
 CHECK = r"""
 import json, sys, torch, torch.nn.functional as F
 from hvd_pcdarts.models import depthwise
-device, shapes, dtype = sys.argv[1], json.loads(sys.argv[2]), getattr(torch, sys.argv[3])
+device, shapes, dtype, mode = sys.argv[1], json.loads(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4]
 torch.manual_seed(0)
 out = []
 for C, k, s, d, H, W in shapes:
@@ -35,7 +35,7 @@ for C, k, s, d, H, W in shapes:
     x = torch.randn(2, C, H, W, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(C, 1, k, k, device=device).to(dtype)
     x.requires_grad_(), w.requires_grad_()
-    y = depthwise.depthwise_conv2d(x, w, s, pad, d)
+    y = depthwise.depthwise_conv2d(x, w, s, pad, d, mode)
     # the reference in float32 from the same (rounded) values
     xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     yr = F.conv2d(xr, wr, None, s, pad, d, C)
@@ -62,9 +62,9 @@ def _check_rows(rows, dtype):
         assert r["y"] < tol and r["dx"] < tol and r["dw"] < 10 * tol, r
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_triton_depthwise_equals_conv2d_interpreted(dtype):
-    _check_rows(_interpreted(CHECK, "cpu", json.dumps(SHAPES), dtype), dtype)
+@pytest.mark.parametrize("dtype,mode", [("float32", "triton"), ("bfloat16", "triton"), ("float32", "hybrid")])
+def test_triton_depthwise_equals_conv2d_interpreted(dtype, mode):
+    _check_rows(_interpreted(CHECK, "cpu", json.dumps(SHAPES), dtype, mode), dtype)
 
 
 NET = r"""
@@ -87,16 +87,16 @@ fp.to_channels_last(ref)
 fp.to_channels_last(new)
 x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
 y = torch.randint(0, 10, (2,))
-batched_cell.OPTIONS["depthwise"] = "triton"
 out = {}
-for fuse in ("off", "all"):
-    batched_cell.OPTIONS["fuse"] = fuse
+for mode, fuse in (("triton", "off"), ("triton", "all"), ("hybrid", "off")):
+    batched_cell.OPTIONS.update(depthwise=mode, fuse=fuse)
     before = calls[0]
     lr, ln = F.cross_entropy(ref(x), y), F.cross_entropy(new(x), y)
     gr = torch.autograd.grad(lr, list(ref.parameters()))
     gn = torch.autograd.grad(ln, list(new.parameters()))
     err = max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(gr, gn))
-    out[fuse] = dict(loss=abs(float(lr.detach()) - float(ln.detach())), grad=err, calls=calls[0] - before)
+    out[mode + "-" + fuse] = dict(loss=abs(float(lr.detach()) - float(ln.detach())), grad=err,
+                                  calls=calls[0] - before)
 print(json.dumps(out))
 """
 
@@ -106,8 +106,9 @@ def test_batched_cell_with_triton_depthwise_equals_reference_interpreted():
     chain, whose second depthwise conv is one): same loss and gradients as the per-edge reference (cuDNN/CPU
     convolutions) to float32 rounding."""
     out = _interpreted(NET)
-    assert out["off"]["calls"] == 120  # 5 cells x 4 groups x 6 depthwise convs: every one went through Triton
-    assert out["all"]["calls"] == 20  # fused: one (the separable convs' second) per group
+    # 5 cells x 4 groups x 6 depthwise convs: every one went through the kernels' Function
+    assert out["triton-off"]["calls"] == out["hybrid-off"]["calls"] == 120
+    assert out["triton-all"]["calls"] == 20  # fused: one (the separable convs' second) per group
     for r in out.values():
         assert r["loss"] < 1e-5 and r["grad"] < 1e-3, out
 
@@ -151,28 +152,32 @@ def test_depthwise_refuses_what_it_does_not_compute():
         depthwise.depthwise_conv2d(x, torch.randn(4, 1, 3, 3), stride=(1, 2))
     with pytest.raises(ValueError, match="differ"):
         depthwise.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="mode 'cuda'"):
+        depthwise.depthwise_conv2d(x, torch.randn(4, 1, 3, 3), mode="cuda")
     assert not depthwise.available(x)  # a CPU tensor without the interpreter: the batched op uses F.conv2d
 
 
 def test_depthwise_option_values_are_checked(monkeypatch):
     monkeypatch.setitem(batched_cell.OPTIONS, "depthwise", "cuda")
-    with pytest.raises(ValueError, match="cudnn or triton"):
+    with pytest.raises(ValueError, match="cudnn, triton, hybrid"):
         batched_cell._triton_depthwise(torch.randn(1, 4, 5, 5))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_triton_depthwise_equals_conv2d_cuda(dtype, strict_fp32):
-    res = launch([python_exe(), "-c", CHECK, "cuda", json.dumps(SHAPES), dtype], timeout=300)
+@pytest.mark.parametrize("mode", ["triton", "hybrid"])
+def test_triton_depthwise_equals_conv2d_cuda(dtype, mode, strict_fp32):
+    res = launch([python_exe(), "-c", CHECK, "cuda", json.dumps(SHAPES), dtype, mode], timeout=300)
     assert res.returncode == 0, describe(res)
     _check_rows(json.loads(res.stdout.strip().splitlines()[-1]), dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("fuse", ["off", "5x5"])
-def test_graphed_batched_step_with_triton_depthwise_equals_eager_reference_cuda(fuse, strict_fp32, monkeypatch):
+@pytest.mark.parametrize("mode,fuse", [("triton", "off"), ("triton", "5x5"), ("hybrid", "off")])
+def test_graphed_batched_step_with_triton_depthwise_equals_eager_reference_cuda(mode, fuse, strict_fp32,
+                                                                               monkeypatch):
     """The kernels inside the captured search step (streams on): the eager per-edge step's numbers."""
-    monkeypatch.setitem(batched_cell.OPTIONS, "depthwise", "triton")
+    monkeypatch.setitem(batched_cell.OPTIONS, "depthwise", mode)
     monkeypatch.setitem(batched_cell.OPTIONS, "fuse", fuse)
     res = []
     for mode, batched in (("eager", False), ("graph", True)):

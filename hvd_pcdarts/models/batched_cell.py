@@ -70,9 +70,10 @@ OPTIONS = {
     # channel). The input is read once instead of 3-4 times and its gradient comes out of one convolution instead
     # of 3-4 summed ones; 3x fewer kernels for these ops. "off": each op its own chain. Not yet timed on a GPU
     "fuse": "off",
-    # the depthwise convolutions (one filter per channel) of channels_last runs: "cudnn" (F.conv2d) or "triton"
+    # the depthwise convolutions (one filter per channel) of channels_last runs: "cudnn" (F.conv2d), "triton"
     # (models/depthwise.py: forward and both gradients as Triton kernels, dilation native; CUDA only, elsewhere
-    # F.conv2d). Not yet timed on a GPU
+    # F.conv2d) or "hybrid" (Triton for the dilated convs and every weight gradient, cuDNN for the rest). Not yet
+    # timed on a GPU
     "depthwise": "cudnn",
 }
 _SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]
@@ -346,7 +347,7 @@ class BatchedCellRunner:
             if eyes is not None and groups == E > 1 and tuple(c.kernel_size) == (1, 1):
                 w, groups = _block_diagonal(w, eyes[E]), 1
             if groups == w.shape[0] > 1 and _triton_depthwise(y):  # dilation native, any kernel size
-                return depthwise.depthwise_conv2d(y, w, c.stride, c.padding, dilation)
+                return depthwise.depthwise_conv2d(y, w, c.stride, c.padding, dilation, OPTIONS["depthwise"])
             if tuple(dilation) != (1, 1) and _undilate(primitive):
                 w, dilation = _dilate_weight(w, dilation), 1
             return F.conv2d(y, w, None, c.stride, c.padding, dilation, groups)
@@ -410,7 +411,7 @@ class BatchedCellRunner:
             sep, *dil = y.split([2 * c] + [c] * (n - 2), dim=1)
             # the separable convs' second halves: one 5x5 depthwise conv, one 1x1 conv, one BN
             w, sep = torch.cat([_pad_kernel(weight(p, 5), 5) for p in _SEP]), F.relu(sep)
-            y = depthwise.depthwise_conv2d(sep, w, 1, 2) if _triton_depthwise(sep) else \
+            y = depthwise.depthwise_conv2d(sep, w, 1, 2, 1, OPTIONS["depthwise"]) if _triton_depthwise(sep) else \
                 F.conv2d(sep, w, None, 1, 2, 1, 2 * c)
             w = torch.cat([weight(p, 6) for p in _SEP])
             y = F.conv2d(y, _block_diagonal(w, eyes[2 * E]), None) if eyes is not None else \
@@ -497,9 +498,9 @@ def _is_nhwc(x: torch.Tensor) -> bool:
 
 def _triton_depthwise(x) -> bool:
     mode = OPTIONS["depthwise"]
-    if mode not in ("cudnn", "triton"):
-        raise ValueError(f"batched_cell.OPTIONS['depthwise'] = {mode!r}: cudnn or triton")
-    return mode == "triton" and _is_nhwc(x) and depthwise.available(x) and not torch.compiler.is_compiling()
+    if mode not in ("cudnn", *depthwise.MODES):
+        raise ValueError(f"batched_cell.OPTIONS['depthwise'] = {mode!r}: cudnn, {', '.join(depthwise.MODES)}")
+    return mode != "cudnn" and _is_nhwc(x) and depthwise.available(x) and not torch.compiler.is_compiling()
 
 
 def _dense_pointwise(device) -> bool:

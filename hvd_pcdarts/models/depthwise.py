@@ -196,12 +196,22 @@ def _weight_grad(x, g, wshape, dtype, stride, padding, dilation):
     return part.sum(0).t().reshape(wshape).to(dtype)
 
 
+def _cudnn_input_grad(g, x, w, stride, padding, dilation):
+    return torch.ops.aten.convolution_backward(g, x, w, None, [stride] * 2, [padding] * 2, [dilation] * 2, False,
+                                               [0, 0], x.shape[1], [True, False, False])[0]
+
+
 class _DepthwiseConv2d(torch.autograd.Function):
+    """`kernels`: which of (forward, input gradient, weight gradient) run as Triton kernels; the others are torch's
+    (cuDNN on GPUs)."""
+
     @staticmethod
-    def forward(ctx, x, w, stride, padding, dilation):
+    def forward(ctx, x, w, stride, padding, dilation, kernels):
         ctx.save_for_backward(x, w)
-        ctx.conf = (stride, padding, dilation)
-        return _forward(x, w, stride, padding, dilation)
+        ctx.conf, ctx.kernels = (stride, padding, dilation), kernels
+        if kernels[0]:
+            return _forward(x, w, stride, padding, dilation)
+        return torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
 
     @staticmethod
     def backward(ctx, g):
@@ -209,10 +219,16 @@ class _DepthwiseConv2d(torch.autograd.Function):
         g = _nhwc(g)
         dx = dw = None
         if _wanted(ctx, 0):
-            dx = _input_grad(g, w, x.shape, x.dtype, *ctx.conf)
+            dx = _input_grad(g, w, x.shape, x.dtype, *ctx.conf) if ctx.kernels[1] else \
+                _cudnn_input_grad(g, x, w, *ctx.conf)
         if _wanted(ctx, 1):
-            dw = _weight_grad(x, g, w.shape, w.dtype, *ctx.conf)
-        return dx, dw, None, None, None
+            if ctx.kernels[2]:
+                dw = _weight_grad(x, g, w.shape, w.dtype, *ctx.conf)
+            else:
+                s, p, d = ctx.conf
+                dw = torch.ops.aten.convolution_backward(g, x, w, None, [s] * 2, [p] * 2, [d] * 2, False, [0, 0],
+                                                         x.shape[1], [False, True, False])[1]
+        return dx, dw, None, None, None, None
 
 
 def _wanted(ctx, i: int) -> bool:
@@ -235,20 +251,35 @@ def _one(v, name):
     return int(v[0])
 
 
-def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1):
+# which of (forward, input gradient, weight gradient) a mode runs as Triton kernels; "hybrid": the dilated
+# convolutions and every weight gradient (cuDNN's weakest, session 6's profile), cuDNN's undilated forward and input
+# gradient (near the bytes' time already there)
+MODES = ("triton", "hybrid")
+
+
+def _kernels(mode: str, dilation: int):
+    if mode == "triton" or dilation != 1:
+        return (True, True, True)
+    if mode == "hybrid":
+        return (False, False, True)
+    raise ValueError(f"depthwise_conv2d: mode {mode!r}: one of {', '.join(MODES)}")
+
+
+def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1, mode="triton"):
     """F.conv2d(x, w, None, stride, padding, dilation, groups=x.shape[1]) for w of shape (C, 1, kh, kw), computed
-    by the Triton kernels (output channels_last). Under autocast both operands are cast to its dtype first, as
-    autocast casts a convolution's."""
+    by the Triton kernels (`mode` "triton"; "hybrid": see MODES) with a channels_last output. Under autocast both
+    operands are cast to its dtype first, as autocast casts a convolution's."""
     if w.dim() != 4 or w.shape[1] != 1 or w.shape[0] != x.shape[1]:
         raise ValueError(f"depthwise_conv2d: weight {tuple(w.shape)} is not depthwise for {x.shape[1]} channels")
     conf = (_one(stride, "stride"), _one(padding, "padding"), _one(dilation, "dilation"))
+    kernels = _kernels(mode, conf[2])
     x, w = _nhwc(x), w.contiguous()
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         x, w = x.to(dt), w.to(dt)
         with torch.autocast(dev, enabled=False):
-            return _DepthwiseConv2d.apply(x, w, *conf)
+            return _DepthwiseConv2d.apply(x, w, *conf, kernels)
     if x.dtype != w.dtype:
         raise ValueError(f"depthwise_conv2d: input {x.dtype} and weight {w.dtype} differ")
-    return _DepthwiseConv2d.apply(x, w, *conf)
+    return _DepthwiseConv2d.apply(x, w, *conf, kernels)
