@@ -114,7 +114,7 @@ if triton is not None:
     def _wgrad_kernel(x, g, part, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
                       KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr,
                       EVEN_C: tl.constexpr):
-        # part[program, tap, c] = sum over this program's output pixels of g * x at the tap's input pixel
+        # part[program, c, tap] = sum over this program's output pixels of g * x at the tap's input pixel
         # (a = x's strides, b = g's); the weight gradient is the sum over the programs
         pid = tl.program_id(0)
         p = pid * BP + tl.arange(0, BP)
@@ -133,7 +133,7 @@ if triton is not None:
                 m = hm & (wi >= 0) & (wi < W)
                 row = tl.multiple_of(n * san + hi * sah + wi * saw, VEC)
                 xv = tl.load(x + row[:, None] + c[None, :], mask=_mask(m, cm, EVEN_C), other=0.0).to(tl.float32)
-                tl.store(part + (pid * (KH * KW) + i * KW + j) * C + c, tl.sum(xv * gv, axis=0), mask=cm)
+                tl.store(part + (pid * C + c) * (KH * KW) + (i * KW + j), tl.sum(xv * gv, axis=0), mask=cm)
 
 
 def _out_size(size, k, stride, padding, dilation):
@@ -189,11 +189,11 @@ def _weight_grad(x, g, wshape, dtype, stride, padding, dilation):
     bc = min(bc, triton.next_power_of_2(c))
     total = n * g.shape[2] * g.shape[3]
     grid = (triton.cdiv(total, bp), triton.cdiv(c, bc))
-    part = torch.empty((grid[0], kh * kw, c), dtype=torch.float32, device=x.device)
+    part = torch.empty((grid[0], c, kh * kw), dtype=torch.float32, device=x.device)
     vec, even = _layout(c, bc, x, g)
     _wgrad_kernel[grid](x, g, part, total, c, h, wd, g.shape[2], g.shape[3], *_sizes(x), *_sizes(g),
                         stride, padding, dilation, KH=kh, KW=kw, BP=bp, BC=bc, VEC=vec, EVEN_C=even, num_warps=warps)
-    return part.sum(0).t().reshape(wshape).to(dtype)
+    return part.sum(0).view(wshape).to(dtype)
 
 
 def _cudnn_input_grad(g, x, w, stride, padding, dilation):
