@@ -36,8 +36,9 @@ _IDX = {name: i for i, name in enumerate(PRIMITIVES)}
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")
 _DIL = ("dil_conv_3x3", "dil_conv_5x5")
 
-# How the batched op computes, for A/B timings (benchmarks/search_step.py --batched-opt KEY=VALUE); the results
-# are the same either way (tests/test_batched.py runs every choice against the per-edge reference).
+# How the batched op computes, for A/B timings (benchmarks/search_step.py variant suffixes: +pwg, +ud3, +tdh, ...,
+# see BE_OPTIONS there); the results are the same either way (tests/test_batched.py and tests/test_depthwise.py run
+# every choice against the per-edge reference).
 OPTIONS = {
     # the 1x1 convolutions of the stacked edges (pointwise convs, FactorizedReduce): "grouped" (groups=E, each
     # edge's weight) or "dense" (one block-diagonal weight: E x the FLOPs, but one GEMM instead of cuDNN's
