@@ -82,7 +82,7 @@ if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 # Session 6's A/B: SSPROF256="graph+cl+be graph+cl+be+pwg+nclg graph+cl+be+msc" SS32="graph+be graph+be+msc
 # graph+cl+be graph+cl+be+msc" SS256="graph+cl+be+bf16 graph+cl+be+msc+bf16 graph+cl+be+pwg" SSCOMPILE256="".
 DWBENCH=${DWBENCH-"128,32,8 64,32,4"}
-SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+uda+bf16 graph+cl+be+tdw+bf16 graph+cl+be+tdh+bf16 graph+cl+be+fz5+bf16 graph+cl+be+fza+bf16"}
+SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+uda+bf16 graph+cl+be+tdh+bf16 graph+cl+be+tdw+bf16 graph+cl+be+fz5+bf16 graph+cl+be+fza+bf16"}
 SSPROF32=${SSPROF32-""}
 SS32=${SS32-"graph+be graph+be+ud3"}
 SS256=${SS256-"graph+cl+be graph+cl+be+ud3 graph+cl+be+tdh"}
