@@ -8,7 +8,8 @@ bytes alone would take (read + write once at --bandwidth) beside them.
     python benchmarks/depthwise.py --tiles 128,32,8 64,32,4         # also other (pixels, channels, warps) tiles
     TRITON_INTERPRET=1 python benchmarks/depthwise.py --device cpu --smoke   # the code path on a CPU
 
-Tiles apply to all three kernels (models/depthwise.py TILES; HVD_PCDARTS_DW_TILES sets them for training runs).
+Each tile applies to all three kernels (models/depthwise.py TILES; HVD_PCDARTS_DW_TILES sets them for training
+runs).
 """
 
 from __future__ import annotations
@@ -94,11 +95,9 @@ def main(argv=None) -> int:
         print(f"depthwise: the Triton kernels cannot run on {device} (CUDA, or the CPU under TRITON_INTERPRET=1)")
         return 2
     try:
-        tiles = [tuple(int(v) for v in t.split(",")) for t in a.tiles]
-        if any(len(t) != 3 for t in tiles):
-            raise ValueError
+        tiles = [dw.parse_tiles(t)["fwd"] for t in a.tiles]
     except ValueError:
-        print(f"depthwise: --tiles {' '.join(a.tiles)}: each must be PIXELS,CHANNELS,WARPS")
+        print(f"depthwise: --tiles {' '.join(a.tiles)}: each must be PIXELS,CHANNELS,WARPS, powers of two")
         return 2
     shapes, kernels, batch, reps = SHAPES, KERNELS, a.batch, a.reps
     if a.smoke:

@@ -82,35 +82,45 @@ ref = SearchNetwork(8, 10, 5, partial_k=4)
 with torch.no_grad():
     for p in ref.arch_parameters():
         p.normal_(0, 1)
-new = copy.deepcopy(ref).set_batched_edges(True)
 fp.to_channels_last(ref)
-fp.to_channels_last(new)
-x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+x = torch.randn(2, 3, 15, 15).contiguous(memory_format=torch.channels_last)  # odd maps into the stride-2 convs
 y = torch.randint(0, 10, (2,))
 out = {}
-for mode, fuse in (("triton", "off"), ("triton", "all"), ("hybrid", "off")):
-    batched_cell.OPTIONS.update(depthwise=mode, fuse=fuse)
+for mode, fuse, dedup in (("triton", "off", False), ("triton", "5x5", True), ("hybrid", "all", False)):
+    r, n = copy.deepcopy(ref), copy.deepcopy(ref).set_batched_edges(True)
+    batched_cell.OPTIONS.update(depthwise=mode, fuse=fuse, dedup=dedup)
     before = calls[0]
-    lr, ln = F.cross_entropy(ref(x), y), F.cross_entropy(new(x), y)
-    gr = torch.autograd.grad(lr, list(ref.parameters()))
-    gn = torch.autograd.grad(ln, list(new.parameters()))
+    lr, ln = F.cross_entropy(r(x), y), F.cross_entropy(n(x), y)
+    n_calls = calls[0] - before
+    gr = torch.autograd.grad(lr, list(r.parameters()))
+    gn = torch.autograd.grad(ln, list(n.parameters()))
     err = max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(gr, gn))
-    out[mode + "-" + fuse] = dict(loss=abs(float(lr.detach()) - float(ln.detach())), grad=err,
-                                  calls=calls[0] - before)
+    stats = max(float((a.double() - b.double()).abs().max())
+                for a, b in zip(r.state_dict().values(), n.state_dict().values()))
+    r.eval(), n.eval()
+    with torch.no_grad():
+        ev = float((r(x) - n(x)).abs().max())
+    r.train(), n.train()
+    with torch.autocast("cpu", torch.bfloat16):
+        lb, nb = F.cross_entropy(r(x), y), F.cross_entropy(n(x), y)
+    out[f"{mode}-{fuse}-{dedup}"] = dict(loss=abs(float(lr.detach()) - float(ln.detach())), grad=err, stats=stats,
+                                         eval=ev, bf16=abs(float(lb.detach()) - float(nb.detach())), calls=n_calls)
 print(json.dumps(out))
 """
 
 
 def test_batched_cell_with_triton_depthwise_equals_reference_interpreted():
-    """The batched channels_last search net with every depthwise conv through the kernels (and with the fused
-    chain, whose second depthwise conv is one): same loss and gradients as the per-edge reference (cuDNN/CPU
-    convolutions) to float32 rounding."""
+    """The batched channels_last search net with its depthwise convs through the kernels (alone, with the fused
+    chain, whose second depthwise conv is one, with dedup; hybrid) against the per-edge reference: loss, gradients
+    and BN statistics in training, eval outputs, bf16-autocast loss, to float32 (bf16) rounding."""
     out = _interpreted(NET)
-    # 5 cells x 4 groups x 6 depthwise convs: every one went through the kernels' Function
-    assert out["triton-off"]["calls"] == out["hybrid-off"]["calls"] == 120
-    assert out["triton-all"]["calls"] == 20  # fused: one (the separable convs' second) per group
+    # 5 cells x 4 groups x 6 depthwise convs: every one went through the kernels' Function; fused: the separable
+    # convs' second one a group (5x5: and dil_conv_5x5's, outside the fused chain)
+    assert out["triton-off-False"]["calls"] == 120
+    assert out["triton-5x5-True"]["calls"] == 40 and out["hybrid-all-False"]["calls"] == 20
     for r in out.values():
-        assert r["loss"] < 1e-5 and r["grad"] < 1e-3, out
+        assert r["loss"] < 1e-5 and r["grad"] < 1e-3 and r["stats"] < 1e-5 and r["eval"] < 1e-5, out
+        assert r["bf16"] < 2e-2, out
 
 
 SKIP = r"""
@@ -144,17 +154,40 @@ def test_backward_computes_only_the_gradients_the_engine_uses_interpreted():
     assert both == {"w": 2, "x": 2}
 
 
-def test_depthwise_refuses_what_it_does_not_compute():
+def test_depthwise_refuses_what_it_does_not_compute(monkeypatch):
     x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(4, 1, 3, 3)
     with pytest.raises(ValueError, match="not depthwise"):
         depthwise.depthwise_conv2d(x, torch.randn(4, 2, 3, 3))
     with pytest.raises(ValueError, match="both axes"):
-        depthwise.depthwise_conv2d(x, torch.randn(4, 1, 3, 3), stride=(1, 2))
+        depthwise.depthwise_conv2d(x, w, stride=(1, 2))
+    with pytest.raises(ValueError, match="compute in float32"):  # float64 would silently lose precision
+        depthwise.depthwise_conv2d(x.double(), w.double())
     with pytest.raises(ValueError, match="differ"):
-        depthwise.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="mode 'cuda'"):
-        depthwise.depthwise_conv2d(x, torch.randn(4, 1, 3, 3), mode="cuda")
+        depthwise.depthwise_conv2d(x, w.half())
+    with pytest.raises(ValueError, match="mode 'cudnn'"):  # for dilated convs too (they always use the kernels)
+        depthwise.depthwise_conv2d(x, w, 1, 2, 2, mode="cudnn")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not depthwise.available(x)  # a CPU tensor without the interpreter: the batched op uses F.conv2d
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert depthwise.available(x) and not depthwise.available(x.double())  # float64: F.conv2d, exact
+
+
+def test_second_derivatives_through_the_kernels_raise():
+    """The kernels' gradients carry no graph: differentiating them again must fail loudly, not drop terms."""
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    y = depthwise.depthwise_conv2d(x, torch.randn(4, 1, 3, 3), 1, 1, 1, mode="hybrid")  # CPU: torch's kernels
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gx.pow(2).sum().backward()
+
+
+def test_tiles_setting_is_checked():
+    assert depthwise.parse_tiles("64,32,4") == {k: (64, 32, 4) for k in ("fwd", "dgrad", "wgrad")}
+    assert depthwise.parse_tiles("64,32,4;128,32,8;256,16,8")["wgrad"] == (256, 16, 8)
+    for bad in ("64,32", "64,30,4", "64,32,4;64,32,4", "a,b,c"):
+        with pytest.raises(ValueError, match="HVD_PCDARTS_DW_TILES"):
+            depthwise.parse_tiles(bad)
 
 
 def test_depthwise_option_values_are_checked(monkeypatch):

@@ -14,9 +14,11 @@ Same function as F.conv2d(x, w, None, stride, padding, dilation, groups=C) (test
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:  # a dependency of torch's CUDA wheels; optional
     import triton
@@ -24,20 +26,40 @@ try:  # a dependency of torch's CUDA wheels; optional
 except ImportError:  # pragma: no cover - no triton: the option is refused
     triton = None
 
-# (pixels, channels, warps) per program of each kernel; HVD_PCDARTS_DW_TILES="P,C,W;P,C,W;P,C,W" overrides them
-# (forward; input gradient; weight gradient), for tuning on a GPU
-# (fewer channels than the tile's: the channel block shrinks to the next power of two). 16 values per thread: ~80
-# registers, no spills (ptxas for sm_90, fp32 and bf16, 5x5)
+# (pixels, channels, warps) per program of each kernel; HVD_PCDARTS_DW_TILES="P,C,W" (all three kernels) or
+# "P,C,W;P,C,W;P,C,W" (forward; input gradient; weight gradient) overrides them, for tuning on a GPU. Fewer channels
+# than the tile's: the channel block shrinks to the next power of two. 16 values per thread: ~80 registers, no
+# spills (ptxas for sm_90, fp32 and bf16, 5x5)
 TILES = {"fwd": (128, 32, 8), "dgrad": (128, 32, 8), "wgrad": (128, 32, 8)}
+
+
+def parse_tiles(text: str) -> dict:
+    """HVD_PCDARTS_DW_TILES's value -> TILES; ValueError with the reason when it is not one or three P,C,W tiles of
+    powers of two."""
+    try:
+        tiles = [tuple(int(v) for v in t.split(",")) for t in text.split(";")]
+    except ValueError:
+        tiles = []
+    if len(tiles) == 1:
+        tiles *= 3
+    if len(tiles) != 3 or any(len(t) != 3 or min(t) < 1 or any(v & (v - 1) for v in t) for t in tiles):
+        raise ValueError(f"HVD_PCDARTS_DW_TILES={text!r}: one or three PIXELS,CHANNELS,WARPS tiles (';' between "
+                         "them), each number a power of two")
+    return dict(zip(TILES, tiles))
+
+
 if os.environ.get("HVD_PCDARTS_DW_TILES"):
-    TILES = dict(zip(TILES, (tuple(int(v) for v in t.split(",")) for t in
-                             os.environ["HVD_PCDARTS_DW_TILES"].split(";"))))
+    TILES = parse_tiles(os.environ["HVD_PCDARTS_DW_TILES"])
 MAX_ELEMENTS = 2**31 - 1  # int32 offsets in the kernels
 
 
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in float32: float64 is refused
+
+
 def available(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on x (CUDA, or the CPU under TRITON_INTERPRET=1; int32-addressable)."""
-    if triton is None or x.numel() > MAX_ELEMENTS:
+    """Whether the Triton kernels can run on x (CUDA, or the CPU under TRITON_INTERPRET=1; a dtype they compute
+    exactly; int32-addressable with room for a same-size output)."""
+    if triton is None or x.numel() > MAX_ELEMENTS // 2 or x.dtype not in DTYPES:
         return False
     return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -156,14 +178,20 @@ def _layout(c, bc, *tensors):
     return (vec if ok else 1), c % bc == 0
 
 
+def _on(t):
+    """Triton launches on the current CUDA device's current stream: make t's device current for the launch."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _launch(kernel, tile, a, w, out, total, c, h, wd, ho, wo, conf):
     """The forward or input-gradient kernel: reads a (x or the output gradient) and w, writes out."""
     bp, bc, warps = TILES[tile]
     bc = min(bc, triton.next_power_of_2(c))
     grid = (triton.cdiv(total, bp), triton.cdiv(c, bc))
     vec, even = _layout(c, bc, a, out)
-    kernel[grid](a, w, out, total, c, h, wd, ho, wo, *_sizes(a), *_sizes(out), *conf, KH=w.shape[2], KW=w.shape[3],
-                 BP=bp, BC=bc, VEC=vec, EVEN_C=even, num_warps=warps)
+    with _on(a):
+        kernel[grid](a, w, out, total, c, h, wd, ho, wo, *_sizes(a), *_sizes(out), *conf, KH=w.shape[2],
+                     KW=w.shape[3], BP=bp, BC=bc, VEC=vec, EVEN_C=even, num_warps=warps)
 
 
 def _forward(x, w, stride, padding, dilation):
@@ -191,8 +219,10 @@ def _weight_grad(x, g, wshape, dtype, stride, padding, dilation):
     grid = (triton.cdiv(total, bp), triton.cdiv(c, bc))
     part = torch.empty((grid[0], c, kh * kw), dtype=torch.float32, device=x.device)
     vec, even = _layout(c, bc, x, g)
-    _wgrad_kernel[grid](x, g, part, total, c, h, wd, g.shape[2], g.shape[3], *_sizes(x), *_sizes(g),
-                        stride, padding, dilation, KH=kh, KW=kw, BP=bp, BC=bc, VEC=vec, EVEN_C=even, num_warps=warps)
+    with _on(x):
+        _wgrad_kernel[grid](x, g, part, total, c, h, wd, g.shape[2], g.shape[3], *_sizes(x), *_sizes(g),
+                            stride, padding, dilation, KH=kh, KW=kw, BP=bp, BC=bc, VEC=vec, EVEN_C=even,
+                            num_warps=warps)
     return part.sum(0).view(wshape).to(dtype)
 
 
@@ -202,32 +232,29 @@ def _cudnn_input_grad(g, x, w, stride, padding, dilation):
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
-    """`kernels`: which of (forward, input gradient, weight gradient) run as Triton kernels; the others are torch's
-    (cuDNN on GPUs)."""
+    """`fwd_dgrad`: whether the forward and the input gradient run as Triton kernels (else torch's: cuDNN on GPUs);
+    the weight gradient always does. Not twice differentiable (the kernels' outputs carry no graph): a backward with
+    create_graph=True raises instead of silently dropping second-order terms."""
 
     @staticmethod
-    def forward(ctx, x, w, stride, padding, dilation, kernels):
+    def forward(ctx, x, w, stride, padding, dilation, fwd_dgrad):
         ctx.save_for_backward(x, w)
-        ctx.conf, ctx.kernels = (stride, padding, dilation), kernels
-        if kernels[0]:
+        ctx.conf, ctx.fwd_dgrad = (stride, padding, dilation), fwd_dgrad
+        if fwd_dgrad:
             return _forward(x, w, stride, padding, dilation)
         return torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         g = _nhwc(g)
         dx = dw = None
         if _wanted(ctx, 0):
-            dx = _input_grad(g, w, x.shape, x.dtype, *ctx.conf) if ctx.kernels[1] else \
+            dx = _input_grad(g, w, x.shape, x.dtype, *ctx.conf) if ctx.fwd_dgrad else \
                 _cudnn_input_grad(g, x, w, *ctx.conf)
         if _wanted(ctx, 1):
-            if ctx.kernels[2]:
-                dw = _weight_grad(x, g, w.shape, w.dtype, *ctx.conf)
-            else:
-                s, p, d = ctx.conf
-                dw = torch.ops.aten.convolution_backward(g, x, w, None, [s] * 2, [p] * 2, [d] * 2, False, [0, 0],
-                                                         x.shape[1], [False, True, False])[1]
+            dw = _weight_grad(x, g, w.shape, w.dtype, *ctx.conf)
         return dx, dw, None, None, None, None
 
 
@@ -237,7 +264,7 @@ def _wanted(ctx, i: int) -> bool:
     gradient, and skips it for torch's own convolutions; a custom Function must ask."""
     if not ctx.needs_input_grad[i]:
         return False
-    node = ctx.next_functions[i][0]
+    node = ctx.next_functions[i][0]  # one entry per tensor argument: x and w are the first two of both lists
     try:
         return node is None or torch._C._will_engine_execute_node(node)
     except (AttributeError, RuntimeError):  # not in this torch, or not in a backward pass: compute it
@@ -251,35 +278,37 @@ def _one(v, name):
     return int(v[0])
 
 
-# which of (forward, input gradient, weight gradient) a mode runs as Triton kernels; "hybrid": the dilated
-# convolutions and every weight gradient (cuDNN's weakest, session 6's profile), cuDNN's undilated forward and input
-# gradient (near the bytes' time already there)
+# "triton": forward and both gradients as Triton kernels; "hybrid": the dilated convolutions and every weight
+# gradient (cuDNN's weakest, session 6's profile), cuDNN's undilated forward and input gradient (near the bytes'
+# time already there)
 MODES = ("triton", "hybrid")
-
-
-def _kernels(mode: str, dilation: int):
-    if mode == "triton" or dilation != 1:
-        return (True, True, True)
-    if mode == "hybrid":
-        return (False, False, True)
-    raise ValueError(f"depthwise_conv2d: mode {mode!r}: one of {', '.join(MODES)}")
 
 
 def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1, mode="triton"):
     """F.conv2d(x, w, None, stride, padding, dilation, groups=x.shape[1]) for w of shape (C, 1, kh, kw), computed
-    by the Triton kernels (`mode` "triton"; "hybrid": see MODES) with a channels_last output. Under autocast both
-    operands are cast to its dtype first, as autocast casts a convolution's."""
+    by the Triton kernels (`mode`: see MODES) with a channels_last output; float32, bf16 or float16 (accumulated in
+    float32). Under autocast both operands are cast to its dtype first, as autocast casts a convolution's."""
+    if mode not in MODES:
+        raise ValueError(f"depthwise_conv2d: mode {mode!r}: one of {', '.join(MODES)}")
     if w.dim() != 4 or w.shape[1] != 1 or w.shape[0] != x.shape[1]:
         raise ValueError(f"depthwise_conv2d: weight {tuple(w.shape)} is not depthwise for {x.shape[1]} channels")
-    conf = (_one(stride, "stride"), _one(padding, "padding"), _one(dilation, "dilation"))
-    kernels = _kernels(mode, conf[2])
+    stride, padding, dilation = _one(stride, "stride"), _one(padding, "padding"), _one(dilation, "dilation")
+    if x.dtype not in DTYPES or w.dtype not in DTYPES:
+        raise ValueError(f"depthwise_conv2d: {x.dtype} / {w.dtype}: the kernels compute in float32 (use F.conv2d)")
+    kh, kw = w.shape[2], w.shape[3]
+    n, c, h, wd = x.shape
+    ho, wo = _out_size(h, kh, stride, padding, dilation), _out_size(wd, kw, stride, padding, dilation)
+    programs = triton.cdiv(n * ho * wo, min(t[0] for t in TILES.values())) if triton is not None else 0
+    if max(x.numel(), n * c * ho * wo, programs * c * kh * kw) > MAX_ELEMENTS:
+        raise ValueError(f"depthwise_conv2d: {tuple(x.shape)} too large for the kernels' int32 offsets")
+    conf = (stride, padding, dilation, mode == "triton" or dilation != 1)
     x, w = _nhwc(x), w.contiguous()
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         x, w = x.to(dt), w.to(dt)
         with torch.autocast(dev, enabled=False):
-            return _DepthwiseConv2d.apply(x, w, *conf, kernels)
+            return _DepthwiseConv2d.apply(x, w, *conf)
     if x.dtype != w.dtype:
         raise ValueError(f"depthwise_conv2d: input {x.dtype} and weight {w.dtype} differ")
-    return _DepthwiseConv2d.apply(x, w, *conf, kernels)
+    return _DepthwiseConv2d.apply(x, w, *conf)
