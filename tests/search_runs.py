@@ -1,4 +1,5 @@
-"""Comparing two finished train_search.py runs (tests of the fast paths that must not change a run)."""
+"""Comparing two finished train_search.py runs (tests of the fast paths that must not change a run), and a few
+search steps of the eager and the CUDA-graphed step on a GPU."""
 
 from __future__ import annotations
 
@@ -24,3 +25,30 @@ def assert_same_runs(a, b, epochs=(0, 1)):
     assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb] == list(epochs)
     for x, y in zip(ra, rb):
         assert abs(x["train_loss"] - y["train_loss"]) < 1e-9 and abs(x["valid_loss"] - y["valid_loss"]) < 1e-9
+
+
+def cuda_search_steps(mode: str, batched: bool = False, channels_last: bool = False, steps: int = 3):
+    """`steps` arch + weight steps of fastpath's EagerSearchStep (mode "eager") or GraphedSearchStep ("graph") on
+    the GPU, from the same initial weights and batches: (losses, parameters, floating-point buffers)."""
+    import torch.nn as nn
+
+    from hvd_pcdarts import fastpath as fp
+
+    model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, device="cuda", channels_last=channels_last,
+                                                         batched_edges=batched)
+    cls = fp.GraphedSearchStep if mode == "graph" else fp.EagerSearchStep
+    step = cls(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0, channels_last=channels_last)
+    g = torch.Generator().manual_seed(9)
+    losses = []
+    for _ in range(steps):
+        xa, ya = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
+        xw, yw = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
+        losses += [float(step.arch_step(xa, ya)), float(step.weight_step(xw, yw)[1])]
+    return (losses, [p.detach().clone() for p in model.parameters()],
+            [b.detach().clone() for b in model.buffers() if b.is_floating_point()])
+
+
+def rel_diff(ref, new) -> float:
+    """||new - ref|| / ||ref|| over lists of tensors."""
+    num = sum(float((a - b).double().pow(2).sum()) for a, b in zip(ref, new)) ** 0.5
+    return num / sum(float(a.double().pow(2).sum()) for a in ref) ** 0.5

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from helpers import REPO_ROOT, describe, horovodrun_cmd, launch, python_exe
-from search_runs import assert_same_runs, final_state
+from search_runs import assert_same_runs, cuda_search_steps, final_state, rel_diff
 
 from hvd_pcdarts import fastpath as fp
 from hvd_pcdarts.models import SearchNetwork, batched_cell
@@ -295,26 +295,11 @@ def test_graphed_batched_step_equals_eager_reference_cuda(cl, pointwise, streams
     """Also with a group's ops on parallel streams inside the graphs (OPTIONS["streams"]): a missing stream
     synchronization shows as different numbers; and with the conv ops fused (OPTIONS["fuse"])."""
     be_options.update(pointwise=pointwise, streams=streams, fuse=fuse)
-    res = []
-    for mode, batched in (("eager", False), ("graph", True)):
-        model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, device="cuda", channels_last=cl,
-                                                             batched_edges=batched)
-        cls = fp.GraphedSearchStep if mode == "graph" else fp.EagerSearchStep
-        step = cls(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0, channels_last=cl)
-        g = torch.Generator().manual_seed(9)
-        losses = []
-        for _ in range(3):
-            xa, ya = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
-            xw, yw = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
-            losses += [float(step.arch_step(xa, ya)), float(step.weight_step(xw, yw)[1])]
-        res.append((losses, [p.detach().clone() for p in model.parameters()],
-                    [b.detach().clone() for b in model.buffers() if b.is_floating_point()]))
-    (l0, p0, b0), (l1, p1, b1) = res
+    (l0, p0, b0) = cuda_search_steps("eager", batched=False, channels_last=cl)
+    (l1, p1, b1) = cuda_search_steps("graph", batched=True, channels_last=cl)
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-4
-    for ref, new in ((p0, p1), (b0, b1)):  # parameters, then BN statistics (warm-up and capture must not count)
-        num = sum(float((a - b).double().pow(2).sum()) for a, b in zip(ref, new)) ** 0.5
-        den = sum(float(a.double().pow(2).sum()) for a in ref) ** 0.5
-        assert num / den < 1e-4
+    assert rel_diff(p0, p1) < 1e-4
+    assert rel_diff(b0, b1) < 1e-4  # BN statistics: warm-up and capture must not count
 
 
 @pytest.mark.parametrize("cl,dedup,fuse", [(False, False, "off"), (True, False, "off"), (True, True, "off"),

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from helpers import describe, launch, python_exe
+from search_runs import cuda_search_steps, rel_diff
 
-from hvd_pcdarts import fastpath as fp
 from hvd_pcdarts.models import batched_cell, depthwise
 
 pytestmark = pytest.mark.skipif(depthwise.triton is None, reason="triton is not installed")
@@ -212,25 +211,11 @@ def test_graphed_batched_step_with_triton_depthwise_equals_eager_reference_cuda(
     """The kernels inside the captured search step (streams on): the eager per-edge step's numbers."""
     monkeypatch.setitem(batched_cell.OPTIONS, "depthwise", mode)
     monkeypatch.setitem(batched_cell.OPTIONS, "fuse", fuse)
-    res = []
-    for mode, batched in (("eager", False), ("graph", True)):
-        model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, device="cuda", channels_last=True,
-                                                             batched_edges=batched)
-        cls = fp.GraphedSearchStep if mode == "graph" else fp.EagerSearchStep
-        step = cls(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0, channels_last=True)
-        g = torch.Generator().manual_seed(9)
-        losses = []
-        for _ in range(3):
-            xa, ya = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
-            xw, yw = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
-            losses += [float(step.arch_step(xa, ya)), float(step.weight_step(xw, yw)[1])]
-        res.append((losses, [p.detach().clone() for p in model.parameters()]))
-    (l0, p0), (l1, p1) = res
+    (l0, p0, _), (l1, p1, _) = (cuda_search_steps(m, batched=m == "graph", channels_last=True)
+                                for m in ("eager", "graph"))
     # other kernels, other rounding (the cuDNN ones of test_batched's graphed-step test agree to 1e-4)
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-3
-    num = sum(float((a - b).double().pow(2).sum()) for a, b in zip(p0, p1)) ** 0.5
-    den = sum(float(a.double().pow(2).sum()) for a in p0) ** 0.5
-    assert num / den < 1e-3
+    assert rel_diff(p0, p1) < 1e-3
 
 
 def _compile_sm90(kernel, dtype, k, vec, even, tile):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import REPO_ROOT, describe, horovodrun_cmd, launch, python_exe
+from search_runs import cuda_search_steps, rel_diff
 
 from hvd_pcdarts import fastpath as fp
 from hvd_pcdarts.data import DataBundle, SeededView, ShardSampler, _digits, _synthetic, make_loader, make_transform
@@ -145,24 +146,9 @@ def test_fast_variant_search_steps_equal_eager_float64(variant, eager_run):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_graphed_search_step_equals_eager_cuda(strict_fp32):
-    res = []
-    for mode in ("eager", "graph"):
-        model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, device="cuda")
-        crit = nn.CrossEntropyLoss()
-        cls = fp.GraphedSearchStep if mode == "graph" else fp.EagerSearchStep
-        step = cls(model, crit, arch, weights, a_opt, w_opt, grad_clip=5.0)
-        g = torch.Generator().manual_seed(9)
-        losses = []
-        for _ in range(3):
-            xa, ya = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
-            xw, yw = torch.randn(8, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
-            losses += [float(step.arch_step(xa, ya)), float(step.weight_step(xw, yw)[1])]
-        res.append((losses, [p.detach().clone() for p in model.parameters()]))
-    (l0, p0), (l1, p1) = res
+    (l0, p0, _), (l1, p1, _) = (cuda_search_steps(m) for m in ("eager", "graph"))
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-4
-    num = sum(float((a - b).double().pow(2).sum()) for a, b in zip(p0, p1)) ** 0.5
-    den = sum(float(a.double().pow(2).sum()) for a in p0) ** 0.5
-    assert num / den < 1e-4
+    assert rel_diff(p0, p1) < 1e-4
 
 
 # --- flags of train_search.py --------------------------------------------------------------------------------------

@@ -78,18 +78,26 @@ if triton is not None:
         else:
             return rows[:, None] & cm[None, :]
 
+    @triton.jit
+    def _tile(total, C, Hs, Ws, BP: tl.constexpr, BC: tl.constexpr):
+        # this program's BP pixels (flattened n, row, column of an Hs x Ws map) and BC channels, with their masks
+        p = tl.program_id(0) * BP + tl.arange(0, BP)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        return c, p < total, c < C, p // (Ws * Hs), (p // Ws) % Hs, p % Ws
+
+    @triton.jit
+    def _ptrs(base, n, r, q, sn, sr, sq, c, VEC: tl.constexpr):
+        # base[n, c, r, q] of a channels_last tensor with batch/row/column strides sn/sr/sq; VEC divides every
+        # row offset (aligned vector loads along the channels)
+        return base + tl.multiple_of(n * sn + r * sr + q * sq, VEC)[:, None] + c[None, :]
+
     @triton.jit(do_not_specialize=_ARGS)
     def _fwd_kernel(x, w, y, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
                     KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr,
                     EVEN_C: tl.constexpr):
         # y[n, c, ho, wo] = sum over taps (i, j) of x[n, c, ho * stride - pad + i * dil, ...] * w[c, i, j]
-        # (a = x's strides, b = y's; VEC divides every row offset: aligned vector loads along the channels)
-        p = tl.program_id(0) * BP + tl.arange(0, BP)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        pm, cm = p < total, c < C
-        wo = p % Wo
-        ho = (p // Wo) % Ho
-        n = p // (Wo * Ho)
+        # (a = x's strides, b = y's)
+        c, pm, cm, n, ho, wo = _tile(total, C, Ho, Wo, BP, BC)
         acc = tl.zeros((BP, BC), dtype=tl.float32)
         for i in range(KH):
             hi = ho * stride - pad + i * dil
@@ -97,12 +105,10 @@ if triton is not None:
             for j in range(KW):
                 wi = wo * stride - pad + j * dil
                 m = hm & (wi >= 0) & (wi < W)
-                row = tl.multiple_of(n * san + hi * sah + wi * saw, VEC)
-                xv = tl.load(x + row[:, None] + c[None, :], mask=_mask(m, cm, EVEN_C), other=0.0).to(tl.float32)
+                xv = tl.load(_ptrs(x, n, hi, wi, san, sah, saw, c, VEC), mask=_mask(m, cm, EVEN_C), other=0.0)
                 wv = tl.load(w + c * (KH * KW) + (i * KW + j), mask=cm, other=0.0).to(tl.float32)
-                acc += xv * wv[None, :]
-        row = tl.multiple_of(n * sbn + ho * sbh + wo * sbw, VEC)
-        tl.store(y + row[:, None] + c[None, :], acc.to(y.dtype.element_ty), mask=_mask(pm, cm, EVEN_C))
+                acc += xv.to(tl.float32) * wv[None, :]
+        tl.store(_ptrs(y, n, ho, wo, sbn, sbh, sbw, c, VEC), acc.to(y.dtype.element_ty), mask=_mask(pm, cm, EVEN_C))
 
     @triton.jit(do_not_specialize=_ARGS)
     def _dgrad_kernel(g, w, dx, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
@@ -110,12 +116,7 @@ if triton is not None:
                       EVEN_C: tl.constexpr):
         # dx[n, c, hi, wi] = sum over taps (i, j) with hi = ho * stride - pad + i * dil (same for wi) of
         # g[n, c, ho, wo] * w[c, i, j]; a = g's strides, b = dx's
-        p = tl.program_id(0) * BP + tl.arange(0, BP)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        pm, cm = p < total, c < C
-        wi = p % W
-        hi = (p // W) % H
-        n = p // (W * H)
+        c, pm, cm, n, hi, wi = _tile(total, C, H, W, BP, BC)
         acc = tl.zeros((BP, BC), dtype=tl.float32)
         for i in range(KH):
             th = hi + pad - i * dil
@@ -125,12 +126,11 @@ if triton is not None:
                 tw = wi + pad - j * dil
                 wo = tw // stride
                 m = hm & (tw >= 0) & (tw - wo * stride == 0) & (wo < Wo)
-                row = tl.multiple_of(n * san + ho * sah + wo * saw, VEC)
-                gv = tl.load(g + row[:, None] + c[None, :], mask=_mask(m, cm, EVEN_C), other=0.0).to(tl.float32)
+                gv = tl.load(_ptrs(g, n, ho, wo, san, sah, saw, c, VEC), mask=_mask(m, cm, EVEN_C), other=0.0)
                 wv = tl.load(w + c * (KH * KW) + (i * KW + j), mask=cm, other=0.0).to(tl.float32)
-                acc += gv * wv[None, :]
-        row = tl.multiple_of(n * sbn + hi * sbh + wi * sbw, VEC)
-        tl.store(dx + row[:, None] + c[None, :], acc.to(dx.dtype.element_ty), mask=_mask(pm, cm, EVEN_C))
+                acc += gv.to(tl.float32) * wv[None, :]
+        tl.store(_ptrs(dx, n, hi, wi, sbn, sbh, sbw, c, VEC), acc.to(dx.dtype.element_ty),
+                 mask=_mask(pm, cm, EVEN_C))
 
     @triton.jit(do_not_specialize=_ARGS)
     def _wgrad_kernel(x, g, part, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
@@ -138,24 +138,19 @@ if triton is not None:
                       EVEN_C: tl.constexpr):
         # part[program, c, tap] = sum over this program's output pixels of g * x at the tap's input pixel
         # (a = x's strides, b = g's); the weight gradient is the sum over the programs
+        c, pm, cm, n, ho, wo = _tile(total, C, Ho, Wo, BP, BC)
         pid = tl.program_id(0)
-        p = pid * BP + tl.arange(0, BP)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        pm, cm = p < total, c < C
-        wo = p % Wo
-        ho = (p // Wo) % Ho
-        n = p // (Wo * Ho)
-        row = tl.multiple_of(n * sbn + ho * sbh + wo * sbw, VEC)
-        gv = tl.load(g + row[:, None] + c[None, :], mask=_mask(pm, cm, EVEN_C), other=0.0).to(tl.float32)
+        gv = tl.load(_ptrs(g, n, ho, wo, sbn, sbh, sbw, c, VEC), mask=_mask(pm, cm, EVEN_C), other=0.0)
+        gv = gv.to(tl.float32)
         for i in range(KH):
             hi = ho * stride - pad + i * dil
             hm = pm & (hi >= 0) & (hi < H)
             for j in range(KW):
                 wi = wo * stride - pad + j * dil
                 m = hm & (wi >= 0) & (wi < W)
-                row = tl.multiple_of(n * san + hi * sah + wi * saw, VEC)
-                xv = tl.load(x + row[:, None] + c[None, :], mask=_mask(m, cm, EVEN_C), other=0.0).to(tl.float32)
-                tl.store(part + (pid * C + c) * (KH * KW) + (i * KW + j), tl.sum(xv * gv, axis=0), mask=cm)
+                xv = tl.load(_ptrs(x, n, hi, wi, san, sah, saw, c, VEC), mask=_mask(m, cm, EVEN_C), other=0.0)
+                tl.store(part + (pid * C + c) * (KH * KW) + (i * KW + j), tl.sum(xv.to(tl.float32) * gv, axis=0),
+                         mask=cm)
 
 
 def _out_size(size, k, stride, padding, dilation):
