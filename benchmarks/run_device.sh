@@ -68,22 +68,29 @@ if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 #  0. DWBENCH: benchmarks/depthwise.py with these Triton tiles (cuDNN vs Triton depthwise kernels per shape)
 #  1. SSPROF256 / SSPROF32: timings + torch.profiler (device time per step by kernel class, top kernels), all the
 #     variants of a list in one process (cuDNN's autotuning of shared shapes done once)
-#  2. SS32 (B=32, --check'ed against eager first), then the CUDA equivalence tests of test_batched/test_fastpath/
-#     test_depthwise (CUDA_TESTS=1), then SS256 (B=256)
-#  3. SSCOMPILE256 / SSCOMPILE: torch.compile inside the CUDA graph at B=256 / B=32 (+check); setup_s = capture
+#  2. COMBO_BASE: benchmarks/pick_options.py keeps the options that beat COMBO_BASE at B=256 in the rows so far
+#     (the fastest of each choice: +ud3/+uda, +tdw/+tdh, +fz5/+fza, ...) and times them together (combo256: the
+#     base, base+kept, and base+kept in fp32, profiled), so one call ends with the candidate new default measured;
+#     the kept options are also added to SS32 (B=32, checked)
+#  3. the CUDA equivalence tests of test_batched/test_fastpath/test_depthwise/test_pooling (CUDA_TESTS=1), then
+#     SS32 (B=32, --check'ed against eager first), then SS256 (B=256)
+#  4. SSCOMPILE256 / SSCOMPILE: torch.compile inside the CUDA graph at B=256 / B=32 (+check); setup_s = capture
 #     + compile time (more than 160 s at B=256 on an H100: run last, with what time is left)
-#  4. the inductor CUDA tests (tests/test_compile.py -k cuda)
-# Defaults: what sessions 6 (H100) and 7 (no device) left open: the Triton depthwise kernels against cuDNN per
+#  5. the inductor CUDA tests (tests/test_compile.py -k cuda)
+# Defaults: what sessions 6 (H100) and 7-8 (no device) left open: the Triton depthwise kernels against cuDNN per
 # shape (DWBENCH), then the default step (streams, dense 1x1, NHWC gradients) at B=256 in bf16 (profiled) against
 # the untimed options +ud3/+uda (dilated depthwise convs undilated), +tdw/+tdh (Triton depthwise kernels: all /
-# dilated ones + weight gradients) and +fz5/+fza (a group's conv ops fused into one chain), B=32 with checks, the
-# CUDA tests (incl. the fused and Triton graphs and --bf16 --cuda-graph of both scripts), B=256 fp32, then compile
-# (+dd, pools once per distinct input, dropped from the lists: more kernels, 3% slower on the CPU).
+# dilated ones + weight gradients), +fz5/+fza (a group's conv ops fused into one chain) and +tpl (Triton pooling
+# kernels, session 8), the winners together
+# (COMBO, bf16 and fp32), the CUDA tests (incl. the fused and Triton graphs and --bf16 --cuda-graph of both
+# scripts), B=32 with checks (incl. the winners), B=256 fp32, then compile (+dd, pools once per distinct input,
+# dropped from the lists: more kernels, 3% slower on the CPU).
 # Session 6's A/B: SSPROF256="graph+cl+be graph+cl+be+pwg+nclg graph+cl+be+msc" SS32="graph+be graph+be+msc
 # graph+cl+be graph+cl+be+msc" SS256="graph+cl+be+bf16 graph+cl+be+msc+bf16 graph+cl+be+pwg" SSCOMPILE256="".
 DWBENCH=${DWBENCH-"128,32,8 64,32,4"}
-SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+uda+bf16 graph+cl+be+tdh+bf16 graph+cl+be+tdw+bf16 graph+cl+be+fz5+bf16 graph+cl+be+fza+bf16"}
+SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+uda+bf16 graph+cl+be+tdh+bf16 graph+cl+be+tdw+bf16 graph+cl+be+fz5+bf16 graph+cl+be+fza+bf16 graph+cl+be+tpl+bf16"}
 SSPROF32=${SSPROF32-""}
+COMBO_BASE=${COMBO_BASE-"graph+cl+be+bf16"}
 SS32=${SS32-"graph+be graph+be+ud3"}
 SS256=${SS256-"graph+cl+be graph+cl+be+ud3 graph+cl+be+tdh"}
 SSCOMPILE256=${SSCOMPILE256-"graph+cl+compile+be"}
@@ -94,7 +101,9 @@ if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu
   SSA=(--steps 1 --warmup 1 --C 8 --layers 5); B1=4; B2=2
   SS256="eager eager+be+pwd graph+be"; SS32="eager eager+be eager+cl+be eager+cl+be+fza"; SSCOMPILE="eager+compile+be"; SSCOMPILE256=""
-  SSPROF256="eager+be eager+cl+be+pwg+nclg"; SSPROF32=""; CUDA_TESTS=1; DWBENCH="128,32,4 64,16,2"
+  SSPROF256="eager+cl+be eager+cl+be+ud3 eager+cl+be+fz5 eager+cl+be+tpl eager+cl+be+pwg+nclg"; SSPROF32=""; CUDA_TESTS=1
+  DWBENCH="128,32,4 64,16,2"; COMBO_BASE=${SMOKE_COMBO_BASE-"eager+cl+be"}
+  COMBO_MARGIN=(--margin-ms=-1e9 --margin=-1); COMBO32=eager+be  # keep whatever was measured: a rehearsal
   CB=(--compile-backend aot_eager); SSC=(--steps 1 --warmup 1 --C 8 --layers 5)  # inductor on 2 CPU cores: minutes
   SSP=(--steps 1 --warmup 1 --C 8 --layers 5 --profile 1 --no-saved-memory)
   CK=(--check --check-batch 2 --check-steps 1)
@@ -108,6 +117,7 @@ else
   DEV=cuda
   SSA=(--steps 8 --warmup 2); B1=256; B2=32
   CK=(--check --check-batch 32 --check-steps 3)
+  COMBO_MARGIN=(); COMBO32=graph+be
   DA=(--batch 256 32 --workers 0 4 --batches 30)
   CB=(); SSC=(--steps 8 --warmup 3)
   SSP=(--steps 6 --warmup 2 --profile "$PROF_STEPS" --no-saved-memory)
@@ -147,13 +157,24 @@ fi
   ss profile256 $(( 70 + 40 * $(nv $SSPROF256) )) --batch $B1 --variants $SSPROF256 "${SSP[@]}"
 [ -n "$SSPROF32" ] && [ "$(left)" -gt 100 ] && \
   ss profile32 $(( 40 + 25 * $(nv $SSPROF32) )) --batch $B2 --variants $SSPROF32 "${SSP[@]}"
-[ -n "$SS32" ] && [ "$(left)" -gt 100 ] && ss search_step32 $(( 60 + 30 * $(nv $SS32) )) --batch $B2 --variants $SS32 "${SSA[@]}" "${CK[@]}"
+if [ -n "$COMBO_BASE" ] && [ -f "$OUT/results.jsonl" ]; then  # the winners of the A/B so far, together
+  X=$($PY benchmarks/pick_options.py "$OUT/results.jsonl" --base "$COMBO_BASE" --batch $B1 "${COMBO_MARGIN[@]}" \
+      2>> "$OUT/env.txt")
+  echo "[$(el)s] combo: $COMBO_BASE + '$X'" | tee -a "$OUT/env.txt"
+  if [ -n "$X" ] && [ "$(left)" -gt 120 ]; then
+    FP32=${COMBO_BASE/+bf16/}$X; [ "$FP32" = "$COMBO_BASE$X" ] && FP32=""
+    # shellcheck disable=SC2086
+    ss combo256 180 --batch $B1 --variants "$COMBO_BASE" "$COMBO_BASE$X" $FP32 "${SSP[@]}"
+    case " $SS32 " in *" $COMBO32$X "* | "  ") ;; *) SS32="$SS32 $COMBO32$X" ;; esac
+  fi
+fi
 if [ "$CUDA_TESTS" = 1 ] && [ "$(left)" -gt 60 ]; then
   echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
   timeout $(( $(left) < 190 ? $(left) - 10 : 180 )) $PY -m pytest -q -p no:cacheprovider tests/test_batched.py \
-    tests/test_fastpath.py tests/test_depthwise.py -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" \
+    tests/test_fastpath.py tests/test_depthwise.py tests/test_pooling.py -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" \
     >> "$OUT/env.txt" 2>&1
 fi
+[ -n "$SS32" ] && [ "$(left)" -gt 100 ] && ss search_step32 $(( 60 + 30 * $(nv $SS32) )) --batch $B2 --variants $SS32 "${SSA[@]}" "${CK[@]}"
 [ -n "$SS256" ] && [ "$(left)" -gt 100 ] && ss search_step $(( 60 + 40 * $(nv $SS256) )) --batch $B1 --variants $SS256 "${SSA[@]}"
 # torch.compile: B=256 first (the target not yet met there); its compile time is the row's setup_s
 [ -n "$SSCOMPILE256" ] && [ "$(left)" -gt 100 ] && \
@@ -211,7 +232,7 @@ fi
 
 # --- summary: the tables ----------------------------------------------------------------------------------------
 echo "[$(el)s] done"
-for f in profile256 profile32 search_step_compile256 search_step_compile search_step32 search_step; do
+for f in profile256 combo256 profile32 search_step_compile256 search_step_compile search_step32 search_step; do
   [ -f "$OUT/$f.txt" ] && { grep -E "^ " "$OUT/$f.txt"; sed -n '/^| device/,$p' "$OUT/$f.txt"; }
 done
 [ -f "$OUT/data.txt" ] && sed -n '/^# data loaders/,$p' "$OUT/data.txt"

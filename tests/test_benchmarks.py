@@ -26,6 +26,7 @@ TINY = dict(C=4, layers=5, K=4, seed=2, compile_backend="inductor")
     ("aten::native_batch_norm_backward", "batch norm"), ("something_new", "other"),
     ("triton_poi_fused_convolution_relu_0", "elementwise"), ("triton_red_fused_cat_sum_3", "reduction"),
     ("triton_per_fused__native_batch_norm_legit_functional_1", "batch norm"),
+    ("_dwconv_fwd_kernel", "convolution"), ("_dwconv_wgrad_kernel", "convolution"), ("_pool_bwd_kernel", "pooling"),
 ])
 def test_kernel_class(name, cls):
     assert ss.kernel_class(name) == cls
@@ -98,6 +99,51 @@ def test_variant_options_set_the_batched_op_choices():
     assert v.opts == {"pointwise": "grouped", "streams": "capture", "dedup": True}
     assert ss.parse_variant("graph+be+fz5").opts == {"fuse": "5x5"}
     assert ss.parse_variant("eager+cl+be+fza+ud3").opts == {"fuse": "all", "dilated": "3x3"}
+    assert ss.parse_variant("graph+cl+be+tpl+tdh+bf16").opts == {"pool": "triton", "depthwise": "hybrid"}
     for bad in ("eager+pwg", "eager+be+pwg+pwd", "eager+be+msc+nms", "eager+be+xyz", "eager+be+fz5+fza"):
         with pytest.raises(SystemExit):
             ss.parse_variant(bad)
+
+
+def _rows(base, times, batch=256):
+    rows = [dict(kind="depthwise", batch=batch, ms_median=1.0)]
+    for extra, ms in times.items():
+        rows.append(dict(kind="search_step", variant=base + extra, batch=batch, ms_median=ms))
+    return rows
+
+
+def test_pick_options_keeps_the_fastest_winner_of_each_choice():
+    import pick_options as po
+
+    base = "graph+cl+be+bf16"
+    rows = _rows(base, {"": 104.6, "+ud3": 97.0, "+uda": 99.0, "+tdh": 95.0, "+tdw": 96.0, "+fz5": 104.3,
+                        "+fza": 110.0, "+dd+ud3": 80.0})  # two options at once: not an A/B of one option
+    rows += _rows("graph+cl+be", {"": 50.0, "+tdh": 10.0})  # fp32 rows: another base
+    rows += _rows(base, {"+fz5": 90.0}, batch=32)  # another batch
+    rows.append(dict(kind="search_step", variant=base + "+dd", batch=256, error="RuntimeError: capture failed"))
+    kept, why = po.pick(rows, base, 256)
+    assert kept == ["tdh", "ud3"]  # fastest first; +uda and +tdw lose to their choice's faster option
+    assert why["fz5"][1] == "no gain"  # 0.3 ms: inside the 1% margin
+    assert why["uda"][1].startswith("wins, but +ud3") and why["tdw"][1].startswith("wins, but +tdh")
+    assert "dd" not in why
+    # words in any order name the same variant; a rerun counts with its last row
+    rows2 = _rows(base, {"": 100.0}) + [dict(kind="search_step", variant="graph+be+fz5+cl+bf16", batch=256,
+                                             ms_median=m) for m in (90.0, 99.5)]
+    assert po.pick(rows2, base, 256)[0] == []
+
+
+def test_pick_options_cli(tmp_path, capsys):
+    import json
+
+    import pick_options as po
+
+    f = tmp_path / "results.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in _rows("graph+cl+be+bf16", {"": 104.6, "+ud3": 97.0})))
+    assert po.main([str(f), "--base", "graph+cl+be+bf16", "--batch", "256"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "+ud3\n" and "97.0 ms: wins" in out.err
+    assert po.main([str(f), "--base", "graph+be", "--batch", "256"]) == 2  # no base row
+    assert "no graph+be row at batch 256" in capsys.readouterr().err
+    f.write_text("{not json\n")
+    assert po.main([str(f), "--base", "graph+be", "--batch", "256"]) == 2
+    assert po.main([str(tmp_path / "missing.jsonl"), "--base", "graph+be", "--batch", "256"]) == 2

@@ -8,12 +8,13 @@ imported: hence the subprocesses). On a GPU the same checks run compiled, plus a
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
 
 import pytest
 import torch
 from helpers import describe, launch, python_exe
 from search_runs import cuda_search_steps, rel_diff
+from triton_checks import VECTOR_LOAD, assert_no_spills, compile_sm90, interpreted
 
 from hvd_pcdarts.models import batched_cell, depthwise
 
@@ -48,12 +49,6 @@ print(json.dumps(out))
 """
 
 
-def _interpreted(script: str, *args, timeout=600):
-    res = launch([python_exe(), "-c", script, *args], timeout=timeout, env={"TRITON_INTERPRET": "1"})
-    assert res.returncode == 0, describe(res)
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def _check_rows(rows, dtype):
     tol = 1e-5 if dtype == "float32" else 2e-2  # bf16 outputs: rounded to 8 bits of mantissa
     for r in rows:
@@ -62,8 +57,8 @@ def _check_rows(rows, dtype):
 
 
 @pytest.mark.parametrize("dtype,mode", [("float32", "triton"), ("bfloat16", "triton"), ("float32", "hybrid")])
-def test_triton_depthwise_equals_conv2d_interpreted(dtype, mode):
-    _check_rows(_interpreted(CHECK, "cpu", json.dumps(SHAPES), dtype, mode), dtype)
+def test_triton_depthwise_equals_conv2dinterpreted(dtype, mode):
+    _check_rows(interpreted(CHECK, "cpu", json.dumps(SHAPES), dtype, mode), dtype)
 
 
 NET = r"""
@@ -108,11 +103,11 @@ print(json.dumps(out))
 """
 
 
-def test_batched_cell_with_triton_depthwise_equals_reference_interpreted():
+def test_batched_cell_with_triton_depthwise_equals_referenceinterpreted():
     """The batched channels_last search net with its depthwise convs through the kernels (alone, with the fused
     chain, whose second depthwise conv is one, with dedup; hybrid) against the per-edge reference: loss, gradients
     and BN statistics in training, eval outputs, bf16-autocast loss, to float32 (bf16) rounding."""
-    out = _interpreted(NET)
+    out = interpreted(NET)
     # 5 cells x 4 groups x 6 depthwise convs: every one went through the kernels' Function; fused: the separable
     # convs' second one a group (5x5: and dil_conv_5x5's, outside the fused chain)
     assert out["triton-off-False"]["calls"] == 120
@@ -144,10 +139,10 @@ print(json.dumps(out))
 """
 
 
-def test_backward_computes_only_the_gradients_the_engine_uses_interpreted():
+def test_backward_computes_only_the_gradients_the_engine_usesinterpreted():
     """The architecture step's autograd.grad(loss, alphas/betas) reaches the depthwise convs' inputs but not their
     weights: no weight-gradient kernel then (torch's convolutions skip it too); .backward() computes both."""
-    arch, weights, both = _interpreted(SKIP)
+    arch, weights, both = interpreted(SKIP)
     assert arch == {"w": 0, "x": 1}
     assert weights == {"w": 1, "x": 1}
     assert both == {"w": 2, "x": 2}
@@ -220,20 +215,11 @@ def test_graphed_batched_step_with_triton_depthwise_equals_eager_reference_cuda(
 
 def _compile_sm90(kernel, dtype, k, vec, even, tile):
     """The kernel compiled for an H100 (sm_90) without a GPU: Triton's compiler and the ptxas it ships."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn, ptrs = {"fwd": (depthwise._fwd_kernel, "x w y"), "dgrad": (depthwise._dgrad_kernel, "g w dx"),
-                "wgrad": (depthwise._wgrad_kernel, "x g part")}[kernel]
-    sig = {p: "*fp32" if dtype == "fp32" or p == "part" else "*bf16" for p in ptrs.split()}
-    sig.update({a: "i32" for a in depthwise._ARGS})
+    fn, ptrs = {"fwd": (depthwise._dwconv_fwd_kernel, "x w y"), "dgrad": (depthwise._dwconv_dgrad_kernel, "g w dx"),
+                "wgrad": (depthwise._dwconv_wgrad_kernel, "x g part")}[kernel]
+    pointers = {p: "*fp32" if dtype == "fp32" or p == "part" else "*bf16" for p in ptrs.split()}
     const = dict(KH=k, KW=k, BP=tile[0], BC=tile[1], VEC=vec, EVEN_C=even)
-    sig.update({name: "constexpr" for name in const})
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(3)}
-    out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=aligned),
-                         target=GPUTarget("cuda", 90, 32), options={"num_warps": tile[2]})
-    return out.asm["ptx"]
+    return compile_sm90(fn, pointers, depthwise._ARGS, const, tile[2])
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "dgrad", "wgrad"])
@@ -242,22 +228,8 @@ def test_kernels_compile_for_sm90_with_vector_loads_and_no_spills(kernel, dtype,
     """What the interpreter cannot show: the kernels compile for the GPU the issue names, the aligned channel
     blocks load 16 bytes at a time, and the default tile spills no registers (the first version, with every tap
     unrolled, spilled ~7 KB per thread at 5x5: ptxas -v)."""
-    import re
-    import shutil
-    import subprocess
-
-    triton = pytest.importorskip("triton")
     vec = 4 if dtype == "fp32" else 8
     ptx = _compile_sm90(kernel, dtype, 5, vec, True, depthwise.TILES[kernel])
-    assert re.search(r"ld\.global(\.\w+)*\.v[248]", ptx)  # vectorized loads along the channels
+    assert re.search(VECTOR_LOAD, ptx)  # vectorized loads along the channels
     _compile_sm90(kernel, dtype, 3, 1, False, depthwise.TILES[kernel])  # unaligned, ragged channels: compiles
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists() or shutil.which(str(ptxas)) is None:
-        pytest.skip("triton ships no ptxas here")
-    src = tmp_path / "k.ptx"
-    src.write_text(ptx)
-    res = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(src), "-o", str(tmp_path / "k.cubin")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    spills = [int(v) for v in re.findall(r"(\d+) bytes spill stores", res.stderr)]
-    assert spills and max(spills) == 0, res.stderr
+    assert_no_spills(ptx, tmp_path)

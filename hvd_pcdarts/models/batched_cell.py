@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..genotypes import PRIMITIVES
-from . import depthwise
+from . import depthwise, pooling
 
 _IDX = {name: i for i, name in enumerate(PRIMITIVES)}
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")
@@ -76,6 +76,10 @@ OPTIONS = {
     # F.conv2d) or "hybrid" (Triton for the dilated convs and every weight gradient, cuDNN for the rest). Not yet
     # timed on a GPU
     "depthwise": "cudnn",
+    # the pools (max_pool_3x3, avg_pool_3x3, and the reduction cells' 2x2 max pool of the bypassed channels) of
+    # channels_last runs: "torch" or "triton" (models/pooling.py: forward and gradient as Triton kernels; torch's
+    # NHWC pooling kernels ran 10-15x above their bytes' time on the H100, session 6). Not yet timed on a GPU
+    "pool": "torch",
 }
 _SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]
 
@@ -272,7 +276,7 @@ class BatchedCellRunner:
                 return
             head, rest = state.split([cp, state.shape[1] - cp], dim=1)
             heads.append(head)
-            rests.append(cell._ops[0].mp(rest) if stride != 1 else rest)
+            rests.append(_pool(cell._ops[0].mp, rest) if stride != 1 else rest)
 
         for gi, group in enumerate(self.groups):
             if gi == 0:
@@ -373,9 +377,10 @@ class BatchedCellRunner:
 
         def branch(primitive, s):
             if primitive in ("max_pool_3x3", "avg_pool_3x3"):
+                pooled = _pool(ops[0][_IDX[primitive]][0], X)
                 if rep > 1:
-                    return bn_repeated(ops[0][_IDX[primitive]][0](X), primitive, "pool", s)
-                return bn(ops[0][_IDX[primitive]][0](X), primitive, "pool", s)
+                    return bn_repeated(pooled, primitive, "pool", s)
+                return bn(pooled, primitive, "pool", s)
             if primitive == "skip_connect":
                 if group.stride == 1:
                     if rep > 1:
@@ -502,6 +507,24 @@ def _triton_depthwise(x) -> bool:
     if mode not in ("cudnn", *depthwise.MODES):
         raise ValueError(f"batched_cell.OPTIONS['depthwise'] = {mode!r}: cudnn, {', '.join(depthwise.MODES)}")
     return mode != "cudnn" and _is_nhwc(x) and depthwise.available(x) and not torch.compiler.is_compiling()
+
+
+def _pool(mod, x):
+    """mod(x) for a search cell's nn.MaxPool2d / nn.AvgPool2d (count_include_pad=False), as the Triton kernels
+    where OPTIONS["pool"] says so and they can run (channel stride 1: channels_last runs; CUDA)."""
+    mode = OPTIONS["pool"]
+    if mode not in ("torch", "triton"):
+        raise ValueError(f"batched_cell.OPTIONS['pool'] = {mode!r}: torch or triton")
+    if mode == "torch" or x.dim() != 4 or x.stride(1) != 1 or not pooling.available(x) or \
+            torch.compiler.is_compiling():
+        return mod(x)
+    if isinstance(mod, torch.nn.MaxPool2d) and mod.dilation in (1, (1, 1)) and not mod.return_indices:
+        kind = "max"
+    elif isinstance(mod, torch.nn.AvgPool2d) and not mod.count_include_pad and mod.divisor_override is None:
+        kind = "avg"
+    else:
+        return mod(x)
+    return pooling.pool2d(x, kind, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode)
 
 
 def _dense_pointwise(device) -> bool:

@@ -92,7 +92,7 @@ if triton is not None:
         return base + tl.multiple_of(n * sn + r * sr + q * sq, VEC)[:, None] + c[None, :]
 
     @triton.jit(do_not_specialize=_ARGS)
-    def _fwd_kernel(x, w, y, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
+    def _dwconv_fwd_kernel(x, w, y, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
                     KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr,
                     EVEN_C: tl.constexpr):
         # y[n, c, ho, wo] = sum over taps (i, j) of x[n, c, ho * stride - pad + i * dil, ...] * w[c, i, j]
@@ -111,7 +111,7 @@ if triton is not None:
         tl.store(_ptrs(y, n, ho, wo, sbn, sbh, sbw, c, VEC), acc.to(y.dtype.element_ty), mask=_mask(pm, cm, EVEN_C))
 
     @triton.jit(do_not_specialize=_ARGS)
-    def _dgrad_kernel(g, w, dx, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
+    def _dwconv_dgrad_kernel(g, w, dx, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
                       KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr,
                       EVEN_C: tl.constexpr):
         # dx[n, c, hi, wi] = sum over taps (i, j) with hi = ho * stride - pad + i * dil (same for wi) of
@@ -133,7 +133,7 @@ if triton is not None:
                  mask=_mask(pm, cm, EVEN_C))
 
     @triton.jit(do_not_specialize=_ARGS)
-    def _wgrad_kernel(x, g, part, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
+    def _dwconv_wgrad_kernel(x, g, part, total, C, H, W, Ho, Wo, san, sah, saw, sbn, sbh, sbw, stride, pad, dil,
                       KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, VEC: tl.constexpr,
                       EVEN_C: tl.constexpr):
         # part[program, c, tap] = sum over this program's output pixels of g * x at the tap's input pixel
@@ -194,14 +194,15 @@ def _forward(x, w, stride, padding, dilation):
     kh, kw = w.shape[2], w.shape[3]
     ho, wo = _out_size(h, kh, stride, padding, dilation), _out_size(wd, kw, stride, padding, dilation)
     y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    _launch(_fwd_kernel, "fwd", x, w, y, n * ho * wo, c, h, wd, ho, wo, (stride, padding, dilation))
+    _launch(_dwconv_fwd_kernel, "fwd", x, w, y, n * ho * wo, c, h, wd, ho, wo, (stride, padding, dilation))
     return y
 
 
 def _input_grad(g, w, shape, dtype, stride, padding, dilation):
     n, c, h, wd = shape
     dx = torch.empty(shape, dtype=dtype, device=g.device, memory_format=torch.channels_last)
-    _launch(_dgrad_kernel, "dgrad", g, w, dx, n * h * wd, c, h, wd, g.shape[2], g.shape[3], (stride, padding, dilation))
+    _launch(_dwconv_dgrad_kernel, "dgrad", g, w, dx, n * h * wd, c, h, wd, g.shape[2], g.shape[3],
+            (stride, padding, dilation))
     return dx
 
 
@@ -215,7 +216,7 @@ def _weight_grad(x, g, wshape, dtype, stride, padding, dilation):
     part = torch.empty((grid[0], c, kh * kw), dtype=torch.float32, device=x.device)
     vec, even = _layout(c, bc, x, g)
     with _on(x):
-        _wgrad_kernel[grid](x, g, part, total, c, h, wd, g.shape[2], g.shape[3], *_sizes(x), *_sizes(g),
+        _dwconv_wgrad_kernel[grid](x, g, part, total, c, h, wd, g.shape[2], g.shape[3], *_sizes(x), *_sizes(g),
                             stride, padding, dilation, KH=kh, KW=kw, BP=bp, BC=bc, VEC=vec, EVEN_C=even,
                             num_warps=warps)
     return part.sum(0).view(wshape).to(dtype)
