@@ -9,7 +9,8 @@ bytes alone would take (read + write once at --bandwidth) beside them.
     TRITON_INTERPRET=1 python benchmarks/depthwise.py --device cpu --smoke   # the code path on a CPU
 
 Each tile applies to all three kernels (models/depthwise.py TILES; HVD_PCDARTS_DW_TILES sets them for training
-runs).
+runs). Then (unless --no-pools) the 3x3 pools of the same shapes, torch's NHWC kernels against the Triton ones
+(models/pooling.py, its default tiles): forward and input gradient.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from hvd_pcdarts.models import depthwise as dw  # noqa: E402
+from hvd_pcdarts.models import pooling  # noqa: E402
 
 # (channels, map size, stride): group 0 of a normal 32-px cell (8 edges x 4), a later group (3 edges), the
 # reduction cell's group 0 (stride 2), a 16-px normal cell, an 8-px one
@@ -77,6 +79,29 @@ def measure(batch, c, size, stride, k, d, dtype, device, reps, tiles, bandwidth)
     return row
 
 
+def measure_pool(batch, c, size, stride, kind, dtype, device, reps, bandwidth):
+    """The search cells' 3x3 pools (padding 1, averages without the padding): torch against the kernels."""
+    x = torch.randn(batch, c, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    F, aten = torch.nn.functional, torch.ops.aten
+    if kind == "max":
+        y, idx = F.max_pool2d(x, 3, stride, 1, return_indices=True)
+        torch_fwd = lambda: F.max_pool2d(x, 3, stride, 1)  # noqa: E731
+        torch_bwd = lambda: aten.max_pool2d_with_indices_backward(g, x, [3, 3], [stride] * 2, [1, 1], [1, 1],  # noqa
+                                                                  False, idx)
+    else:
+        y = F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)
+        torch_fwd = lambda: F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)  # noqa: E731
+        torch_bwd = lambda: aten.avg_pool2d_backward(g, x, [3, 3], [stride] * 2, [1, 1], False, False, None)  # noqa
+    g = torch.randn_like(y)
+    arg = pooling._forward(x, kind, 3, stride, 1, False)[1]
+    return dict(batch=batch, C=c, size=size, stride=stride, pool=kind, dtype=str(dtype).split(".")[-1],
+                bytes_us=(x.numel() + y.numel()) * x.element_size() / bandwidth * 1e6,
+                torch=dict(fwd=_time(torch_fwd, device, reps), bwd=_time(torch_bwd, device, reps)),
+                triton=dict(fwd=_time(lambda: pooling._forward(x, kind, 3, stride, 1, False), device, reps),
+                            bwd=_time(lambda: pooling._input_grad(g, arg, x.shape, x.dtype, 3, stride, 1), device,
+                                      reps)))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +111,8 @@ def main(argv=None) -> int:
                    help="(pixels, channels, warps) per program, e.g. 128,32,4")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s for the bytes_us column (H100)")
+    p.add_argument("--pools", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the pools: torch against models/pooling.py")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (a CPU run under TRITON_INTERPRET=1)")
     p.add_argument("--json", help="append one JSON line per row to this file")
     a = p.parse_args(argv)
@@ -119,6 +146,20 @@ def main(argv=None) -> int:
                 if a.json:
                     with open(a.json, "a") as f:
                         f.write(json.dumps(dict(kind="depthwise", **r)) + "\n")
+    if a.pools:
+        print(f"\n# pools 3x3 (models/pooling.py tiles {pooling.TILES}); microseconds per call (median)")
+        print("| C | size | stride | pool | dtype | bytes floor | torch fwd / bwd | triton fwd / bwd |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name in a.dtypes:
+            for c, size, stride in shapes:
+                for kind in pooling.KINDS:
+                    r = measure_pool(batch, c, size, stride, kind, getattr(torch, name), device, reps, a.bandwidth)
+                    print(f"| {c} | {size} | {stride} | {kind} | {name} | {r['bytes_us']:.1f} | "
+                          f"{r['torch']['fwd']:.0f} / {r['torch']['bwd']:.0f} | "
+                          f"{r['triton']['fwd']:.0f} / {r['triton']['bwd']:.0f} |", flush=True)
+                    if a.json:
+                        with open(a.json, "a") as f:
+                            f.write(json.dumps(dict(kind="pool", **r)) + "\n")
     return 0
 
 

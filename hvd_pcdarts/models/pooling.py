@@ -113,36 +113,48 @@ def _out_size(size, k, stride, pad, ceil_mode):
     return out - 1 if (out - 1) * stride >= size + pad else out
 
 
+def _forward(x, kind, k, stride, pad, ceil_mode):
+    """-> (y, the max's int8 winning taps or None) of the kernels, y channels_last."""
+    n, c, h, wd = x.shape
+    ho, wo = _out_size(h, k, stride, pad, ceil_mode), _out_size(wd, k, stride, pad, ceil_mode)
+    y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    is_max = kind == "max"
+    arg = torch.empty_like(y, dtype=torch.int8) if is_max else y  # (y: an unused pointer for the average)
+    # the forward kernel's second pointer is the output y, its third the tap index
+    _launch(_pool_fwd_kernel, "fwd", x, y, arg, n * ho * wo, c, h, wd, ho, wo, stride, pad, k, is_max)
+    return y, (arg if is_max else None)
+
+
+def _input_grad(g, arg, shape, dtype, k, stride, pad):
+    """The input gradient from the output gradient g (and the max's winning taps `arg`, None for the average)."""
+    g = dw._nhwc(g)
+    if arg is None:
+        arg = g
+    elif g.stride() != arg.stride():  # the kernel reads both with g's strides (size-1 dimensions may differ)
+        g = torch.empty_like(arg, dtype=g.dtype).copy_(g)
+    n, c, h, wd = shape
+    dx = torch.empty(shape, dtype=dtype, device=g.device, memory_format=torch.channels_last)
+    _launch(_pool_bwd_kernel, "bwd", g, arg, dx, n * h * wd, c, h, wd, g.shape[2], g.shape[3], stride, pad, k,
+            arg is not g)
+    return dx
+
+
 class _Pool2d(torch.autograd.Function):
     """Not twice differentiable (the kernels' outputs carry no graph): create_graph=True raises."""
 
     @staticmethod
     def forward(ctx, x, kind, k, stride, pad, ceil_mode):
-        n, c, h, wd = x.shape
-        ho, wo = _out_size(h, k, stride, pad, ceil_mode), _out_size(wd, k, stride, pad, ceil_mode)
-        y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-        is_max = kind == "max"
-        arg = torch.empty_like(y, dtype=torch.int8) if is_max else y  # (y: an unused pointer for the average)
-        # the forward kernel's second pointer is the output y, its third the tap index
-        _launch(_pool_fwd_kernel, "fwd", x, y, arg, n * ho * wo, c, h, wd, ho, wo, stride, pad, k, is_max)
-        if is_max:
+        y, arg = _forward(x, kind, k, stride, pad, ceil_mode)
+        if arg is not None:
             ctx.save_for_backward(arg)
-        ctx.conf = (x.shape, x.dtype, k, stride, pad, is_max)
+        ctx.conf = (x.shape, x.dtype, k, stride, pad)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        shape, dtype, k, stride, pad, is_max = ctx.conf
-        g = dw._nhwc(g)
-        arg = ctx.saved_tensors[0] if is_max else g
-        if g.stride() != arg.stride():  # the kernel reads both with g's strides (size-1 dimensions may differ)
-            g = torch.empty_like(arg, dtype=g.dtype).copy_(g)
-        n, c, h, wd = shape
-        dx = torch.empty(shape, dtype=dtype, device=g.device, memory_format=torch.channels_last)
-        _launch(_pool_bwd_kernel, "bwd", g, arg, dx, n * h * wd, c, h, wd, g.shape[2], g.shape[3], stride, pad, k,
-                is_max)
-        return dx, None, None, None, None, None
+        arg = ctx.saved_tensors[0] if ctx.saved_tensors else None
+        return _input_grad(g, arg, *ctx.conf), None, None, None, None, None
 
 
 def pool2d(x: torch.Tensor, kind: str, kernel_size: int = 3, stride: int = 1, padding: int = 1,
