@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import cuda_autocast  # noqa: E402
 import search_step as ss  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -60,7 +62,8 @@ class Traffic(TorchDispatchMode):
         if name == "copy_":  # reads the source, writes the destination (counted once, as the output)
             ins = ins[1:]
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
-        self.ops.append((name, sum(map(_nbytes, ins)) + sum(map(_nbytes, outs))))
+        fp32 = sum(_nbytes(t) for t in ins + outs if t.dtype == torch.float32)
+        self.ops.append((name, sum(map(_nbytes, ins)) + sum(map(_nbytes, outs)), fp32))
         return out
 
 
@@ -71,16 +74,19 @@ def measure(variant: str, batch: int, args) -> dict:
     device = torch.device("cpu")
     model, step = ss.build_step(v, args, device)
     batches = ss.make_batches(2, batch, device)
-    ss.one_step(step, batches, 0)  # first step: lazy state (optimizer moments, batched BN aliasing) created
+    # +bf16: the dtypes CUDA autocast would give each op (the CPU's policy differs for a few: cuda_autocast.py)
+    policy = cuda_autocast.emulate if v.bf16 else contextlib.nullcontext
+    with policy():
+        ss.one_step(step, batches, 0)  # first step: lazy state (optimizer moments, batched BN aliasing) created
     flops = FlopCounterMode(display=False)
     traffic = Traffic()
-    with flops, traffic:
+    with policy(), flops, traffic:
         ss.one_step(step, batches, 1)
     fl = collections.Counter({str(k): v for k, v in flops.get_flop_counts()["Global"].items()})
     per_class = collections.defaultdict(lambda: [0, 0, 0.0])  # ops, bytes, flops
     op_bytes = collections.Counter()
     op_count = collections.Counter()
-    for name, nb in traffic.ops:
+    for name, nb, _ in traffic.ops:
         op_bytes[name] += nb
         op_count[name] += 1
     for name in op_count:
@@ -89,6 +95,7 @@ def measure(variant: str, batch: int, args) -> dict:
         c[1] += op_bytes[name]
         c[2] += fl.get(name, 0) + fl.get(f"aten.{name}", 0)
     return dict(variant=variant, batch=batch, ops=len(traffic.ops), bytes=sum(op_bytes.values()),
+                fp32_bytes=sum(f for _, _, f in traffic.ops),
                 flops=sum(fl.values()), per_class={k: tuple(v) for k, v in per_class.items()},
                 top=op_bytes.most_common(8), counts=op_count)
 
@@ -125,7 +132,8 @@ def main(argv=None) -> int:
             r = measure(v, b, args)
             rows.append(r)
             roof, with_nodes = floor_ms(r, args.gpu, args.node_us)
-            print(f"\n## {v}, B={b}: {r['ops']} ops, {r['bytes'] / 2**30:.2f} GiB moved, {r['flops'] / 1e9:.1f} GFLOP; "
+            print(f"\n## {v}, B={b}: {r['ops']} ops, {r['bytes'] / 2**30:.2f} GiB moved "
+                  f"({r['fp32_bytes'] / 2**30:.2f} in float32 tensors), {r['flops'] / 1e9:.1f} GFLOP; "
                   f"floor {roof:.1f} ms (bytes/FLOPs), {with_nodes:.1f} ms with {args.node_us} us per kernel",
                   flush=True)
             print("| class | ops | GiB moved | GFLOP | floor ms |")

@@ -335,6 +335,50 @@ def test_batched_under_bf16_autocast_runs_and_matches_reference(cl, dedup, fuse,
     assert all(m.running_mean.dtype == torch.float32 for m in new.modules() if isinstance(m, nn.BatchNorm2d))
 
 
+@pytest.mark.parametrize("cl,fuse", [(True, "off"), (False, "off"), (True, "all"), (False, "5x5")])
+def test_batched_bf16_activations_stay_bf16_under_cuda_autocast_policy(cl, fuse, be_options):
+    """CUDA autocast runs addcmul in its widest input's dtype and sum in float32: a float32 edge weight in the
+    bypassed channels' weighted sum, and the node sums of group 0, made every node state and cell output float32 in
+    the GPU's bf16 runs (48% of a B=64 step's bytes in float32 tensors, 2,229 casts; the CPU's autocast policy hid
+    it). With CUDA's policy emulated on the CPU, no op of a forward or backward makes a float32 activation.
+    (OPTIONS["dedup"] keeps its float32 scaling of the shared pools' BN, batch_norm's mixed mode: not checked.)"""
+    import sys
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import cuda_autocast
+
+    batch = 5  # odd: no weight's first dimension (even channel counts) looks like a batch
+
+    class Float32Activations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] == batch and t.dtype == torch.float32
+                   for t in tree_flatten(out)[0]):
+                self.ops.append(func.overloadpacket.__name__)
+            return out
+
+    be_options.update(fuse=fuse)
+    torch.manual_seed(1)
+    net = SearchNetwork(8, 10, 5, partial_k=4).set_batched_edges(True)
+    x = torch.randn(batch, 3, 16, 16)
+    if cl:
+        fp.to_channels_last(net)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    found = Float32Activations()
+    with cuda_autocast.emulate(), found:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+    assert found.ops == []
+    assert all(torch.isfinite(p.grad).all() for p in net.arch_parameters())
 def test_bn_snapshot_restores_buffers_a_first_batched_forward_replaced():
     """The CUDA-graph steps snapshot the BN statistics before warm-up and capture and put them back after. The first
     forward of a batched cell replaces its edges' BN buffers with views of shared ones (and updates them): the

@@ -147,3 +147,22 @@ def test_pick_options_cli(tmp_path, capsys):
     f.write_text("{not json\n")
     assert po.main([str(f), "--base", "graph+be", "--batch", "256"]) == 2
     assert po.main([str(tmp_path / "missing.jsonl"), "--base", "graph+be", "--batch", "256"]) == 2
+
+
+def test_cuda_autocast_emulation_applies_cuda_policies_inside_only():
+    import cuda_autocast
+
+    h, s = torch.ones(4, dtype=torch.bfloat16), torch.tensor(2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.addcmul(h, h, s).dtype == torch.bfloat16  # the CPU's policy
+        assert h.sum(0).dtype == torch.bfloat16
+        with cuda_autocast.emulate():
+            assert torch.addcmul(h, h, s).dtype == torch.float32  # promote: the float32 0-dim tensor wins
+            assert torch.addcmul(h, h, s.to(torch.bfloat16)).dtype == torch.bfloat16
+            assert h.sum(0).dtype == torch.float32 and h.sum().dtype == torch.float32
+            assert h.sum(0, dtype=torch.bfloat16).dtype == torch.bfloat16  # an explicit dtype is kept
+            assert torch.rsqrt(h).dtype == torch.float32
+            assert float(torch.addcmul(h, h, s)[0]) == 3.0
+        assert torch.addcmul(h, h, s).dtype == torch.bfloat16  # unregistered again
+    with cuda_autocast.emulate():
+        assert torch.addcmul(h, h, s).dtype == torch.bfloat16  # outside autocast: no policy

@@ -265,7 +265,10 @@ class BatchedCellRunner:
         nhwc = _is_nhwc(states[1])
         # per-op scale of every edge: softmax(alpha) * edge-normalized beta, as (ops, edges) for column gathers
         scales = (weights * edge_weights[:, None]).t()
-        betas = edge_weights.unbind(0)
+        # in the activations' dtype (one cast): under CUDA autocast the addcmul of _assemble promotes to its widest
+        # input, and float32 edge weights made every node state, the cell outputs and the ops reading them float32
+        # in bf16 runs (plus a cast before each convolution); benchmarks/cuda_autocast.py shows it on the CPU
+        betas = edge_weights.to(states[1].dtype).unbind(0)
         mixed = [[] for _ in range(cell._steps)]
         # per state: the partial channels the ops see, the bypassed rest (split, not sliced: one backward cat)
         heads, rests = [], []
@@ -291,8 +294,9 @@ class BatchedCellRunner:
             Y = self._mixed(cell, gi, group, X, sc, cell.training, aux, rep)
             if nhwc and OPTIONS["cl_grads"]:
                 Y = _ChannelsLastGrad.apply(Y)
-            if gi == 0:  # edges ordered (node, input 0/1): sum each node's two
-                for i, p in enumerate(Y.unflatten(1, (cell._steps, 2, cp)).sum(2).unbind(1)):
+            if gi == 0:  # edges ordered (node, input 0/1): sum each node's two (dtype=: CUDA autocast would
+                # otherwise run the sum in float32, and every state after it: see betas)
+                for i, p in enumerate(Y.unflatten(1, (cell._steps, 2, cp)).sum(2, dtype=Y.dtype).unbind(1)):
                     mixed[i].append(p)
             else:  # unbind, not indexing: its backward is one stack, not a zero-filled copy per slice
                 for node, p in zip(group.nodes, Y.unflatten(1, (len(group.edges), cp)).unbind(1)):
