@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import describe, launch, python_exe
 from search_runs import cuda_search_steps, rel_diff
-from triton_checks import VECTOR_LOAD, assert_no_spills, compile_sm90, interpreted
+from triton_checks import VECTOR_LOAD, assert_net_close, assert_no_spills, compile_sm90, interpreted, net_script
 
 from hvd_pcdarts.models import batched_cell, depthwise
 
@@ -57,53 +57,19 @@ def _check_rows(rows, dtype):
 
 
 @pytest.mark.parametrize("dtype,mode", [("float32", "triton"), ("bfloat16", "triton"), ("float32", "hybrid")])
-def test_triton_depthwise_equals_conv2dinterpreted(dtype, mode):
+def test_triton_depthwise_equals_conv2d_interpreted(dtype, mode):
     _check_rows(interpreted(CHECK, "cpu", json.dumps(SHAPES), dtype, mode), dtype)
 
 
-NET = r"""
-import copy, json, torch, torch.nn.functional as F
-from hvd_pcdarts import fastpath as fp
-from hvd_pcdarts.models import SearchNetwork, batched_cell, depthwise
-calls = [0]
-apply = depthwise._DepthwiseConv2d.apply
-def counted(*a):
-    calls[0] += 1
-    return apply(*a)
-depthwise._DepthwiseConv2d.apply = counted
-torch.manual_seed(1)
-ref = SearchNetwork(8, 10, 5, partial_k=4)
-with torch.no_grad():
-    for p in ref.arch_parameters():
-        p.normal_(0, 1)
-fp.to_channels_last(ref)
-x = torch.randn(2, 3, 15, 15).contiguous(memory_format=torch.channels_last)  # odd maps into the stride-2 convs
-y = torch.randint(0, 10, (2,))
+NET = net_script("depthwise", "_DepthwiseConv2d", r"""
 out = {}
 for mode, fuse, dedup in (("triton", "off", False), ("triton", "5x5", True), ("hybrid", "all", False)):
-    r, n = copy.deepcopy(ref), copy.deepcopy(ref).set_batched_edges(True)
-    batched_cell.OPTIONS.update(depthwise=mode, fuse=fuse, dedup=dedup)
-    before = calls[0]
-    lr, ln = F.cross_entropy(r(x), y), F.cross_entropy(n(x), y)
-    n_calls = calls[0] - before
-    gr = torch.autograd.grad(lr, list(r.parameters()))
-    gn = torch.autograd.grad(ln, list(n.parameters()))
-    err = max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(gr, gn))
-    stats = max(float((a.double() - b.double()).abs().max())
-                for a, b in zip(r.state_dict().values(), n.state_dict().values()))
-    r.eval(), n.eval()
-    with torch.no_grad():
-        ev = float((r(x) - n(x)).abs().max())
-    r.train(), n.train()
-    with torch.autocast("cpu", torch.bfloat16):
-        lb, nb = F.cross_entropy(r(x), y), F.cross_entropy(n(x), y)
-    out[f"{mode}-{fuse}-{dedup}"] = dict(loss=abs(float(lr.detach()) - float(ln.detach())), grad=err, stats=stats,
-                                         eval=ev, bf16=abs(float(lb.detach()) - float(nb.detach())), calls=n_calls)
+    out[f"{mode}-{fuse}-{dedup}"] = compare(dict(depthwise=mode, fuse=fuse, dedup=dedup))
 print(json.dumps(out))
-"""
+""")
 
 
-def test_batched_cell_with_triton_depthwise_equals_referenceinterpreted():
+def test_batched_cell_with_triton_depthwise_equals_reference_interpreted():
     """The batched channels_last search net with its depthwise convs through the kernels (alone, with the fused
     chain, whose second depthwise conv is one, with dedup; hybrid) against the per-edge reference: loss, gradients
     and BN statistics in training, eval outputs, bf16-autocast loss, to float32 (bf16) rounding."""
@@ -112,9 +78,7 @@ def test_batched_cell_with_triton_depthwise_equals_referenceinterpreted():
     # convs' second one a group (5x5: and dil_conv_5x5's, outside the fused chain)
     assert out["triton-off-False"]["calls"] == 120
     assert out["triton-5x5-True"]["calls"] == 40 and out["hybrid-all-False"]["calls"] == 20
-    for r in out.values():
-        assert r["loss"] < 1e-5 and r["grad"] < 1e-3 and r["stats"] < 1e-5 and r["eval"] < 1e-5, out
-        assert r["bf16"] < 2e-2, out
+    assert_net_close(out)
 
 
 SKIP = r"""
@@ -139,7 +103,7 @@ print(json.dumps(out))
 """
 
 
-def test_backward_computes_only_the_gradients_the_engine_usesinterpreted():
+def test_backward_computes_only_the_gradients_the_engine_uses_interpreted():
     """The architecture step's autograd.grad(loss, alphas/betas) reaches the depthwise convs' inputs but not their
     weights: no weight-gradient kernel then (torch's convolutions skip it too); .backward() computes both."""
     arch, weights, both = interpreted(SKIP)

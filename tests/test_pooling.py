@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import describe, launch, python_exe
 from search_runs import cuda_search_steps, rel_diff
-from triton_checks import VECTOR_LOAD, assert_no_spills, compile_sm90, interpreted
+from triton_checks import VECTOR_LOAD, assert_net_close, assert_no_spills, compile_sm90, interpreted, net_script
 
 from hvd_pcdarts.models import batched_cell, depthwise, pooling
 
@@ -87,44 +87,10 @@ def test_triton_pools_equal_torch_interpreted(dtype):
     _check(interpreted(CHECK, "cpu", json.dumps(SHAPES), dtype), dtype)
 
 
-NET = r"""
-import copy, json, torch, torch.nn.functional as F
-from hvd_pcdarts import fastpath as fp
-from hvd_pcdarts.models import SearchNetwork, batched_cell, pooling
-calls = [0]
-apply = pooling._Pool2d.apply
-def counted(*a):
-    calls[0] += 1
-    return apply(*a)
-pooling._Pool2d.apply = counted
-torch.manual_seed(1)
-ref = SearchNetwork(8, 10, 5, partial_k=4)
-with torch.no_grad():
-    for p in ref.arch_parameters():
-        p.normal_(0, 1)
-fp.to_channels_last(ref)
-x = torch.randn(2, 3, 15, 15).contiguous(memory_format=torch.channels_last)  # odd maps into the stride-2 pools
-y = torch.randint(0, 10, (2,))
+NET = net_script("pooling", "_Pool2d", r"""
 out = {}
 for dedup, depthwise in ((False, "cudnn"), (True, "triton")):
-    r, n = copy.deepcopy(ref), copy.deepcopy(ref).set_batched_edges(True)
-    batched_cell.OPTIONS.update(pool="triton", dedup=dedup, depthwise=depthwise)
-    before = calls[0]
-    lr, ln = F.cross_entropy(r(x), y), F.cross_entropy(n(x), y)
-    n_calls = calls[0] - before
-    gr = torch.autograd.grad(lr, list(r.parameters()))
-    gn = torch.autograd.grad(ln, list(n.parameters()))
-    err = max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(gr, gn))
-    stats = max(float((a.double() - b.double()).abs().max())
-                for a, b in zip(r.state_dict().values(), n.state_dict().values()))
-    r.eval(), n.eval()
-    with torch.no_grad():
-        ev = float((r(x) - n(x)).abs().max())
-    r.train(), n.train()
-    with torch.autocast("cpu", torch.bfloat16):
-        lb, nb = F.cross_entropy(r(x), y), F.cross_entropy(n(x), y)
-    out[f"{dedup}-{depthwise}"] = dict(loss=abs(float(lr.detach()) - float(ln.detach())), grad=err, stats=stats,
-                                       eval=ev, bf16=abs(float(lb.detach()) - float(nb.detach())), calls=n_calls)
+    out[f"{dedup}-{depthwise}"] = compare(dict(pool="triton", dedup=dedup, depthwise=depthwise))
 # not twice differentiable: a second derivative through the kernels raises instead of dropping terms
 xs = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
 (gx,) = torch.autograd.grad(pooling.pool2d(xs, "avg").pow(2).sum(), xs, create_graph=True)
@@ -134,7 +100,7 @@ try:
 except RuntimeError as e:
     out["second"] = str(e)
 print(json.dumps(out))
-"""
+""")
 
 
 def test_batched_cell_with_triton_pools_equals_reference_interpreted():
@@ -147,9 +113,7 @@ def test_batched_cell_with_triton_pools_equals_reference_interpreted():
     # 5 cells x 4 groups x 2 pools, + the 2 reduction cells' 2x2 pools of both inputs' bypassed channels
     assert out["False-cudnn"]["calls"] == 5 * 4 * 2 + 2 * 2
     assert out["True-triton"]["calls"] == out["False-cudnn"]["calls"]
-    for r in out.values():
-        assert r["loss"] < 1e-5 and r["grad"] < 1e-3 and r["stats"] < 1e-5 and r["eval"] < 1e-5, out
-        assert r["bf16"] < 2e-2, out
+    assert_net_close(out)
 
 
 def test_pool2d_refuses_what_it_does_not_compute():

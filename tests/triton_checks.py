@@ -53,3 +53,59 @@ def assert_no_spills(ptx: str, tmp_path: Path) -> None:
 
 
 VECTOR_LOAD = r"ld\.global(\.\w+)*\.v[248]"  # a vectorized load along the channels, in PTX
+
+# The start of a script for interpreted(): counts the calls of MODULE.FUNCTION (an autograd Function's apply),
+# builds a 5-cell channels_last search net with random architecture parameters and an odd-sized batch (odd maps into
+# the stride-2 ops), and defines compare(options) -> the batched net under batched_cell.OPTIONS.update(options)
+# against the per-edge reference: loss, gradient and BN statistics differences in training, eval outputs, the
+# bf16-autocast loss, and the counted calls of one forward.
+NET_PRELUDE = r"""
+import copy, json, torch, torch.nn.functional as F
+from hvd_pcdarts import fastpath as fp
+from hvd_pcdarts.models import SearchNetwork, batched_cell, MODULE
+calls = [0]
+apply = MODULE.FUNCTION.apply
+def counted(*a):
+    calls[0] += 1
+    return apply(*a)
+MODULE.FUNCTION.apply = counted
+torch.manual_seed(1)
+ref = SearchNetwork(8, 10, 5, partial_k=4)
+with torch.no_grad():
+    for p in ref.arch_parameters():
+        p.normal_(0, 1)
+fp.to_channels_last(ref)
+x = torch.randn(2, 3, 15, 15).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 10, (2,))
+def compare(options):
+    r, n = copy.deepcopy(ref), copy.deepcopy(ref).set_batched_edges(True)
+    batched_cell.OPTIONS.update(options)
+    before = calls[0]
+    lr, ln = F.cross_entropy(r(x), y), F.cross_entropy(n(x), y)
+    n_calls = calls[0] - before
+    gr = torch.autograd.grad(lr, list(r.parameters()))
+    gn = torch.autograd.grad(ln, list(n.parameters()))
+    err = max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(gr, gn))
+    stats = max(float((a.double() - b.double()).abs().max())
+                for a, b in zip(r.state_dict().values(), n.state_dict().values()))
+    r.eval(), n.eval()
+    with torch.no_grad():
+        ev = float((r(x) - n(x)).abs().max())
+    r.train(), n.train()
+    with torch.autocast("cpu", torch.bfloat16):
+        lb, nb = F.cross_entropy(r(x), y), F.cross_entropy(n(x), y)
+    return dict(loss=abs(float(lr.detach()) - float(ln.detach())), grad=err, stats=stats, eval=ev,
+                bf16=abs(float(lb.detach()) - float(nb.detach())), calls=n_calls)
+"""
+
+
+def net_script(module: str, function: str, body: str) -> str:
+    """NET_PRELUDE for module.function, then `body` (which prints its JSON last)."""
+    return NET_PRELUDE.replace("MODULE", module).replace("FUNCTION", function) + body
+
+
+def assert_net_close(out: dict) -> None:
+    """compare()'s results: float32 rounding in training and eval, bf16 rounding under autocast."""
+    for r in out.values():
+        assert r["loss"] < 1e-5 and r["grad"] < 1e-3 and r["stats"] < 1e-5 and r["eval"] < 1e-5, out
+        assert r["bf16"] < 2e-2, out
