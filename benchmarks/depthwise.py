@@ -9,8 +9,8 @@ bytes alone would take (read + write once at --bandwidth) beside them.
     TRITON_INTERPRET=1 python benchmarks/depthwise.py --device cpu --smoke   # the code path on a CPU
 
 Each tile applies to all three kernels (models/depthwise.py TILES; HVD_PCDARTS_DW_TILES sets them for training
-runs). Then (unless --no-pools) the 3x3 pools of the same shapes, torch's NHWC kernels against the Triton ones
-(models/pooling.py, its default tiles): forward and input gradient.
+runs). First (unless --no-pools; few compiles, so a run cut short keeps them) the 3x3 pools of the same shapes,
+torch's NHWC kernels against the Triton ones (models/pooling.py, its default tiles): forward and input gradient.
 """
 
 from __future__ import annotations
@@ -130,6 +130,21 @@ def main(argv=None) -> int:
     if a.smoke:
         shapes, kernels, batch, reps = [(12, 6, 1), (8, 6, 2)], [(3, 1), (5, 2)], 2, 2
     torch.backends.cudnn.benchmark = True
+    if a.pools:
+        print(f"# pools 3x3 (models/pooling.py tiles {pooling.TILES}); microseconds per call (median)")
+        print("| C | size | stride | pool | dtype | bytes floor | torch fwd / bwd | triton fwd / bwd |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name in a.dtypes:
+            for c, size, stride in shapes:
+                for kind in pooling.KINDS:
+                    r = measure_pool(batch, c, size, stride, kind, getattr(torch, name), device, reps, a.bandwidth)
+                    print(f"| {c} | {size} | {stride} | {kind} | {name} | {r['bytes_us']:.1f} | "
+                          f"{r['torch']['fwd']:.0f} / {r['torch']['bwd']:.0f} | "
+                          f"{r['triton']['fwd']:.0f} / {r['triton']['bwd']:.0f} |", flush=True)
+                    if a.json:
+                        with open(a.json, "a") as f:
+                            f.write(json.dumps(dict(kind="pool", **r)) + "\n")
+        print()
     print(f"# depthwise: batch {batch}, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; microseconds per call (median)")
     print("| C | size | stride | k | dil | dtype | bytes floor | cuDNN fwd / dgrad / wgrad | "
@@ -146,20 +161,6 @@ def main(argv=None) -> int:
                 if a.json:
                     with open(a.json, "a") as f:
                         f.write(json.dumps(dict(kind="depthwise", **r)) + "\n")
-    if a.pools:
-        print(f"\n# pools 3x3 (models/pooling.py tiles {pooling.TILES}); microseconds per call (median)")
-        print("| C | size | stride | pool | dtype | bytes floor | torch fwd / bwd | triton fwd / bwd |")
-        print("|---|---|---|---|---|---|---|---|")
-        for name in a.dtypes:
-            for c, size, stride in shapes:
-                for kind in pooling.KINDS:
-                    r = measure_pool(batch, c, size, stride, kind, getattr(torch, name), device, reps, a.bandwidth)
-                    print(f"| {c} | {size} | {stride} | {kind} | {name} | {r['bytes_us']:.1f} | "
-                          f"{r['torch']['fwd']:.0f} / {r['torch']['bwd']:.0f} | "
-                          f"{r['triton']['fwd']:.0f} / {r['triton']['bwd']:.0f} |", flush=True)
-                    if a.json:
-                        with open(a.json, "a") as f:
-                            f.write(json.dumps(dict(kind="pool", **r)) + "\n")
     return 0
 
 
