@@ -84,7 +84,8 @@ if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 # kernels, session 8; +uda/+fza, which need 9x9 depthwise kernels from cuDNN, left out for time), the winners
 # together
 # (COMBO, bf16 and fp32), the CUDA tests (incl. the fused and Triton graphs and --bf16 --cuda-graph of both
-# scripts), B=32 with checks (incl. the winners), B=256 fp32, then compile (+dd, pools once per distinct input,
+# scripts), B=32 with checks (incl. the winners), B=256 fp32 (with +npk: the weight pack of session 9 off), then
+# compile (+dd, pools once per distinct input,
 # dropped from the lists: more kernels, 3% slower on the CPU).
 # Session 6's A/B: SSPROF256="graph+cl+be graph+cl+be+pwg+nclg graph+cl+be+msc" SS32="graph+be graph+be+msc
 # graph+cl+be graph+cl+be+msc" SS256="graph+cl+be+bf16 graph+cl+be+msc+bf16 graph+cl+be+pwg" SSCOMPILE256="".
@@ -93,7 +94,7 @@ SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+tdh+bf1
 SSPROF32=${SSPROF32-""}
 COMBO_BASE=${COMBO_BASE-"graph+cl+be+bf16"}
 SS32=${SS32-"graph+be graph+be+ud3"}
-SS256=${SS256-"graph+cl+be graph+cl+be+ud3 graph+cl+be+tdh"}
+SS256=${SS256-"graph+cl+be graph+cl+be+npk graph+cl+be+ud3"}
 SSCOMPILE256=${SSCOMPILE256-"graph+cl+compile+be"}
 SSCOMPILE=${SSCOMPILE-""}
 PROF_STEPS=${PROF_STEPS-1}

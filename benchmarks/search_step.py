@@ -21,7 +21,8 @@ fused into one chain (sep_conv_3x3, sep_conv_5x5 and dil_conv_3x3 / also dil_con
 3 / 4 filters per channel, 5x5 / 9x9 kernels, one 1x1 conv, one BN; the separable convs' second halves as one),
 +tdw / +tdh = the depthwise convolutions of channels_last runs as Triton kernels (models/depthwise.py; CUDA) / only
 the dilated ones and the weight gradients, +tpl = the pools of channels_last runs as Triton kernels
-(models/pooling.py; CUDA).
+(models/pooling.py; CUDA), +npk = each grouped conv's weights concatenated (and cast under autocast) conv by conv
+instead of one weight pack per cell (the default since session 9).
 Per variant: median and mean ms per step (arch + weight, synchronized every step, as the training loop is by
 its loss readout), images/s = 2 x batch / median step (each step trains on an arch batch and a weight batch),
 peak GPU memory (torch.cuda.max_memory_allocated, from model build to the end of timing).
@@ -61,7 +62,7 @@ BE_OPTIONS = {"pwg": ("pointwise", "grouped"), "pwd": ("pointwise", "dense"), "n
               "msc": ("streams", "capture"), "mse": ("streams", "on"), "nms": ("streams", "off"),
               "dd": ("dedup", True), "ud3": ("dilated", "3x3"), "uda": ("dilated", "all"),
               "fz5": ("fuse", "5x5"), "fza": ("fuse", "all"), "tdw": ("depthwise", "triton"),
-              "tdh": ("depthwise", "hybrid"), "tpl": ("pool", "triton")}
+              "tdh": ("depthwise", "hybrid"), "tpl": ("pool", "triton"), "npk": ("pack", False)}
 
 
 def parse_variant(v: str) -> Variant:

@@ -398,3 +398,68 @@ def test_bn_snapshot_restores_buffers_a_first_batched_forward_replaced():
     after = model.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k], v), k
+
+
+@pytest.mark.parametrize("cl,fuse,precision", [(True, "off", "bf16-cuda"), (False, "all", "bf16-cuda"),
+                                               (True, "5x5", "bf16-cpu"), (False, "off", "fp32")])
+def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, be_options):
+    """OPTIONS["pack"]: all conv weights of a cell concatenated (and cast, under autocast) once per forward instead of
+    once per grouped conv. The same loss, gradients (every weight's and alpha's, bit for bit) and BN statistics as
+    the per-conv concatenation; under bf16 autocast the casts per forward+backward drop by at least one per conv
+    (the CUDA policy emulated as in the test above, and the CPU's own)."""
+    import contextlib
+    import sys
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import cuda_autocast
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += not getattr(func, "is_view", False)  # views launch nothing
+            self.casts += func.overloadpacket.__name__ == "_to_copy"
+            return func(*args, **(kwargs or {}))
+
+    be_options.update(fuse=fuse)
+    torch.manual_seed(1)
+    base = SearchNetwork(8, 10, 5, partial_k=4).set_batched_edges(True)
+    with torch.no_grad():
+        for p in base.arch_parameters():
+            p.normal_(0, 1)
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 10, (5,), generator=torch.Generator().manual_seed(3))
+    if cl:
+        fp.to_channels_last(base)
+        x = x.contiguous(memory_format=torch.channels_last)
+    policy = cuda_autocast.emulate if precision == "bf16-cuda" else contextlib.nullcontext
+    results = {}
+    for pack in (False, True):
+        be_options["pack"] = pack
+        net = copy.deepcopy(base)
+        count = Count()
+        with policy(), count:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+                loss = F.cross_entropy(net(x), y)
+            loss.backward()
+        results[pack] = (net, loss.detach(), count)
+    (n0, l0, c0), (n1, l1, c1) = results[False], results[True]
+    assert torch.equal(l0, l1)
+    for (name, a), b in zip(n0.named_parameters(), n1.parameters()):
+        assert a.grad is not None and torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(n0.state_dict().items(), n1.state_dict().values()):
+        assert torch.equal(a, b), name
+    convs = sum(len(batched_cell.conv_specs(g.stride)) for c in n1.cells for g in c.runner.groups)
+    cells = len(n1.cells)
+    assert c1.ops < c0.ops
+    if precision == "fp32":
+        assert c1.casts == c0.casts == 0
+    elif fuse == "off":  # off: a cast per conv forward and per weight gradient; on: one each way per cell
+        assert c0.casts - c1.casts == 2 * (convs - cells), (c0.casts, c1.casts, convs, cells)
+    else:  # fused: the stacked weights of several convs cast as one, still one per fused conv
+        groups = sum(len(c.runner.groups) for c in n1.cells)
+        assert c1.casts < c0.casts - 2 * groups, (c0.casts, c1.casts, groups)

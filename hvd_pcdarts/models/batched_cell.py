@@ -80,6 +80,11 @@ OPTIONS = {
     # channels_last runs: "torch" or "triton" (models/pooling.py: forward and gradient as Triton kernels; torch's
     # NHWC pooling kernels ran 10-15x above their bytes' time on the H100, session 6). Not yet timed on a GPU
     "pool": "torch",
+    # the convolution weights of a cell as one tensor: every edge's conv weights concatenated once per forward (one
+    # cat, plus under autocast one cast to its dtype), each group's stacked weight a view of it. "off": one cat per
+    # grouped conv and, under autocast, one cast per conv forward and one per weight gradient (~1,800 tiny kernels
+    # of a bf16 search step, ~600 in float32). Exact either way (tests/test_batched.py)
+    "pack": True,
 }
 _SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]
 
@@ -106,6 +111,49 @@ def _buffer_sets(stride: int, mode: str):
     second = [(p, "last") for p in _SEP]
     rest = [slot for slot in bn_slots(stride) if slot not in first and slot not in second]
     return [[slot] for slot in rest] + [first, second]
+
+
+def conv_specs(stride: int):
+    """(primitive, index in its Sequential or FactorizedReduce attribute) of every convolution of one edge whose
+    weight the batched op reads, in a fixed order."""
+    out = [(name, i) for name in _SEP for i in (1, 2, 5, 6)] + [(name, i) for name in _DIL for i in (1, 2)]
+    if stride != 1:
+        out += [("skip_connect", "conv_1"), ("skip_connect", "conv_2")]
+    return out
+
+
+def _conv_module(edge_ops, primitive, where):
+    op = edge_ops[_IDX[primitive]]
+    return getattr(op, where) if isinstance(where, str) else op[where]
+
+
+def pack_dtype(weight: torch.Tensor, device_type: str):
+    """The dtype autocast would give `weight` in a convolution here and now (None: it stays as it is): autocast
+    casts floating tensors other than float64 to its dtype."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dt = torch.get_autocast_dtype(device_type)
+    return dt if weight.is_floating_point() and weight.dtype not in (torch.float64, dt) else None
+
+
+def weight_pack(cell, groups, dtype=None):
+    """{(group, primitive, index or attribute): the group's edges' weights of that conv stacked along the output
+    channels} as views of ONE tensor: one cat of all the cell's conv weights (cast to `dtype` when given: the
+    cast autocast would make at each convolution, made once). Its backward: one cat of the blocks' gradients, one
+    cast back, and each weight's gradient a slice of the result."""
+    leaves, keys, shapes = [], [], []
+    for gi, group in enumerate(groups):
+        ops = [cell._ops[e]._ops for e in group.edges]
+        for primitive, where in conv_specs(group.stride):
+            ws = [_conv_module(o, primitive, where).weight for o in ops]
+            leaves += ws
+            keys.append((gi, primitive, where))
+            shapes.append((sum(w.shape[0] for w in ws), *ws[0].shape[1:]))
+    flat = torch.cat([w.reshape(-1) for w in leaves])
+    if dtype is not None:
+        flat = flat.to(dtype)
+    blocks = flat.split([s[0] * s[1] * s[2] * s[3] for s in shapes])
+    return {key: b.view(shape) for key, b, shape in zip(keys, blocks, shapes)}
 
 
 def edge_offset(node: int) -> int:
@@ -228,8 +276,12 @@ class BatchedCellRunner:
         cp = cell.preprocess1[-1].num_features // cell._ops[0].k
         index = [self._channel_index(s1.device, gi, cp) for gi in range(len(self.groups))]
         fused = _fused_members(OPTIONS["fuse"])
+        if OPTIONS["pack"] not in (True, False):
+            raise ValueError(f"batched_cell.OPTIONS['pack'] = {OPTIONS['pack']!r}: True or False")
+        w = cell.preprocess1[1].weight
+        wdt = pack_dtype(w, s1.device.type) if OPTIONS["pack"] else None  # the packed weights' dtype if cast
         if _dense_pointwise(s1.device) or fused:  # eye(n) to mask block-diagonal weights, n = edges (x ops)
-            dt = cell.preprocess1[1].weight.dtype
+            dt = wdt or w.dtype  # the weights' dtype at the 1x1 convs (no cast of the mask at each use)
             sizes = {len(g.edges) * m for g in self.groups for m in ((1, 2, len(fused[0])) if fused else (1,))}
             index.append({n: self._eye(s1.device, dt, n) for n in sizes})
             if fused:  # the fused 1x1 conv's input channels: (channel, op) interleaved -> op-major
@@ -238,7 +290,7 @@ class BatchedCellRunner:
         if OPTIONS["streams"] != "off" and s1.is_cuda:  # created here, not in the middle of a graph capture
             _side_streams(s1.device, len(PRIMITIVES))
         fn = self._compiled or BatchedCellRunner._compute
-        return fn(self, cell, s0, s1, weights, edge_weights, index)
+        return fn(self, cell, s0, s1, weights, edge_weights, index, OPTIONS["pack"], wdt)
 
     def _eye(self, device, dtype, n):
         key = ("eye", device, dtype, n)
@@ -258,8 +310,9 @@ class BatchedCellRunner:
         own buffers (a compiled bound method would keep the original's)."""
         self._compiled = torch.compile(BatchedCellRunner._compute, **options)
 
-    def _compute(self, cell, s0, s1, weights, edge_weights, index):
+    def _compute(self, cell, s0, s1, weights, edge_weights, index, pack=False, pack_dt=None):
         states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+        packed = weight_pack(cell, self.groups, pack_dt) if pack else None
         k = cell._ops[0].k
         cp = states[0].shape[1] // k
         nhwc = _is_nhwc(states[1])
@@ -291,7 +344,7 @@ class BatchedCellRunner:
             X = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             sc = scales.index_select(1, index[gi])  # (ops, E * cp)
             aux = index[len(self.groups)] if len(index) > len(self.groups) else None
-            Y = self._mixed(cell, gi, group, X, sc, cell.training, aux, rep)
+            Y = self._mixed(cell, gi, group, X, sc, cell.training, aux, rep, packed)
             if nhwc and OPTIONS["cl_grads"]:
                 Y = _ChannelsLastGrad.apply(Y)
             if gi == 0:  # edges ordered (node, input 0/1): sum each node's two (dtype=: CUDA autocast would
@@ -327,11 +380,12 @@ class BatchedCellRunner:
         out = torch.cat([m.unsqueeze(2), r.unflatten(1, (k - 1, cp)).transpose(1, 2)], dim=2)
         return out.reshape(n, cp * k, h, w)
 
-    def _mixed(self, cell, gi, group, X, sc, training, aux=None, rep=1):
+    def _mixed(self, cell, gi, group, X, sc, training, aux=None, rep=1, packed=None):
         """sum over ops of scale * op(X) for every edge of the group at once: (N, E * cp, H', W'). `aux`: eye(n)
         per size n (the 1x1 convolutions with block-diagonal dense weights: OPTIONS["pointwise"], "fuse") and the
         fused 1x1 conv's input permutation. rep > 1: X holds the distinct inputs only, and the edges' stacked input
-        is X repeated rep times along the channels (OPTIONS["dedup"])."""
+        is X repeated rep times along the channels (OPTIONS["dedup"]). `packed`: the stacked conv weights
+        (weight_pack; None: concatenated here, conv by conv)."""
         ops = [cell._ops[e]._ops for e in group.edges]
         E = len(group.edges)
         cp = X.shape[1] * rep // E
@@ -339,6 +393,8 @@ class BatchedCellRunner:
         fused = _fused_members(OPTIONS["fuse"])
 
         def weight(primitive, index, attr=None):
+            if packed is not None:
+                return packed[(gi, primitive, index if attr is None else attr)]
             mods = [o[_IDX[primitive]][index] if attr is None else getattr(o[_IDX[primitive]], attr) for o in ops]
             return torch.cat([m.weight for m in mods], dim=0) if E > 1 else mods[0].weight
 
