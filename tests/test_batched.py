@@ -400,13 +400,15 @@ def test_bn_snapshot_restores_buffers_a_first_batched_forward_replaced():
         assert torch.equal(after[k], v), k
 
 
-@pytest.mark.parametrize("cl,fuse,precision", [(True, "off", "bf16-cuda"), (False, "all", "bf16-cuda"),
-                                               (True, "5x5", "bf16-cpu"), (False, "off", "fp32")])
-def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, be_options):
+@pytest.mark.parametrize("cl,fuse,precision,pointwise", [
+    (True, "off", "bf16-cuda", "dense"), (False, "all", "bf16-cuda", "grouped"), (True, "5x5", "bf16-cpu", "dense"),
+    (False, "off", "fp32", "grouped"), (True, "off", "fp32", "dense"), (False, "off", "bf16-cpu", "grouped")])
+def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, pointwise, be_options):
     """OPTIONS["pack"]: all conv weights of a cell concatenated (and cast, under autocast) once per forward instead of
-    once per grouped conv. The same loss, gradients (every weight's and alpha's, bit for bit) and BN statistics as
-    the per-conv concatenation; under bf16 autocast the casts per forward+backward drop by at least one per conv
-    (the CUDA policy emulated as in the test above, and the CPU's own)."""
+    once per grouped conv, the block-diagonal 1x1 weights (pointwise "dense", CUDA's default) gathered from it in
+    one more kernel instead of a multiply by eye(E) each (and a multiply + sum each in the backward). The same loss,
+    gradients (every weight's and alpha's, bit for bit) and BN statistics as without; fewer ops; under bf16
+    autocast two casts fewer per conv (the CUDA policy emulated as in the test above, and the CPU's own)."""
     import contextlib
     import sys
 
@@ -425,7 +427,7 @@ def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, be_o
             self.casts += func.overloadpacket.__name__ == "_to_copy"
             return func(*args, **(kwargs or {}))
 
-    be_options.update(fuse=fuse)
+    be_options.update(fuse=fuse, pointwise=pointwise)
     torch.manual_seed(1)
     base = SearchNetwork(8, 10, 5, partial_k=4).set_batched_edges(True)
     with torch.no_grad():
@@ -441,11 +443,12 @@ def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, be_o
     for pack in (False, True):
         be_options["pack"] = pack
         net = copy.deepcopy(base)
-        count = Count()
-        with policy(), count:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
-                loss = F.cross_entropy(net(x), y)
-            loss.backward()
+        for count in (Count(), Count()):  # the first pass builds what is cached (BN aliases, the pack's plan)
+            net.zero_grad(set_to_none=True)
+            with policy(), count:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+                    loss = F.cross_entropy(net(x), y)
+                loss.backward()
         results[pack] = (net, loss.detach(), count)
     (n0, l0, c0), (n1, l1, c1) = results[False], results[True]
     assert torch.equal(l0, l1)
@@ -454,11 +457,21 @@ def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, be_o
     for (name, a), b in zip(n0.state_dict().items(), n1.state_dict().values()):
         assert torch.equal(a, b), name
     convs = sum(len(batched_cell.conv_specs(g.stride)) for c in n1.cells for g in c.runner.groups)
+    stacked = sum(len(batched_cell.conv_specs(g.stride)) for c in n1.cells for g in c.runner.groups if len(g.edges) > 1)
+    dense = sum(len(plan.dense) for c in n1.cells for plan in c.runner._index.values()
+                if isinstance(plan, batched_cell.PackPlan))
     cells = len(n1.cells)
+    assert (dense > 0) == (pointwise == "dense")
     assert c1.ops < c0.ops
+    if fuse == "off":  # per cell one cat each way instead of one per stacked weight forward; one gather each way
+        # instead of a multiply by eye(E) per block-diagonal weight and a multiply + sum in its backward; under
+        # autocast one cast each way instead of one per conv forward and per weight gradient
+        expect = stacked - 2 * cells + (3 * dense - 2 * cells if dense else 0)
+        expect += 2 * (convs - cells) if precision != "fp32" else 0
+        assert c0.ops - c1.ops == expect, (c0.ops, c1.ops, stacked, dense, convs, cells)
     if precision == "fp32":
         assert c1.casts == c0.casts == 0
-    elif fuse == "off":  # off: a cast per conv forward and per weight gradient; on: one each way per cell
+    elif fuse == "off":
         assert c0.casts - c1.casts == 2 * (convs - cells), (c0.casts, c1.casts, convs, cells)
     else:  # fused: the stacked weights of several convs cast as one, still one per fused conv
         groups = sum(len(c.runner.groups) for c in n1.cells)

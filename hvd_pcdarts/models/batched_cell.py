@@ -80,10 +80,12 @@ OPTIONS = {
     # channels_last runs: "torch" or "triton" (models/pooling.py: forward and gradient as Triton kernels; torch's
     # NHWC pooling kernels ran 10-15x above their bytes' time on the H100, session 6). Not yet timed on a GPU
     "pool": "torch",
-    # the convolution weights of a cell as one tensor: every edge's conv weights concatenated once per forward (one
-    # cat, plus under autocast one cast to its dtype), each group's stacked weight a view of it. "off": one cat per
-    # grouped conv and, under autocast, one cast per conv forward and one per weight gradient (~1,800 tiny kernels
-    # of a bf16 search step, ~600 in float32). Exact either way (tests/test_batched.py)
+    # the convolution weights of a cell as one tensor (weight_pack): every edge's conv weights concatenated once per
+    # forward (one cat, plus under autocast one cast to its dtype), each group's stacked weight a view of it, and
+    # the block-diagonal 1x1 weights of "pointwise" dense gathered from it (one more kernel). False: a cat per
+    # grouped conv, a multiply by eye(E) per block-diagonal weight (a multiply + sum in its backward) and, under
+    # autocast, a cast per conv forward and per weight gradient: one search step's ops in the graph, counted on the
+    # CPU with CUDA's choices (session 9): 8,381 -> 7,253 in float32, 9,766 -> 7,498 in bf16. Bit-identical
     "pack": True,
 }
 _SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]
@@ -136,24 +138,82 @@ def pack_dtype(weight: torch.Tensor, device_type: str):
     return dt if weight.is_floating_point() and weight.dtype not in (torch.float64, dt) else None
 
 
-def weight_pack(cell, groups, dtype=None):
+class PackPlan:
+    """Where each weight of a cell's pack comes from. The pack's source: the cell's conv weights flattened and
+    concatenated in the order of `groups` x `conv_specs` x edges, followed (only with dense keys) by one zero.
+    `keys[i]` is the next `shapes[i]` entries of the pack. A key in `dense` is a group's 1x1 weights as one
+    block-diagonal weight (E*co, E*ci, 1, 1), gathered from the source by `idx` (off-diagonal entries: the zero);
+    the others are the stacked weights (E*co, ci, kh, kw), in order. Without dense keys the pack is the source."""
+
+    def __init__(self, cell, groups, dense: bool, fused, device):
+        keys, shapes, parts, dense_keys, off = [], [], [], set(), 0
+        for gi, group in enumerate(groups):
+            E = len(group.edges)
+            for primitive, where in conv_specs(group.stride):
+                co, ci, kh, kw = _conv_module(cell._ops[group.edges[0]]._ops, primitive, where).weight.shape
+                keys.append((gi, primitive, where))
+                parts.append(torch.arange(off, off + E * co * ci * kh * kw).view(E * co, ci, kh, kw))
+                shapes.append(tuple(parts[-1].shape))
+                off += parts[-1].numel()
+                if dense and E > 1 and (kh, kw) == (1, 1) and not _fused_1x1(primitive, where, fused):
+                    dense_keys.add(keys[-1])
+                    shapes[-1] = (E * co, E * ci, 1, 1)
+                    parts[-1] = (E, co, ci, parts[-1])  # made block-diagonal below, once the zero's place is known
+        self.keys, self.shapes, self.dense, self.idx, self.inv = keys, shapes, dense_keys, None, None
+        if dense_keys:
+            for i, part in enumerate(parts):
+                if isinstance(part, tuple):
+                    E, co, ci, stacked = part
+                    d = torch.full((E, co, E, ci), off, dtype=torch.long)  # off: the zero's position
+                    for e, block in enumerate(stacked.view(E, co, ci)):
+                        d[e, :, e, :] = block
+                    parts[i] = d
+            idx = torch.cat([t.reshape(-1) for t in parts])
+            inv = torch.zeros(off + 1, dtype=torch.long)  # the zero's own entry: a gradient nobody reads
+            taken = idx != off
+            inv[idx[taken]] = torch.arange(len(idx))[taken]
+            self.idx, self.inv = idx.to(device), inv.to(device)
+
+
+def _fused_1x1(primitive, where, fused) -> bool:
+    """Whether OPTIONS["fuse"]'s chain builds this 1x1 weight into its own dense weight."""
+    if fused is None:
+        return False
+    return (primitive in fused[0] and where == 2) or (primitive in _SEP and where == 6)
+
+
+class _Gather(torch.autograd.Function):
+    """src.index_select(0, idx) for an idx that takes every entry of src once, except its last (a zero, taken for
+    every other entry); the backward is a gather as well (`inv`: where each entry of src went; the zero's gradient
+    is not needed), no scatter-add: deterministic."""
+
+    @staticmethod
+    def forward(ctx, src, idx, inv):
+        ctx.save_for_backward(inv)
+        return src.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
+
+
+def weight_pack(cell, groups, plan: PackPlan, zero, dtype=None):
     """{(group, primitive, index or attribute): the group's edges' weights of that conv stacked along the output
-    channels} as views of ONE tensor: one cat of all the cell's conv weights (cast to `dtype` when given: the
-    cast autocast would make at each convolution, made once). Its backward: one cat of the blocks' gradients, one
-    cast back, and each weight's gradient a slice of the result."""
-    leaves, keys, shapes = [], [], []
-    for gi, group in enumerate(groups):
-        ops = [cell._ops[e]._ops for e in group.edges]
-        for primitive, where in conv_specs(group.stride):
-            ws = [_conv_module(o, primitive, where).weight for o in ops]
-            leaves += ws
-            keys.append((gi, primitive, where))
-            shapes.append((sum(w.shape[0] for w in ws), *ws[0].shape[1:]))
-    flat = torch.cat([w.reshape(-1) for w in leaves])
+    channels (block-diagonal for the plan's dense keys)} as views of ONE tensor: one cat of all the cell's conv
+    weights (cast to `dtype` when given: the cast autocast would make at each convolution, made once), and with
+    dense keys one gather. Its backward: one cat of the blocks' gradients (a gather), one cast back, and each
+    weight's gradient a slice of the result. `zero`: a one-element zero of the weights' dtype and device."""
+    leaves = []
+    for gi, primitive, where in plan.keys:
+        leaves += [_conv_module(cell._ops[e]._ops, primitive, where).weight for e in groups[gi].edges]
+    flat = torch.cat([w.reshape(-1) for w in leaves] + ([zero] if plan.idx is not None else []))
     if dtype is not None:
         flat = flat.to(dtype)
-    blocks = flat.split([s[0] * s[1] * s[2] * s[3] for s in shapes])
-    return {key: b.view(shape) for key, b, shape in zip(keys, blocks, shapes)}
+    if plan.idx is not None:
+        flat = _Gather.apply(flat, plan.idx, plan.inv)
+    blocks = flat.split([s[0] * s[1] * s[2] * s[3] for s in plan.shapes])
+    return {key: b.view(shape) for key, b, shape in zip(plan.keys, blocks, plan.shapes)}
 
 
 def edge_offset(node: int) -> int:
@@ -256,11 +316,13 @@ class BatchedCellRunner:
         return True
 
     # --- forward ----------------------------------------------------------------------------------------
-    def _channel_index(self, device, gi, cp):
-        key = (device, gi, cp)
+    def _channel_index(self, device, cp):
+        """channel -> edge index of every group's stacked channels, the groups one after the other (one gather of
+        the per-op scales for the whole cell, split per group: one kernel each way instead of one per group)."""
+        key = (device, "channels", cp)
         idx = self._index.get(key)
         if idx is None:
-            edges = torch.tensor(self.groups[gi].edges, dtype=torch.long)
+            edges = torch.tensor([e for g in self.groups for e in g.edges], dtype=torch.long)
             idx = edges.repeat_interleave(cp).to(device)
             self._index[key] = idx
         return idx
@@ -274,7 +336,7 @@ class BatchedCellRunner:
             with torch.no_grad():
                 self._counter.add_(1)
         cp = cell.preprocess1[-1].num_features // cell._ops[0].k
-        index = [self._channel_index(s1.device, gi, cp) for gi in range(len(self.groups))]
+        index = [self._channel_index(s1.device, cp)]
         fused = _fused_members(OPTIONS["fuse"])
         if OPTIONS["pack"] not in (True, False):
             raise ValueError(f"batched_cell.OPTIONS['pack'] = {OPTIONS['pack']!r}: True or False")
@@ -289,8 +351,17 @@ class BatchedCellRunner:
                     index[-1][("perm", len(g.edges))] = self._perm(s1.device, len(fused[0]), len(g.edges) * cp)
         if OPTIONS["streams"] != "off" and s1.is_cuda:  # created here, not in the middle of a graph capture
             _side_streams(s1.device, len(PRIMITIVES))
+        pack = None
+        if OPTIONS["pack"]:
+            key = ("pack", s1.device, _dense_pointwise(s1.device), OPTIONS["fuse"])
+            if key not in self._index:
+                self._index[key] = PackPlan(cell, self.groups, key[2], fused, s1.device)
+            zkey = ("zero", s1.device, w.dtype)
+            if zkey not in self._index:
+                self._index[zkey] = torch.zeros(1, dtype=w.dtype, device=s1.device)
+            pack = (self._index[key], self._index[zkey])
         fn = self._compiled or BatchedCellRunner._compute
-        return fn(self, cell, s0, s1, weights, edge_weights, index, OPTIONS["pack"], wdt)
+        return fn(self, cell, s0, s1, weights, edge_weights, index, pack, wdt)
 
     def _eye(self, device, dtype, n):
         key = ("eye", device, dtype, n)
@@ -310,9 +381,11 @@ class BatchedCellRunner:
         own buffers (a compiled bound method would keep the original's)."""
         self._compiled = torch.compile(BatchedCellRunner._compute, **options)
 
-    def _compute(self, cell, s0, s1, weights, edge_weights, index, pack=False, pack_dt=None):
+    def _compute(self, cell, s0, s1, weights, edge_weights, index, pack=None, pack_dt=None):
+        """The cell's tensor work. `pack`: (PackPlan, a zero) to take the conv weights from one weight_pack
+        (OPTIONS["pack"]), None: each grouped conv concatenates its own."""
         states = [cell.preprocess0(s0), cell.preprocess1(s1)]
-        packed = weight_pack(cell, self.groups, pack_dt) if pack else None
+        packed = None if pack is None else (weight_pack(cell, self.groups, pack[0], pack[1], pack_dt), pack[0].dense)
         k = cell._ops[0].k
         cp = states[0].shape[1] // k
         nhwc = _is_nhwc(states[1])
@@ -334,6 +407,9 @@ class BatchedCellRunner:
             heads.append(head)
             rests.append(_pool(cell._ops[0].mp, rest) if stride != 1 else rest)
 
+        # (ops, E * cp) per group: every channel's per-op scale
+        group_scales = scales.index_select(1, index[0]).split([len(g.edges) * cp for g in self.groups], dim=1)
+        aux = index[1] if len(index) > 1 else None
         for gi, group in enumerate(self.groups):
             if gi == 0:
                 split(states[0], group.stride)
@@ -342,9 +418,7 @@ class BatchedCellRunner:
             inputs = group.inputs[:len(group.inputs) // rep]  # the distinct inputs when deduplicated
             parts = [heads[j] for j in inputs]
             X = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-            sc = scales.index_select(1, index[gi])  # (ops, E * cp)
-            aux = index[len(self.groups)] if len(index) > len(self.groups) else None
-            Y = self._mixed(cell, gi, group, X, sc, cell.training, aux, rep, packed)
+            Y = self._mixed(cell, gi, group, X, group_scales[gi], cell.training, aux, rep, packed)
             if nhwc and OPTIONS["cl_grads"]:
                 Y = _ChannelsLastGrad.apply(Y)
             if gi == 0:  # edges ordered (node, input 0/1): sum each node's two (dtype=: CUDA autocast would
@@ -385,7 +459,7 @@ class BatchedCellRunner:
         per size n (the 1x1 convolutions with block-diagonal dense weights: OPTIONS["pointwise"], "fuse") and the
         fused 1x1 conv's input permutation. rep > 1: X holds the distinct inputs only, and the edges' stacked input
         is X repeated rep times along the channels (OPTIONS["dedup"]). `packed`: the stacked conv weights
-        (weight_pack; None: concatenated here, conv by conv)."""
+        (weight_pack) and the keys among them already block-diagonal; None: concatenated here, conv by conv."""
         ops = [cell._ops[e]._ops for e in group.edges]
         E = len(group.edges)
         cp = X.shape[1] * rep // E
@@ -394,7 +468,7 @@ class BatchedCellRunner:
 
         def weight(primitive, index, attr=None):
             if packed is not None:
-                return packed[(gi, primitive, index if attr is None else attr)]
+                return packed[0][(gi, primitive, index if attr is None else attr)]
             mods = [o[_IDX[primitive]][index] if attr is None else getattr(o[_IDX[primitive]], attr) for o in ops]
             return torch.cat([m.weight for m in mods], dim=0) if E > 1 else mods[0].weight
 
@@ -409,7 +483,9 @@ class BatchedCellRunner:
         def conv(y, primitive, index, groups):
             c = ops[0][_IDX[primitive]][index]
             w, dilation = weight(primitive, index), c.dilation
-            if eyes is not None and groups == E > 1 and tuple(c.kernel_size) == (1, 1):
+            if packed is not None and (gi, primitive, index) in packed[1]:  # block-diagonal already
+                groups = 1
+            elif eyes is not None and groups == E > 1 and tuple(c.kernel_size) == (1, 1):
                 w, groups = _block_diagonal(w, eyes[E]), 1
             if groups == w.shape[0] > 1 and _triton_depthwise(y):  # dilation native, any kernel size
                 return depthwise.depthwise_conv2d(y, w, c.stride, c.padding, dilation, OPTIONS["depthwise"])
@@ -447,7 +523,8 @@ class BatchedCellRunner:
                         return _repeat_channels(X, rep, s.to(X.dtype))
                     return X * s.to(X.dtype)[None, :, None, None]
                 w1, w2 = weight(primitive, None, "conv_1"), weight(primitive, None, "conv_2")
-                return bn(_factorized_reduce(R, w1, w2, E, eyes), primitive, "fr", s)
+                dense = packed is not None and (gi, primitive, "conv_1") in packed[1]  # block-diagonal already
+                return bn(_factorized_reduce(R, w1, w2, E, eyes, dense), primitive, "fr", s)
             if primitive in _SEP:  # relu, dw, pw, BN, relu, dw, pw, BN
                 y = conv(conv(R, primitive, 1, E * cp), primitive, 2, E)
                 y = F.relu(bn(y, primitive, "mid", None))
@@ -638,14 +715,15 @@ class _ChannelsLastGrad(torch.autograd.Function):
         return g.contiguous(memory_format=torch.channels_last)
 
 
-def _factorized_reduce(R, w1, w2, E, eyes=None):
+def _factorized_reduce(R, w1, w2, E, eyes=None, dense=False):
     """Every edge's FactorizedReduce (after its ReLU, before its BN) over the stacked inputs: two stride-2 1x1
-    convs, the second on the input shifted by one pixel (odd sizes padded); each edge's two halves side by side."""
+    convs, the second on the input shifted by one pixel (odd sizes padded); each edge's two halves side by side.
+    `eyes`: make the weights block-diagonal dense ones; `dense`: they are already."""
     shifted = R[:, :, 1:, 1:]
     if R.shape[-1] % 2 or R.shape[-2] % 2:
         shifted = F.pad(shifted, (0, R.shape[-1] % 2, 0, R.shape[-2] % 2))
-    groups = E
-    if eyes is not None and E > 1:
+    groups = 1 if dense else E
+    if eyes is not None and E > 1 and not dense:
         w1, w2, groups = _block_diagonal(w1, eyes[E]), _block_diagonal(w2, eyes[E]), 1
     a = F.conv2d(R, w1, None, 2, 0, 1, groups)
     b = F.conv2d(shifted, w2, None, 2, 0, 1, groups)
