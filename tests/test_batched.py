@@ -284,7 +284,7 @@ def test_channels_last_batched_backward_hands_batch_norm_channels_last_gradients
     if cl_grads:
         assert mode.other == 0
     else:  # the test can fail: the layout problem exists without the option
-        assert mode.other > 50
+        assert mode.other > 30
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -476,3 +476,35 @@ def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, poin
     else:  # fused: the stacked weights of several convs cast as one, still one per fused conv
         groups = sum(len(c.runner.groups) for c in n1.cells)
         assert c1.casts < c0.casts - 2 * groups, (c0.casts, c1.casts, groups)
+
+
+def test_weighted_sum_gradients_and_layout():
+    """_WeightedSum (a node's bypassed channels: sum_j beta_j * rest_j): gradcheck in float64 with strided views as
+    inputs, as the cell passes them (channel slices of NHWC states viewed as channel groups); each x_j's gradient
+    comes out contiguous in x_j's shape (so the view's reshape backward copies nothing), and inputs that need no
+    gradient get none."""
+    from hvd_pcdarts.models.batched_cell import _WeightedSum
+
+    g = torch.Generator().manual_seed(4)
+    states = [torch.randn(2, 12, 3, 5, dtype=torch.float64, generator=g).contiguous(memory_format=torch.channels_last)
+              .requires_grad_() for _ in range(3)]
+    betas = [torch.randn((), dtype=torch.float64, generator=g).requires_grad_() for _ in range(3)]
+
+    def fn(*args):
+        xs = [s[:, 3:].permute(0, 2, 3, 1).unflatten(3, (3, 3)) for s in args[3:]]
+        return _WeightedSum.apply(3, *args[:3], *xs)
+
+    assert torch.autograd.gradcheck(fn, (*betas, *states))
+    xs = [s.detach()[:, 3:].permute(0, 2, 3, 1).unflatten(3, (3, 3)).requires_grad_() for s in states]
+    out = _WeightedSum.apply(3, *betas, *xs)
+    ref = sum(b * x for b, x in zip(betas, xs))
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    upstream = torch.randn(out.shape, dtype=torch.float64, generator=g).transpose(3, 4).contiguous().transpose(3, 4)
+    grads = torch.autograd.grad(out, [*betas, *xs], upstream)
+    refs = torch.autograd.grad(ref, [*betas, *xs], upstream)
+    for a, b in zip(grads, refs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert all(gx.is_contiguous() for gx in grads[3:])
+    frozen = [x.detach() for x in xs]  # no gradient wanted for the rests: only the betas get one
+    gb = torch.autograd.grad(_WeightedSum.apply(3, *betas, *frozen).sum(), betas)
+    assert all(torch.allclose(a, x.sum(), rtol=1e-12) for a, x in zip(gb, frozen))

@@ -85,10 +85,12 @@ OPTIONS = {
     # the block-diagonal 1x1 weights of "pointwise" dense gathered from it (one more kernel). False: a cat per
     # grouped conv, a multiply by eye(E) per block-diagonal weight (a multiply + sum in its backward) and, under
     # autocast, a cast per conv forward and per weight gradient: one search step's ops in the graph, counted on the
-    # CPU with CUDA's choices (session 9): 8,381 -> 7,253 in float32, 9,766 -> 7,498 in bf16. Bit-identical
+    # CPU with CUDA's choices (session 9): 8,381 -> 7,253 in float32, 9,766 -> 7,498 in bf16. Bit-identical.
+    # Not yet timed on a GPU (benchmarks/RESULTS.md, ninth session)
     "pack": True,
 }
 _SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]
+_SKIP_ROW = PRIMITIVES.index("skip_connect") - 1  # its row in the per-op scales (which leave out "none")
 
 
 def _fused_members(mode: str):
@@ -389,8 +391,9 @@ class BatchedCellRunner:
         k = cell._ops[0].k
         cp = states[0].shape[1] // k
         nhwc = _is_nhwc(states[1])
-        # per-op scale of every edge: softmax(alpha) * edge-normalized beta, as (ops, edges) for column gathers
-        scales = (weights * edge_weights[:, None]).t()
+        # per-op scale of every edge: softmax(alpha) * edge-normalized beta, as (ops, edges) for column gathers;
+        # without "none" (it contributes zeros: its column would only cost a zero-filled gradient per group)
+        scales = (weights[:, 1:] * edge_weights[:, None]).t()
         # in the activations' dtype (one cast): under CUDA autocast the addcmul of _assemble promotes to its widest
         # input, and float32 edge weights made every node state, the cell outputs and the ops reading them float32
         # in bf16 runs (plus a cast before each convolution); benchmarks/cuda_autocast.py shows it on the CPU
@@ -408,17 +411,23 @@ class BatchedCellRunner:
             rests.append(_pool(cell._ops[0].mp, rest) if stride != 1 else rest)
 
         # (ops, E * cp) per group: every channel's per-op scale
-        group_scales = scales.index_select(1, index[0]).split([len(g.edges) * cp for g in self.groups], dim=1)
+        sizes = [len(g.edges) * cp for g in self.groups]
+        channel_scales = scales.index_select(1, index[0])
+        group_scales = channel_scales.split(sizes, dim=1)
+        # under autocast: the identity's scales in the activations' dtype, cast once for the cell, not per group
+        act = states[1].dtype
+        skip_scales = channel_scales[_SKIP_ROW].to(act).split(sizes) if act != scales.dtype else [None] * len(sizes)
         aux = index[1] if len(index) > 1 else None
         for gi, group in enumerate(self.groups):
             if gi == 0:
                 split(states[0], group.stride)
                 split(states[1], group.stride)
             rep = group.repeats if OPTIONS["dedup"] else 1
-            inputs = group.inputs[:len(group.inputs) // rep]  # the distinct inputs when deduplicated
-            parts = [heads[j] for j in inputs]
-            X = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-            Y = self._mixed(cell, gi, group, X, group_scales[gi], cell.training, aux, rep, packed)
+            distinct = [heads[j] for j in group.inputs[:len(group.inputs) // group.repeats]]
+            X = torch.cat(distinct, dim=1) if len(distinct) > 1 else distinct[0]
+            if group.repeats > rep:  # the edges' stacked inputs: the distinct ones repeated, one copy (its backward
+                X = _repeat_channels(X, group.repeats)  # one sum, not an add per repeat as a cat's would be)
+            Y = self._mixed(cell, gi, group, X, group_scales[gi], cell.training, aux, rep, packed, skip_scales[gi])
             if nhwc and OPTIONS["cl_grads"]:
                 Y = _ChannelsLastGrad.apply(Y)
             if gi == 0:  # edges ordered (node, input 0/1): sum each node's two (dtype=: CUDA autocast would
@@ -441,25 +450,28 @@ class BatchedCellRunner:
         if k == 1:
             return m.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         off = edge_offset(node)
-        r = None
-        for j in range(2 + node):
-            b = betas[off + j]
-            r = rests[j] * b if r is None else torch.addcmul(r, rests[j], b)
         n, _, h, w = m.shape
+        # the rests as (K-1, cp) channel groups (views: N, H, W, K-1, cp for NHWC, else N, K-1, cp, H, W), so
+        # the shuffle below needs no reshape of their gradient (which would copy it)
+        if nhwc:
+            xs = [rests[j].permute(0, 2, 3, 1).unflatten(3, (k - 1, cp)) for j in range(2 + node)]
+        else:
+            xs = [rests[j].unflatten(1, (k - 1, cp)) for j in range(2 + node)]
+        r = _WeightedSum.apply(len(xs), *betas[off:off + 2 + node], *xs)
         # shuffle(cat(mixed, rest)) with K groups: output channel c*K + g <- channel c of group g
         if nhwc:
             mm = m.permute(0, 2, 3, 1).unsqueeze(4)
-            rr = r.permute(0, 2, 3, 1).unflatten(3, (k - 1, cp)).transpose(3, 4)
-            return torch.cat([mm, rr], dim=4).reshape(n, h, w, cp * k).permute(0, 3, 1, 2)
-        out = torch.cat([m.unsqueeze(2), r.unflatten(1, (k - 1, cp)).transpose(1, 2)], dim=2)
+            return torch.cat([mm, r.transpose(3, 4)], dim=4).reshape(n, h, w, cp * k).permute(0, 3, 1, 2)
+        out = torch.cat([m.unsqueeze(2), r.transpose(1, 2)], dim=2)
         return out.reshape(n, cp * k, h, w)
 
-    def _mixed(self, cell, gi, group, X, sc, training, aux=None, rep=1, packed=None):
+    def _mixed(self, cell, gi, group, X, sc, training, aux=None, rep=1, packed=None, skip_scale=None):
         """sum over ops of scale * op(X) for every edge of the group at once: (N, E * cp, H', W'). `aux`: eye(n)
         per size n (the 1x1 convolutions with block-diagonal dense weights: OPTIONS["pointwise"], "fuse") and the
         fused 1x1 conv's input permutation. rep > 1: X holds the distinct inputs only, and the edges' stacked input
         is X repeated rep times along the channels (OPTIONS["dedup"]). `packed`: the stacked conv weights
-        (weight_pack) and the keys among them already block-diagonal; None: concatenated here, conv by conv."""
+        (weight_pack) and the keys among them already block-diagonal; None: concatenated here, conv by conv.
+        `skip_scale`: sc's skip_connect row in X's dtype (None: cast here)."""
         ops = [cell._ops[e]._ops for e in group.edges]
         E = len(group.edges)
         cp = X.shape[1] * rep // E
@@ -519,9 +531,10 @@ class BatchedCellRunner:
                 return bn(pooled, primitive, "pool", s)
             if primitive == "skip_connect":
                 if group.stride == 1:
+                    s = skip_scale if skip_scale is not None else s.to(X.dtype)
                     if rep > 1:
-                        return _repeat_channels(X, rep, s.to(X.dtype))
-                    return X * s.to(X.dtype)[None, :, None, None]
+                        return _repeat_channels(X, rep, s)
+                    return X * s[None, :, None, None]
                 w1, w2 = weight(primitive, None, "conv_1"), weight(primitive, None, "conv_2")
                 dense = packed is not None and (gi, primitive, "conv_1") in packed[1]  # block-diagonal already
                 return bn(_factorized_reduce(R, w1, w2, E, eyes, dense), primitive, "fr", s)
@@ -566,7 +579,7 @@ class BatchedCellRunner:
             return total
 
         # "none" is zeros: contributes nothing
-        todo = [(primitive, s) for primitive, s in zip(PRIMITIVES, sc.unbind(0)) if primitive != "none"]
+        todo = list(zip(PRIMITIVES[1:], sc.unbind(0)))  # sc has no row for "none" (zeros: nothing to add)
         jobs = [lambda p=p, s=s: branch(p, s) for p, s in todo if not fused or p not in fused[0]]
         if fused:
             jobs.append(lambda: fused_chain(dict(todo)))
@@ -701,6 +714,38 @@ def _block_diagonal(w, eye):
     co, ci, kh, kw = w.shape[0] // E, w.shape[1], w.shape[2], w.shape[3]
     dense = w.view(E, co, 1, ci, kh, kw) * eye.to(w.dtype).view(E, 1, E, 1, 1, 1)
     return dense.reshape(E * co, E * ci, kh, kw)
+
+
+class _WeightedSum(torch.autograd.Function):
+    """sum_j b_j * x_j (0-dim b_j, same-shape x_j: a node's bypassed channels, its edges' betas times their inputs'
+    rests), computed as autograd's mul/addcmul chain would. Its backward takes 3 ops a term, g * b_j and
+    sum(g * x_j), where addcmul's took 5 (it multiplies x_j and b_j by addcmul's `value` 1 first, one of them a
+    full-size multiply). x_j's gradient comes out contiguous in x_j's shape, so the reshape behind a view x_j
+    needs no copy."""
+
+    @staticmethod
+    def forward(ctx, n, *args):
+        bs, xs = args[:n], args[n:]
+        ctx.n = n
+        ctx.save_for_backward(*bs, *xs)
+        r = xs[0] * bs[0]
+        for x, b in zip(xs[1:], bs[1:]):
+            r = torch.addcmul(r, x, b)
+        return r
+
+    @staticmethod
+    def backward(ctx, g):
+        n = ctx.n
+        saved = ctx.saved_tensors
+        bs, xs = saved[:n], saved[n:]
+        need = ctx.needs_input_grad[1:]
+        gbs = [(g * x).sum() if need[j] else None for j, x in enumerate(xs)]
+        if type(g) is torch.Tensor and not torch.compiler.is_compiling():  # eager: the transpose fused into the mul
+            gxs = [torch.mul(g, b, out=torch.empty(x.shape, dtype=x.dtype, device=x.device)) if need[n + j] else None
+                   for j, (x, b) in enumerate(zip(xs, bs))]
+        else:  # traced (torch.compile): out= does not fix a traced result's strides; the compiler fuses the copy
+            gxs = [(g * b).contiguous() if need[n + j] else None for j, b in enumerate(bs)]
+        return (None, *gbs, *gxs)
 
 
 class _ChannelsLastGrad(torch.autograd.Function):
