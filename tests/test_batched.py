@@ -508,3 +508,70 @@ def test_weighted_sum_gradients_and_layout():
     frozen = [x.detach() for x in xs]  # no gradient wanted for the rests: only the betas get one
     gb = torch.autograd.grad(_WeightedSum.apply(3, *betas, *frozen).sum(), betas)
     assert all(torch.allclose(a, x.sum(), rtol=1e-12) for a, x in zip(gb, frozen))
+
+
+@pytest.mark.parametrize("precision,fuse,dedup,pointwise", [
+    ("fp32", "off", False, "dense"), ("bf16", "off", False, "dense"), ("bf16", "5x5", False, "grouped"),
+    ("fp32", "all", True, "dense"), ("bf16", "off", True, "grouped")])
+def test_side_stream_jobs_read_only_recorded_or_persistent_tensors(precision, fuse, dedup, pointwise, be_options,
+                                                                   monkeypatch):
+    """OPTIONS["streams"] runs a group's branches on CUDA side streams. A tensor that the main stream allocated and
+    a side stream reads (in the forward, or saved for the backward, which autograd runs on the same side stream)
+    must be record_stream'ed for that side stream: otherwise, once its last reference is dropped, the caching
+    allocator hands its block to the next main-stream allocation while the side stream's kernel may still read it
+    (inside a captured graph there is no edge between the two). The CPU stand-in: the branches run through a fake
+    `_on_side_streams` that logs the storages every op of a job reads; each must be made inside the job, be
+    persistent (parameters, buffers, the runner's caches) or be among the tensors handed over for recording."""
+    from torch.utils import _pytree as pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def sid(t):
+        return t.untyped_storage().data_ptr()
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.read, self.made, self.keep = {}, set(), []  # keep: no address reused while the test runs
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.numel()]
+            for t in inputs:
+                self.read.setdefault(sid(t), (func.__name__, tuple(t.shape), t.dtype))
+            for t in pytree.tree_leaves(out):  # new storage only: a view (or in-place result) is no new tensor
+                if isinstance(t, torch.Tensor) and all(sid(t) != sid(i) for i in inputs):
+                    self.made.add(sid(t))
+            self.keep += inputs + [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    recorded, unexplained, logs, calls = set(), {}, [], []
+
+    def fake_side_streams(fns, inputs):
+        calls.append(len(fns))
+        recorded.update(sid(t) for t in inputs)
+        outs = []
+        for fn in fns:
+            with Log() as log:
+                outs.append(fn())
+            logs.append(log)
+            unexplained.update({k: v for k, v in log.read.items() if k not in log.made})
+        return outs
+
+    be_options.update(fuse=fuse, dedup=dedup, pointwise=pointwise)
+    monkeypatch.setattr(batched_cell, "_use_streams", lambda x: True)
+    monkeypatch.setattr(batched_cell, "_on_side_streams", fake_side_streams)
+    torch.manual_seed(1)
+    net = fp.to_channels_last(SearchNetwork(8, 10, 5, partial_k=4).set_batched_edges(True))
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):  # the first pass fills the runners' caches
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = F.cross_entropy(net(x), torch.arange(4))
+        loss.backward()
+    persistent = {sid(t) for t in [*net.parameters(), *net.buffers()]}
+    for cell in net.cells:
+        for v in cell.runner._index.values():
+            tensors = [v.idx, v.inv] if isinstance(v, batched_cell.PackPlan) else [v]
+            persistent |= {sid(t) for t in tensors if isinstance(t, torch.Tensor)}
+    assert len(calls) == 2 * sum(len(c.runner.groups) for c in net.cells)  # every group's branches went through
+    bad = {k: v for k, v in unexplained.items() if k not in recorded and k not in persistent}
+    assert not bad, f"read on a side stream, allocated on the main stream, not recorded: {sorted(bad.values())}"

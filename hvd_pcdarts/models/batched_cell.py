@@ -587,7 +587,15 @@ class BatchedCellRunner:
         jobs = [lambda p=p, s=s: branch(p, s) for p, s in todo if not fused or p not in fused[0]]
         if fused:
             jobs.append(lambda: fused_chain(dict(todo)))
-        out = _on_side_streams(jobs, (X, R, sc)) if _use_streams(X) else [job() for job in jobs]
+        if _use_streams(X):  # every main-stream tensor the jobs read (or save for their backward) is recorded:
+            # the weight pack and the cast skip scales too, or their blocks could go to a main-stream allocation
+            # while a side stream's kernel still reads them (no edge between the two in a captured graph)
+            shared = [X, R, sc] + [t for t in (skip_scale,) if t is not None]
+            if packed is not None:
+                shared.append(next(iter(packed[0].values())))  # all views of one tensor: one record covers it
+            out = _on_side_streams(jobs, shared)
+        else:
+            out = [job() for job in jobs]
         total = out[0]
         for y in out[1:]:
             total = total + y
