@@ -419,6 +419,15 @@ def build_search(C: int = 16, layers: int = 8, partial_k: int = 4, num_classes: 
     return model, arch, weights, a_opt, w_opt
 
 
+def _warmup(n: int) -> int:
+    """Eager passes before a capture: at least one, so that what the model builds and caches at its first call
+    (the batched op's index tensors, copied from the host, and its weight-pack plans; cuDNN/Triton choices) is made
+    outside the graph, not in its private pool while capturing."""
+    if int(n) < 1:
+        raise ValueError(f"CUDA graph warm-up passes: {n}, need at least 1")
+    return int(n)
+
+
 class GraphedSearchStep:
     """The PC-DARTS first-order search step with the forward+backward of each half captured as a CUDA graph.
 
@@ -444,7 +453,7 @@ class GraphedSearchStep:
         self.arch_params, self.weight_params = list(arch_params), list(weight_params)
         self.a_opt, self.w_opt, self.grad_clip = a_opt, w_opt, grad_clip
         self.average_arch, self.average_weights = average_arch, average_weights
-        self.autocast_dtype, self.channels_last, self.warmup = autocast_dtype, channels_last, warmup
+        self.autocast_dtype, self.channels_last, self.warmup = autocast_dtype, channels_last, _warmup(warmup)
         self.freeze_weights = freeze_weights  # the arch step under frozen(weights): for a compiled model
         self.pool = torch.cuda.graph_pool_handle()
         self._arch = None  # (graph, x, y, loss, grads)
@@ -609,7 +618,7 @@ class GraphedTrainStep:
         self.autocast_dtype = autocast_dtype  # bf16 (--bf16): no loss scaling, so it can live in the graph
         self.grad_clip, self.aux_weight, self.average = grad_clip, aux_weight, average
         self.channels_last = channels_last
-        self.warmup = warmup
+        self.warmup = _warmup(warmup)
         self.captures = 0
         self._graph = None  # (key, graph, x, y, logits, loss, parameters with a gradient)
 

@@ -509,6 +509,30 @@ def test_weighted_sum_gradients_and_layout():
     gb = torch.autograd.grad(_WeightedSum.apply(3, *betas, *frozen).sum(), betas)
     assert all(torch.allclose(a, x.sum(), rtol=1e-12) for a, x in zip(gb, frozen))
 
+    # only the gradients the pass reaches are computed: the weight step (inputs = the weights) computes no beta's,
+    # the arch step (autograd.grad to the betas) no rest's of the first cell
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for wanted, muls, sums in ((xs, 3, 0), (betas, 3, 3), ([*betas, *xs], 6, 3)):
+        for t in [*betas, *xs]:
+            t.grad = None
+        out = _WeightedSum.apply(3, *betas, *xs)
+        with Ops() as ops:
+            out.backward(upstream, inputs=wanted)
+        assert (ops.names.count("mul"), ops.names.count("sum")) == (muls, sums), ops.names
+        assert all((t.grad is not None) == any(t is w for w in wanted) for t in [*betas, *xs])
+        for t, ref in zip([*betas, *xs], refs):
+            assert t.grad is None or torch.allclose(t.grad, ref, rtol=1e-12, atol=1e-12)
+
 
 @pytest.mark.parametrize("precision,fuse,dedup,pointwise", [
     ("fp32", "off", False, "dense"), ("bf16", "off", False, "dense"), ("bf16", "5x5", False, "grouped"),
@@ -551,7 +575,14 @@ def test_side_stream_jobs_read_only_recorded_or_persistent_tensors(precision, fu
         recorded.update(sid(t) for t in inputs)
         outs = []
         for fn in fns:
-            with Log() as log:
+            log = Log()
+
+            def saved(t, log=log):  # what the job saves for its backward (run on the same side stream)
+                log.read.setdefault(sid(t), ("saved", tuple(t.shape), t.dtype))
+                log.keep.append(t)
+                return t
+
+            with log, torch.autograd.graph.saved_tensors_hooks(saved, lambda t: t):
                 outs.append(fn())
             logs.append(log)
             unexplained.update({k: v for k, v in log.read.items() if k not in log.made})

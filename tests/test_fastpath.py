@@ -495,3 +495,12 @@ def test_pick_device_turns_on_cudnn_benchmark_on_gpus(monkeypatch):
         monkeypatch.setattr(runtime.dist, "setup_device", lambda want, dev=dev: torch.device(dev))
         got = runtime.pick_device(argparse.Namespace(device="auto", amp=False))
         assert got.type == dev and torch.backends.cudnn.benchmark == (dev == "cuda")
+
+
+def test_cuda_graph_steps_need_a_warm_up_pass():
+    """The first call builds and caches what the model needs (index tensors copied from the host, pack plans): it
+    must be eager, outside the capture."""
+    with pytest.raises(ValueError, match="warm-up passes: 0"):
+        fp.GraphedSearchStep(nn.Linear(2, 2), None, [], [], None, None, warmup=0)
+    with pytest.raises(ValueError, match="warm-up passes: 0"):
+        fp.GraphedTrainStep(nn.Linear(2, 2), None, [], None, warmup=0)

@@ -119,13 +119,22 @@ def test_batched_cell_with_triton_pools_equals_reference_interpreted():
 def test_pool2d_refuses_what_it_does_not_compute():
     x = torch.randn(1, 4, 5, 5)
     for kwargs, msg in ((dict(kind="min"), "kind 'min'"), (dict(kind="max", padding=2), "padding 2"),
-                        (dict(kind="max", stride=(1, 2)), "both axes"), (dict(kind="avg", kernel_size=0), "need")):
+                        (dict(kind="max", stride=(1, 2)), "both axes"), (dict(kind="avg", kernel_size=0), "need"),
+                        (dict(kind="max", kernel_size=12, padding=0), "k <= 11")):  # winning tap: one int8
         with pytest.raises(ValueError, match=msg):
             pooling.pool2d(x, **kwargs)
     with pytest.raises(ValueError, match="float32/bf16/float16"):
         pooling.pool2d(x.double(), "max")
     with pytest.raises(ValueError, match="smaller than"):
         pooling.pool2d(torch.randn(1, 4, 1, 1), "max", 5, 1, 1)
+
+
+def test_int32_guards_count_how_far_a_view_reaches():
+    """A channel slice read in place spans its parent: the kernels' int32 guards use its extent, not numel()."""
+    parent = torch.empty(2, 8, 3, 5).contiguous(memory_format=torch.channels_last)
+    view = parent[:, 2:4]
+    assert view.numel() == 60 and depthwise.extent(view) == parent.numel() - 8 + 4 == 236
+    assert depthwise.extent(parent) == parent.numel() and depthwise.extent(parent[:0]) == 0
 
 
 def test_pool_option_values_are_checked_and_fall_back(monkeypatch):

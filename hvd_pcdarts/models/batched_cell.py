@@ -750,7 +750,10 @@ class _WeightedSum(torch.autograd.Function):
         n = ctx.n
         saved = ctx.saved_tensors
         bs, xs = saved[:n], saved[n:]
-        need = ctx.needs_input_grad[1:]
+        # the gradients this pass reaches (next_functions: bs then xs, no entry for n): the weight step's backward
+        # (inputs = the weights) needs no beta's, each a full-size multiply and reduction; nor the arch step the
+        # first cell's rests'
+        need = [depthwise._wanted(ctx, 1 + i, i) for i in range(2 * n)]
         gbs = [(g * x).sum() if need[j] else None for j, x in enumerate(xs)]
         if type(g) is torch.Tensor and not torch.compiler.is_compiling():  # eager: the transpose fused into the mul
             gxs = [torch.mul(g, b, out=torch.empty(x.shape, dtype=x.dtype, device=x.device)) if need[n + j] else None

@@ -59,9 +59,17 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in float32: 
 def available(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on x (CUDA, or the CPU under TRITON_INTERPRET=1; a dtype they compute
     exactly; int32-addressable with room for a same-size output)."""
-    if triton is None or x.numel() > MAX_ELEMENTS // 2 or x.dtype not in DTYPES:
+    if triton is None or extent(x) > MAX_ELEMENTS // 2 or x.dtype not in DTYPES:
         return False
     return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def extent(x: torch.Tensor) -> int:
+    """How many elements from its storage's start the kernels' offsets reach in x: more than numel() for a view
+    (a channel slice read in place spans its whole parent)."""
+    if x.numel() == 0:
+        return 0
+    return x.storage_offset() + sum((n - 1) * st for n, st in zip(x.shape, x.stride())) + 1
 
 
 # Channel stride 1 (channels_last) is assumed, every other size and stride is a runtime argument (not specialized:
@@ -254,13 +262,14 @@ class _DepthwiseConv2d(torch.autograd.Function):
         return dx, dw, None, None, None, None
 
 
-def _wanted(ctx, i: int) -> bool:
+def _wanted(ctx, i: int, node_index: int | None = None) -> bool:
     """Whether this backward pass uses the gradient of input i: not only requires_grad (ctx.needs_input_grad), but
     also reached by the engine. The architecture step's torch.autograd.grad(loss, alphas/betas) needs no weight
-    gradient, and skips it for torch's own convolutions; a custom Function must ask."""
+    gradient, and skips it for torch's own convolutions; a custom Function must ask. `node_index`: i's entry in
+    ctx.next_functions where it differs (next_functions has one entry per tensor argument only)."""
     if not ctx.needs_input_grad[i]:
         return False
-    node = ctx.next_functions[i][0]  # one entry per tensor argument: x and w are the first two of both lists
+    node = ctx.next_functions[i if node_index is None else node_index][0]
     try:
         return node is None or torch._C._will_engine_execute_node(node)
     except (AttributeError, RuntimeError):  # not in this torch, or not in a backward pass: compute it
@@ -295,7 +304,7 @@ def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1, mode="triton"):
     n, c, h, wd = x.shape
     ho, wo = _out_size(h, kh, stride, padding, dilation), _out_size(wd, kw, stride, padding, dilation)
     programs = triton.cdiv(n * ho * wo, min(t[0] for t in TILES.values())) if triton is not None else 0
-    if max(x.numel(), n * c * ho * wo, programs * c * kh * kw) > MAX_ELEMENTS:
+    if max(extent(x), x.numel(), n * c * ho * wo, programs * c * kh * kw) > MAX_ELEMENTS:
         raise ValueError(f"depthwise_conv2d: {tuple(x.shape)} too large for the kernels' int32 offsets")
     conf = (stride, padding, dilation, mode == "triton" or dilation != 1)
     x, w = _nhwc(x), w.contiguous()

@@ -166,14 +166,14 @@ def pool2d(x: torch.Tensor, kind: str, kernel_size: int = 3, stride: int = 1, pa
     if kind not in KINDS:
         raise ValueError(f"pool2d: kind {kind!r}: one of {', '.join(KINDS)}")
     k, stride, padding = dw._one(kernel_size, "kernel_size"), dw._one(stride, "stride"), dw._one(padding, "padding")
-    if k < 1 or k > 127 or stride < 1 or not 0 <= padding <= k // 2:
-        raise ValueError(f"pool2d: kernel_size {k}, stride {stride}, padding {padding}: need 1 <= k < 128, "
+    if k < 1 or k * k > 128 or stride < 1 or not 0 <= padding <= k // 2:  # the winning tap (< k * k): one int8
+        raise ValueError(f"pool2d: kernel_size {k}, stride {stride}, padding {padding}: need 1 <= k <= 11, "
                          "stride >= 1 and padding <= k // 2")
     if x.dim() != 4 or x.dtype not in dw.DTYPES:
         raise ValueError(f"pool2d: a 4-d float32/bf16/float16 tensor, not {x.dim()}-d {x.dtype}")
     n, c, h, wd = x.shape
     if min(h, wd) + 2 * padding < k:
         raise ValueError(f"pool2d: a {h}x{wd} map is smaller than the {k}x{k} window")
-    if x.numel() > dw.MAX_ELEMENTS:
+    if max(x.numel(), dw.extent(x)) > dw.MAX_ELEMENTS:
         raise ValueError(f"pool2d: {tuple(x.shape)} too large for the kernels' int32 offsets")
     return _Pool2d.apply(x if x.stride(1) == 1 else dw._nhwc(x), kind, k, stride, padding, bool(ceil_mode))
