@@ -81,8 +81,8 @@ if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 # shape (DWBENCH), then the default step (streams, dense 1x1, NHWC gradients) at B=256 in bf16 (profiled) against
 # the untimed options +ud3 (dilated 3x3 depthwise convs undilated), +tdw/+tdh (Triton depthwise kernels: all /
 # dilated ones + weight gradients), +fz5 (a group's conv ops fused into one chain) and +tpl (Triton pooling
-# kernels, session 8; +uda/+fza, which need 9x9 depthwise kernels from cuDNN, left out for time), the winners
-# together
+# kernels, session 8), +tsm (one-pass sums, session 11; +uda/+fza, which need 9x9 depthwise kernels from cuDNN,
+# left out for time), the winners together
 # (COMBO, bf16 and fp32), the CUDA tests (incl. the fused and Triton graphs and --bf16 --cuda-graph of both
 # scripts), B=32 with checks (incl. the winners), B=256 fp32 (with +npk: the weight pack of session 9 off), then
 # compile (+dd, pools once per distinct input,
@@ -90,7 +90,7 @@ if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 # Session 6's A/B: SSPROF256="graph+cl+be graph+cl+be+pwg+nclg graph+cl+be+msc" SS32="graph+be graph+be+msc
 # graph+cl+be graph+cl+be+msc" SS256="graph+cl+be+bf16 graph+cl+be+msc+bf16 graph+cl+be+pwg" SSCOMPILE256="".
 DWBENCH=${DWBENCH-"128,32,8 64,32,4"}
-SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+tdh+bf16 graph+cl+be+tdw+bf16 graph+cl+be+fz5+bf16 graph+cl+be+tpl+bf16"}
+SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+tdh+bf16 graph+cl+be+tdw+bf16 graph+cl+be+fz5+bf16 graph+cl+be+tpl+bf16 graph+cl+be+tsm+bf16"}
 SSPROF32=${SSPROF32-""}
 COMBO_BASE=${COMBO_BASE-"graph+cl+be+bf16"}
 SS32=${SS32-"graph+be graph+be+ud3"}
@@ -103,7 +103,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu
   SSA=(--steps 1 --warmup 1 --C 8 --layers 5); B1=4; B2=2
   SS256="eager eager+be+pwd graph+be"; SS32="eager eager+be eager+cl+be eager+cl+be+fza"; SSCOMPILE="eager+compile+be"; SSCOMPILE256=""
-  SSPROF256="eager+cl+be eager+cl+be+ud3 eager+cl+be+fz5 eager+cl+be+tpl eager+cl+be+pwg+nclg"; SSPROF32=""; CUDA_TESTS=1
+  SSPROF256="eager+cl+be eager+cl+be+ud3 eager+cl+be+fz5 eager+cl+be+tpl eager+cl+be+tsm eager+cl+be+pwg+nclg"; SSPROF32=""; CUDA_TESTS=1
   DWBENCH="128,32,4 64,16,2"; COMBO_BASE=${SMOKE_COMBO_BASE-"eager+cl+be"}
   COMBO_MARGIN=(--margin-ms=-1e9 --margin=-1); COMBO32=eager+be  # keep whatever was measured: a rehearsal
   CB=(--compile-backend aot_eager); SSC=(--steps 1 --warmup 1 --C 8 --layers 5)  # inductor on 2 CPU cores: minutes
@@ -173,7 +173,7 @@ fi
 if [ "$CUDA_TESTS" = 1 ] && [ "$(left)" -gt 60 ]; then
   echo "[$(el)s] pytest (CUDA equivalence tests)" >> "$OUT/env.txt"
   timeout $(( $(left) < 190 ? $(left) - 10 : 180 )) $PY -m pytest -q -p no:cacheprovider tests/test_batched.py \
-    tests/test_fastpath.py tests/test_depthwise.py tests/test_pooling.py -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" \
+    tests/test_fastpath.py tests/test_depthwise.py tests/test_pooling.py tests/test_sums.py -k "cuda and not train_search_cuda_graph and not train_cuda_graph_matches" \
     >> "$OUT/env.txt" 2>&1
 fi
 [ -n "$SS32" ] && [ "$(left)" -gt 100 ] && ss search_step32 $(( 60 + 30 * $(nv $SS32) )) --batch $B2 --variants $SS32 "${SSA[@]}" "${CK[@]}"

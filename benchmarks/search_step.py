@@ -22,7 +22,9 @@ fused into one chain (sep_conv_3x3, sep_conv_5x5 and dil_conv_3x3 / also dil_con
 +tdw / +tdh = the depthwise convolutions of channels_last runs as Triton kernels (models/depthwise.py; CUDA) / only
 the dilated ones and the weight gradients, +tpl = the pools of channels_last runs as Triton kernels
 (models/pooling.py; CUDA), +npk = each grouped conv's weights concatenated (and cast under autocast) conv by conv
-instead of one weight pack per cell (the default since session 9).
+instead of one weight pack per cell (the default since session 9), +tsm = a group's primitive outputs summed, and the
+gradients of its input and of its ReLU (each read by several ops) accumulated, by one Triton kernel each
+(models/sums.py; CUDA).
 Per variant: median and mean ms per step (arch + weight, synchronized every step, as the training loop is by
 its loss readout), images/s = 2 x batch / median step (each step trains on an arch batch and a weight batch),
 peak GPU memory (torch.cuda.max_memory_allocated, from model build to the end of timing).
@@ -62,7 +64,8 @@ BE_OPTIONS = {"pwg": ("pointwise", "grouped"), "pwd": ("pointwise", "dense"), "n
               "msc": ("streams", "capture"), "mse": ("streams", "on"), "nms": ("streams", "off"),
               "dd": ("dedup", True), "ud3": ("dilated", "3x3"), "uda": ("dilated", "all"),
               "fz5": ("fuse", "5x5"), "fza": ("fuse", "all"), "tdw": ("depthwise", "triton"),
-              "tdh": ("depthwise", "hybrid"), "tpl": ("pool", "triton"), "npk": ("pack", False)}
+              "tdh": ("depthwise", "hybrid"), "tpl": ("pool", "triton"), "npk": ("pack", False),
+              "tsm": ("sums", "triton")}
 
 
 def parse_variant(v: str) -> Variant:

@@ -67,6 +67,30 @@ class Traffic(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def cuda_sums(traffic: Traffic):
+    """+tsm on the CPU: models/sums.py's kernel where CUDA would run it, each launch counted as one op
+    ("add_n": its inputs read once, its output written once), computed by torch outside the count."""
+    from hvd_pcdarts.models import depthwise, sums
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    available, launch = depthwise.available, sums._launch
+
+    def emulated(xs):
+        with _disable_current_modes():
+            out = sums._pairwise(xs)
+        traffic.ops.append(("add_n", sum(map(_nbytes, xs)) + _nbytes(out),
+                            sum(_nbytes(t) for t in (*xs, out) if t.dtype == torch.float32)))
+        return out
+
+    depthwise.available = lambda x: x.dtype in depthwise.DTYPES
+    sums._launch = emulated
+    try:
+        yield
+    finally:
+        depthwise.available, sums._launch = available, launch
+
+
 def measure(variant: str, batch: int, args) -> dict:
     v = ss.parse_variant(variant)
     if v.mode != "eager" or v.tc:
@@ -76,11 +100,13 @@ def measure(variant: str, batch: int, args) -> dict:
     batches = ss.make_batches(2, batch, device)
     # +bf16: the dtypes CUDA autocast would give each op (the CPU's policy differs for a few: cuda_autocast.py)
     policy = cuda_autocast.emulate if v.bf16 else contextlib.nullcontext
-    with policy():
-        ss.one_step(step, batches, 0)  # first step: lazy state (optimizer moments, batched BN aliasing) created
     flops = FlopCounterMode(display=False)
     traffic = Traffic()
-    with policy(), flops, traffic:
+    sums = (lambda: cuda_sums(traffic)) if v.opts.get("sums") == "triton" else contextlib.nullcontext
+    with policy(), sums():
+        ss.one_step(step, batches, 0)  # first step: lazy state (optimizer moments, batched BN aliasing) created
+    traffic.ops.clear()
+    with policy(), sums(), flops, traffic:
         ss.one_step(step, batches, 1)
     fl = collections.Counter({str(k): v for k, v in flops.get_flop_counts()["Global"].items()})
     per_class = collections.defaultdict(lambda: [0, 0, 0.0])  # ops, bytes, flops

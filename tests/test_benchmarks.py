@@ -27,6 +27,7 @@ TINY = dict(C=4, layers=5, K=4, seed=2, compile_backend="inductor")
     ("triton_poi_fused_convolution_relu_0", "elementwise"), ("triton_red_fused_cat_sum_3", "reduction"),
     ("triton_per_fused__native_batch_norm_legit_functional_1", "batch norm"),
     ("_dwconv_fwd_kernel", "convolution"), ("_dwconv_wgrad_kernel", "convolution"), ("_pool_bwd_kernel", "pooling"),
+    ("_add_n_kernel", "elementwise"),
 ])
 def test_kernel_class(name, cls):
     assert ss.kernel_class(name) == cls
@@ -86,6 +87,19 @@ def test_step_traffic_counts_bytes_and_scales_with_batch():
     assert 0 < roof < with_nodes and with_nodes - roof == pytest.approx(small["ops"] * 2.8e-3)
 
 
+def test_step_traffic_counts_the_one_pass_sums_as_cuda_runs_them():
+    """+tsm: models/sums.py's kernel where CUDA would run it (one op, each input read once), torch's adds gone."""
+    args = argparse.Namespace(**TINY)
+    base, tsm = st.measure("eager+cl+be", 2, args), st.measure("eager+cl+be+tsm", 2, args)
+    launches = tsm["counts"]["add_n"]
+    assert "add_n" not in base["counts"] and launches > 0
+    # per group and pass, one sum of its ops (6 adds before) and two gradient sums (2-3 adds each before)
+    assert base["ops"] - tsm["ops"] > 2 * launches
+    assert base["counts"]["add"] - tsm["counts"]["add"] > 3 * launches
+    assert 0.8 * base["bytes"] < tsm["bytes"] < 0.97 * base["bytes"]
+    assert tsm["flops"] == base["flops"]
+
+
 def test_step_traffic_refuses_graph_and_compile_variants():
     args = argparse.Namespace(**TINY)
     for v in ("graph+be", "eager+compile+be"):
@@ -100,6 +114,7 @@ def test_variant_options_set_the_batched_op_choices():
     assert ss.parse_variant("graph+be+fz5").opts == {"fuse": "5x5"}
     assert ss.parse_variant("eager+cl+be+fza+ud3").opts == {"fuse": "all", "dilated": "3x3"}
     assert ss.parse_variant("graph+cl+be+tpl+tdh+bf16").opts == {"pool": "triton", "depthwise": "hybrid"}
+    assert ss.parse_variant("graph+cl+be+tsm+bf16").opts == {"sums": "triton"}
     for bad in ("eager+pwg", "eager+be+pwg+pwd", "eager+be+msc+nms", "eager+be+xyz", "eager+be+fz5+fza"):
         with pytest.raises(SystemExit):
             ss.parse_variant(bad)

@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from ..genotypes import PRIMITIVES
-from . import depthwise, pooling
+from . import depthwise, pooling, sums
 
 _IDX = {name: i for i, name in enumerate(PRIMITIVES)}
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")
+_POOLS = ("max_pool_3x3", "avg_pool_3x3")
 _DIL = ("dil_conv_3x3", "dil_conv_5x5")
 
 # How the batched op computes, for A/B timings (benchmarks/search_step.py variant suffixes: +pwg, +ud3, +tdh, ...,
@@ -92,6 +93,12 @@ OPTIONS = {
     # CPU with CUDA's choices (session 9): 8,381 -> 7,253 in float32, 9,766 -> 7,498 in bf16. Bit-identical.
     # Not yet timed on a GPU (benchmarks/RESULTS.md, ninth session)
     "pack": True,
+    # the sums of several same-shape tensors: a group's primitive outputs, a node's parts, and the gradients of a
+    # group's input and of its ReLU (each read by several ops): "torch" (chains of adds, and autograd's pairwise
+    # accumulation) or "triton" (models/sums.py: one pass each, in float32; where it cannot run, torch's adds).
+    # Also the gradients of each state's bypassed channels from the nodes that read them. Counted on the CPU
+    # (session 11): a B=64 bf16 step moves 16.28 -> 15.01 GiB in 12,406 -> 11,760 ops. Not yet timed on a GPU
+    "sums": "torch",
 }
 _SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]
 _SKIP_ROW = PRIMITIVES.index("skip_connect") - 1  # its row in the per-op scales (which leave out "none")
@@ -412,7 +419,11 @@ class BatchedCellRunner:
                 return
             head, rest = state.split([cp, state.shape[1] - cp], dim=1)
             heads.append(head)
-            rests.append(_pool(cell._ops[0].mp, rest) if stride != 1 else rest)
+            rest = _pool(cell._ops[0].mp, rest) if stride != 1 else rest
+            # read by the nodes after it (the cell's inputs: all): with OPTIONS["sums"] one alias per node, their
+            # gradients summed by one kernel
+            readers = cell._steps - max(0, len(rests) - 1)
+            rests.append(list(_fan_out(rest, range(readers)).values()))
 
         # (ops, E * cp) per group: every channel's per-op scale
         sizes = [len(g.edges) * cp for g in self.groups]
@@ -448,9 +459,7 @@ class BatchedCellRunner:
 
     @staticmethod
     def _assemble(parts, rests, betas, node, k, cp, nhwc):
-        m = parts[0]
-        for p in parts[1:]:
-            m = m + p
+        m = _add_all(parts)
         if k == 1:
             return m.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         off = edge_offset(node)
@@ -458,9 +467,9 @@ class BatchedCellRunner:
         # the rests as (K-1, cp) channel groups (views: N, H, W, K-1, cp for NHWC, else N, K-1, cp, H, W), so
         # the shuffle below needs no reshape of their gradient (which would copy it)
         if nhwc:
-            xs = [rests[j].permute(0, 2, 3, 1).unflatten(3, (k - 1, cp)) for j in range(2 + node)]
+            xs = [rests[j].pop().permute(0, 2, 3, 1).unflatten(3, (k - 1, cp)) for j in range(2 + node)]
         else:
-            xs = [rests[j].unflatten(1, (k - 1, cp)) for j in range(2 + node)]
+            xs = [rests[j].pop().unflatten(1, (k - 1, cp)) for j in range(2 + node)]
         r = _WeightedSum.apply(len(xs), *betas[off:off + 2 + node], *xs)
         # shuffle(cat(mixed, rest)) with K groups: output channel c*K + g <- channel c of group g
         if nhwc:
@@ -481,6 +490,13 @@ class BatchedCellRunner:
         cp = X.shape[1] * rep // E
         eyes = aux if _dense_pointwise(X.device) else None
         fused = _fused_members(OPTIONS["fuse"])
+        todo = list(zip(PRIMITIVES[1:], sc.unbind(0)))  # sc has no row for "none" (zeros: nothing to add)
+        # X and its ReLU are read by several ops: with OPTIONS["sums"] each reader gets its own alias, whose
+        # gradients one kernel sums (else autograd's pairwise adds)
+        x_readers = ["relu"] + [p for p, _ in todo if p in _POOLS or (p == "skip_connect" and group.stride == 1)]
+        r_readers = [p for p, _ in todo if (p in _SEP + _DIL and not (fused and p in fused[0]))
+                     or (p == "skip_connect" and group.stride != 1)] + (["fused"] if fused else [])
+        xin = _fan_out(X, x_readers)
 
         def weight(primitive, index, attr=None):
             if packed is not None:
@@ -525,11 +541,12 @@ class BatchedCellRunner:
             a = scale * torch.rsqrt(rv + m.eps)
             return _repeat_channels(y, rep, a.to(y.dtype), (-rm * a).to(y.dtype))
 
-        R = F.relu(X) if rep == 1 else _repeat_channels(F.relu(X), rep)
+        R = F.relu(xin["relu"]) if rep == 1 else _repeat_channels(F.relu(xin["relu"]), rep)
+        rin = _fan_out(R, r_readers)
 
         def branch(primitive, s):
-            if primitive in ("max_pool_3x3", "avg_pool_3x3"):
-                pooled = _pool(ops[0][_IDX[primitive]][0], X)
+            if primitive in _POOLS:
+                pooled = _pool(ops[0][_IDX[primitive]][0], xin[primitive])
                 if rep > 1:
                     return bn_repeated(pooled, primitive, "pool", s)
                 return bn(pooled, primitive, "pool", s)
@@ -537,17 +554,17 @@ class BatchedCellRunner:
                 if group.stride == 1:
                     s = skip_scale if skip_scale is not None else s.to(X.dtype)
                     if rep > 1:
-                        return _repeat_channels(X, rep, s)
-                    return X * s[None, :, None, None]
+                        return _repeat_channels(xin[primitive], rep, s)
+                    return xin[primitive] * s[None, :, None, None]
                 w1, w2 = weight(primitive, None, "conv_1"), weight(primitive, None, "conv_2")
                 dense = packed is not None and (gi, primitive, "conv_1") in packed[1]  # block-diagonal already
-                return bn(_factorized_reduce(R, w1, w2, E, eyes, dense), primitive, "fr", s)
+                return bn(_factorized_reduce(rin[primitive], w1, w2, E, eyes, dense), primitive, "fr", s)
             if primitive in _SEP:  # relu, dw, pw, BN, relu, dw, pw, BN
-                y = conv(conv(R, primitive, 1, E * cp), primitive, 2, E)
+                y = conv(conv(rin[primitive], primitive, 1, E * cp), primitive, 2, E)
                 y = F.relu(bn(y, primitive, "mid", None))
                 y = conv(conv(y, primitive, 5, E * cp), primitive, 6, E)
                 return bn(y, primitive, "last", s)
-            y = conv(conv(R, primitive, 1, E * cp), primitive, 2, E)  # dilated conv: relu, dw (dilated), pw, BN
+            y = conv(conv(rin[primitive], primitive, 1, E * cp), primitive, 2, E)  # dilated: relu, dw, pw, BN
             return bn(y, primitive, "last", s)
 
         def fused_chain(scales):
@@ -562,7 +579,7 @@ class BatchedCellRunner:
                 dilation = ops[0][_IDX[primitive]][1].dilation
                 w.append(_pad_kernel(_dilate_weight(wi, dilation) if tuple(dilation) != (1, 1) else wi, k))
             # output channel ch * n + m: filter m of channel ch (a depthwise conv's channel multiplier)
-            y = F.conv2d(R, torch.stack(w, dim=1).flatten(0, 1), None, first.stride, k // 2, 1, c)
+            y = F.conv2d(rin["fused"], torch.stack(w, dim=1).flatten(0, 1), None, first.stride, k // 2, 1, c)
             # one 1x1 conv: block-diagonal over (op, edge), op-major outputs, inputs in the interleaved order
             w = _block_diagonal(torch.cat([weight(p, 2) for p in members]), aux[n * E])
             y = F.conv2d(y, w.index_select(1, aux[("perm", E)]))
@@ -577,13 +594,8 @@ class BatchedCellRunner:
             y = F.conv2d(y, _block_diagonal(w, eyes[2 * E]), None) if eyes is not None else \
                 F.conv2d(y, w, None, 1, 0, 1, 2 * E)
             a, b = bn(y, _SEP[0], "last", torch.cat([scales[p] for p in _SEP])).split(c, dim=1)
-            total = a + b
-            for d in dil:
-                total = total + d
-            return total
+            return _add_all([a, b, *dil])
 
-        # "none" is zeros: contributes nothing
-        todo = list(zip(PRIMITIVES[1:], sc.unbind(0)))  # sc has no row for "none" (zeros: nothing to add)
         jobs = [lambda p=p, s=s: branch(p, s) for p, s in todo if not fused or p not in fused[0]]
         if fused:
             jobs.append(lambda: fused_chain(dict(todo)))
@@ -596,10 +608,7 @@ class BatchedCellRunner:
             out = _on_side_streams(jobs, shared)
         else:
             out = [job() for job in jobs]
-        total = out[0]
-        for y in out[1:]:
-            total = total + y
-        return total
+        return _add_all(out)
 
 
 def _use_streams(x: torch.Tensor) -> bool:
@@ -658,6 +667,23 @@ def _repeat_channels(x, rep, scale=None, shift=None):
     if nhwc:
         return y.reshape(n, h, w, rep * c).permute(0, 3, 1, 2)
     return y.reshape(n, rep * c, h, w)
+
+
+def _triton_sums(x) -> bool:
+    mode = OPTIONS["sums"]
+    if mode not in ("torch", "triton"):
+        raise ValueError(f"batched_cell.OPTIONS['sums'] = {mode!r}: torch or triton")
+    return mode == "triton" and sums.runs_on(x)
+
+
+def _add_all(xs):
+    """xs[0] + xs[1] + ...: one kernel with OPTIONS["sums"] (where it runs), else torch's adds in that order."""
+    return sums.add_all(xs) if _triton_sums(xs[0]) else sums._pairwise(xs)
+
+
+def _fan_out(x, readers) -> dict:
+    """{reader: x}, as aliases whose gradients one kernel sums with OPTIONS["sums"] (where it runs)."""
+    return sums.fan_out(x, readers) if _triton_sums(x) else dict.fromkeys(readers, x)
 
 
 def _is_nhwc(x: torch.Tensor) -> bool:
@@ -789,4 +815,8 @@ def _factorized_reduce(R, w1, w2, E, eyes=None, dense=False):
     b = F.conv2d(shifted, w2, None, 2, 0, 1, groups)
     n, _, h, w = a.shape
     half = a.shape[1] // E
+    if _is_nhwc(a):  # channels_last out, as the per-edge op's cat along the channels gives (a 5-d cat of the
+        # channel views below would come out NCHW: its BN, the group's sum and their gradients in mixed layouts)
+        ab = [t.permute(0, 2, 3, 1).unflatten(3, (E, half)) for t in (a, b)]
+        return torch.cat(ab, dim=4).reshape(n, h, w, E * 2 * half).permute(0, 3, 1, 2)
     return torch.cat([a.unflatten(1, (E, half)), b.unflatten(1, (E, half))], dim=2).reshape(n, E * 2 * half, h, w)
