@@ -74,7 +74,7 @@ def cuda_sums(traffic: Traffic):
     from hvd_pcdarts.models import depthwise, sums
     from torch.utils._python_dispatch import _disable_current_modes
 
-    available, launch = depthwise.available, sums._launch
+    runs_on, launch = sums.runs_on, sums._launch  # (not depthwise.available: +tdw would launch Triton on the CPU)
 
     def emulated(xs):
         with _disable_current_modes():
@@ -83,12 +83,12 @@ def cuda_sums(traffic: Traffic):
                             sum(_nbytes(t) for t in (*xs, out) if t.dtype == torch.float32)))
         return out
 
-    depthwise.available = lambda x: x.dtype in depthwise.DTYPES
+    sums.runs_on = lambda x: type(x) is torch.Tensor and x.dtype in depthwise.DTYPES
     sums._launch = emulated
     try:
         yield
     finally:
-        depthwise.available, sums._launch = available, launch
+        sums.runs_on, sums._launch = runs_on, launch
 
 
 def measure(variant: str, batch: int, args) -> dict:

@@ -98,6 +98,8 @@ def test_step_traffic_counts_the_one_pass_sums_as_cuda_runs_them():
     assert base["counts"]["add"] - tsm["counts"]["add"] > 3 * launches
     assert 0.8 * base["bytes"] < tsm["bytes"] < 0.97 * base["bytes"]
     assert tsm["flops"] == base["flops"]
+    # the stand-in enables only the sums: +tdw's depthwise kernels stay off on the CPU (no Triton launch there)
+    assert st.measure("eager+cl+be+tsm+tdw", 2, args)["ops"] == tsm["ops"]
 
 
 def test_step_traffic_refuses_graph_and_compile_variants():

@@ -93,8 +93,9 @@ OPTIONS = {
     # CPU with CUDA's choices (session 9): 8,381 -> 7,253 in float32, 9,766 -> 7,498 in bf16. Bit-identical.
     # Not yet timed on a GPU (benchmarks/RESULTS.md, ninth session)
     "pack": True,
-    # the sums of several same-shape tensors: a group's primitive outputs, a node's parts, and the gradients of a
-    # group's input and of its ReLU (each read by several ops): "torch" (chains of adds, and autograd's pairwise
+    # the sums of several same-shape tensors: a group's primitive outputs (a node's parts too where they are dense;
+    # in these cells they are channel views), and the gradients of a group's input and of its ReLU (each read by
+    # several ops): "torch" (chains of adds, and autograd's pairwise
     # accumulation) or "triton" (models/sums.py: one pass each, in float32; where it cannot run, torch's adds).
     # Also the gradients of each state's bypassed channels from the nodes that read them. Counted on the CPU
     # (session 11): a B=64 bf16 step moves 16.28 -> 15.01 GiB in 12,406 -> 11,760 ops. Not yet timed on a GPU
