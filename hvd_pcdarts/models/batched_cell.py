@@ -695,7 +695,8 @@ def _triton_depthwise(x) -> bool:
     mode = OPTIONS["depthwise"]
     if mode not in ("cudnn", *depthwise.MODES):
         raise ValueError(f"batched_cell.OPTIONS['depthwise'] = {mode!r}: cudnn, {', '.join(depthwise.MODES)}")
-    return mode != "cudnn" and _is_nhwc(x) and depthwise.available(x) and not torch.compiler.is_compiling()
+    # is_compiling first: available() reads the storage offset, a graph break under dynamo
+    return mode != "cudnn" and not torch.compiler.is_compiling() and _is_nhwc(x) and depthwise.available(x)
 
 
 def _pool(mod, x):
@@ -704,8 +705,8 @@ def _pool(mod, x):
     mode = OPTIONS["pool"]
     if mode not in ("torch", "triton"):
         raise ValueError(f"batched_cell.OPTIONS['pool'] = {mode!r}: torch or triton")
-    if mode == "torch" or x.dim() != 4 or x.stride(1) != 1 or not pooling.available(x) or \
-            torch.compiler.is_compiling():
+    if mode == "torch" or torch.compiler.is_compiling() or x.dim() != 4 or x.stride(1) != 1 or \
+            not pooling.available(x):  # (is_compiling before available(): its storage offset breaks a graph)
         return mod(x)
     if isinstance(mod, torch.nn.MaxPool2d) and mod.dilation in (1, (1, 1)) and not mod.return_indices:
         kind = "max"

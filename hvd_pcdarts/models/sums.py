@@ -58,7 +58,7 @@ def _dense(t: torch.Tensor) -> bool:
 def runs_on(x: torch.Tensor) -> bool:
     """Whether the kernel runs where x is: a plain tensor of a dtype it sums, where the Triton kernels run
     (depthwise.available: CUDA, or the CPU under TRITON_INTERPRET=1), outside torch.compile."""
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and dw.available(x)
+    return not torch.compiler.is_compiling() and type(x) is torch.Tensor and dw.available(x)
 
 
 def usable(xs) -> bool:
