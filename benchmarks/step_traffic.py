@@ -69,26 +69,42 @@ class Traffic(TorchDispatchMode):
 
 @contextlib.contextmanager
 def cuda_sums(traffic: Traffic):
-    """+tsm on the CPU: models/sums.py's kernel where CUDA would run it, each launch counted as one op
-    ("add_n": its inputs read once, its output written once), computed by torch outside the count."""
-    from hvd_pcdarts.models import depthwise, sums
+    """+tsm on the CPU: models/sums.py's kernels where CUDA would run them, each launch counted as one op ("add_n",
+    "add_scaled", "dots": its inputs read once, its output written once), computed by torch outside the count (the
+    dots' sum of per-program partials: one more small op, as on the GPU)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
-    runs_on, launch = sums.runs_on, sums._launch  # (not depthwise.available: +tdw would launch Triton on the CPU)
+    from hvd_pcdarts.models import depthwise, sums
 
-    def emulated(xs):
-        with _disable_current_modes():
-            out = sums._pairwise(xs)
-        traffic.ops.append(("add_n", sum(map(_nbytes, xs)) + _nbytes(out),
+    runs_on, launch, scaled, dots = sums.runs_on, sums._launch, sums._launch_scaled, sums._launch_dots  # (not depthwise.available: +tdw
+    # would launch Triton on the CPU)
+
+    def record(name, xs, out):
+        traffic.ops.append((name, sum(map(_nbytes, xs)) + _nbytes(out),
                             sum(_nbytes(t) for t in (*xs, out) if t.dtype == torch.float32)))
         return out
 
+    def emulated(xs):
+        with _disable_current_modes():
+            return record("add_n", xs, sums._pairwise(xs))
+
+    def emulated_scaled(gs, w, idx):  # sum_i w[idx[i]] * g_i: the views read once, the output written once
+        with _disable_current_modes():
+            out = sum(g * w[i] for g, i in zip(gs, idx)).contiguous()
+            return record("add_scaled", gs, out)
+
+    def emulated_dots(g, xs):  # [sum(g * x)]: g and each x read once, a partial sum per program (not counted)
+        with _disable_current_modes():
+            out = torch.stack([(g.float() * x.float()).sum() for x in xs])
+            record("dots", [g, *xs], out)
+            return record("sum", [], out)  # the partials' sum (a few KiB)
+
     sums.runs_on = lambda x: type(x) is torch.Tensor and x.dtype in depthwise.DTYPES
-    sums._launch = emulated
+    sums._launch, sums._launch_scaled, sums._launch_dots = emulated, emulated_scaled, emulated_dots
     try:
         yield
     finally:
-        sums.runs_on, sums._launch = runs_on, launch
+        sums.runs_on, sums._launch, sums._launch_scaled, sums._launch_dots = runs_on, launch, scaled, dots
 
 
 def measure(variant: str, batch: int, args) -> dict:

@@ -492,11 +492,11 @@ def test_weighted_sum_gradients_and_layout():
 
     def fn(*args):
         xs = [s[:, 3:].permute(0, 2, 3, 1).unflatten(3, (3, 3)) for s in args[3:]]
-        return _WeightedSum.apply(3, *args[:3], *xs)
+        return _WeightedSum.apply(3, (False,) * 3, *args[:3], *xs)
 
     assert torch.autograd.gradcheck(fn, (*betas, *states))
     xs = [s.detach()[:, 3:].permute(0, 2, 3, 1).unflatten(3, (3, 3)).requires_grad_() for s in states]
-    out = _WeightedSum.apply(3, *betas, *xs)
+    out = _WeightedSum.apply(3, (False,) * 3, *betas, *xs)
     ref = sum(b * x for b, x in zip(betas, xs))
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
     upstream = torch.randn(out.shape, dtype=torch.float64, generator=g).transpose(3, 4).contiguous().transpose(3, 4)
@@ -506,7 +506,7 @@ def test_weighted_sum_gradients_and_layout():
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
     assert all(gx.is_contiguous() for gx in grads[3:])
     frozen = [x.detach() for x in xs]  # no gradient wanted for the rests: only the betas get one
-    gb = torch.autograd.grad(_WeightedSum.apply(3, *betas, *frozen).sum(), betas)
+    gb = torch.autograd.grad(_WeightedSum.apply(3, (False,) * 3, *betas, *frozen).sum(), betas)
     assert all(torch.allclose(a, x.sum(), rtol=1e-12) for a, x in zip(gb, frozen))
 
     # only the gradients the pass reaches are computed: the weight step (inputs = the weights) computes no beta's,
@@ -525,7 +525,7 @@ def test_weighted_sum_gradients_and_layout():
     for wanted, muls, sums in ((xs, 3, 0), (betas, 3, 3), ([*betas, *xs], 6, 3)):
         for t in [*betas, *xs]:
             t.grad = None
-        out = _WeightedSum.apply(3, *betas, *xs)
+        out = _WeightedSum.apply(3, (False,) * 3, *betas, *xs)
         with Ops() as ops:
             out.backward(upstream, inputs=wanted)
         assert (ops.names.count("mul"), ops.names.count("sum")) == (muls, sums), ops.names

@@ -91,6 +91,133 @@ def test_add_all_and_fan_out_interpreted(dtype):
     _check(interpreted(CHECK, "cpu", dtype), dtype)
 
 
+SCALED = r"""
+import json, sys, torch
+from hvd_pcdarts.models import batched_cell, sums
+from hvd_pcdarts.models.batched_cell import _WeightedSum
+dtype = getattr(torch, sys.argv[1])
+batched_cell.OPTIONS["sums"] = "triton"  # _WeightedSum's betas' gradients through sums.dots
+launches, dot_launches = [], []
+launch, launch_dots = sums._launch_scaled, sums._launch_dots
+sums._launch_scaled = lambda gs, w, idx: launches.append(len(gs)) or launch(gs, w, idx)
+sums._launch_dots = lambda g, xs: dot_launches.append(len(xs)) or launch_dots(g, xs)
+seen = []
+K, cp = 4, 3
+
+def views(s, nhwc):  # a state's bypassed channels as (K-1, cp) channel groups, as the cell reads them
+    rest = s[:, cp:]
+    return rest.permute(0, 2, 3, 1).unflatten(3, (K - 1, cp)) if nhwc else rest.unflatten(1, (K - 1, cp))
+
+def node(m, r, nhwc):  # the cell's shuffle(cat(mixed, rest)): the rest's gradient comes back a strided view
+    n, _, h, w = m.shape
+    if nhwc:
+        mm = m.permute(0, 2, 3, 1).unsqueeze(4)
+        return torch.cat([mm, r.transpose(3, 4)], dim=4).reshape(n, h, w, cp * K).permute(0, 3, 1, 2)
+    return torch.cat([m.unsqueeze(2), r.transpose(1, 2)], dim=2).reshape(n, cp * K, h, w)
+
+def run(states, w, ms, us, nhwc, scaled, mixed_layouts=False, create_graph=False):
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    # three nodes read state 0 (betas w[1], w[3], w[4]), each also reads state 1 unscaled-path (w[0], w[2], w[5])
+    x0, x1 = views(states[0], nhwc), views(states[1], nhwc)
+    if x0.requires_grad:  # the gradient the fan-out returns: contiguous (N, H, W, K-1, cp) or (N, K-1, cp, H, W), so
+        x0.register_hook(lambda gx: seen.append(bool(gx.is_contiguous())))  # the views' backward copies nothing
+    idx0, idx1 = (1, 3, 4), (0, 2, 5)
+    a0 = sums.scaled_fan_out(x0, w, idx0) if scaled else [x0] * 3
+    loss = 0
+    for i in range(3):
+        r = _WeightedSum.apply(2, (scaled, False), w[idx0[i]], w[idx1[i]], a0[i], x1)
+        if mixed_layouts and i == 1:  # this reader's gradient contiguous, the others' views of their nodes'
+            loss = loss + (r.float() * views(us[i].contiguous(memory_format=fmt), nhwc).contiguous()).sum()
+        loss = loss + (node(ms[i], r, nhwc).float() * us[i]).sum()
+    return torch.autograd.grad(loss, [*states, w, *ms], create_graph=create_graph)
+
+out = {}
+for nhwc in (True, False):
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    g = torch.Generator().manual_seed(3)
+    states = [torch.randn(2, cp * K, 5, 7, generator=g).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+              for _ in range(2)]
+    w = torch.randn(6, generator=g).to(dtype).requires_grad_()
+    ms = [torch.randn(2, cp, 5, 7, generator=g).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+          for _ in range(3)]
+    us = [torch.randn(2, cp * K, 5, 7, generator=g) for _ in range(3)]
+    for case in ("scaled", "mixed"):
+        ref = run([s.detach().double().requires_grad_() for s in states], w.detach().double().requires_grad_(),
+                  [m.detach().double().requires_grad_() for m in ms], [u.double() for u in us], nhwc, False,
+                  mixed_layouts=case == "mixed")
+        before, dbefore, seen = len(launches), len(dot_launches), []
+        got = run(states, w, ms, us, nhwc, True, mixed_layouts=case == "mixed")
+        err = max(float((a.double() - b).abs().max() / b.abs().max()) for a, b in zip(got, ref))
+        out[f"{case}-{nhwc}"] = dict(err=err, launched=len(launches) - before, layout=list(seen),
+                                     dots=dot_launches[dbefore:], w_err=float((got[2].double() - ref[2]).abs().max()
+                                                                              / ref[2].abs().max()))
+    # create_graph: torch's multiplies and adds, and a second backward through them
+    before, dbefore = len(launches), len(dot_launches)
+    gs = run(states, w, ms, us, nhwc, True, create_graph=True)
+    h = torch.autograd.grad(gs[0].float().square().sum(), w)[0]
+    wd = w.detach().double().requires_grad_()
+    gd = run([s.detach().double().requires_grad_() for s in states], wd,
+             [m.detach().double().requires_grad_() for m in ms], [u.double() for u in us], nhwc, False,
+             create_graph=True)
+    hd = torch.autograd.grad(gd[0].square().sum(), wd)[0]
+    out[f"second-{nhwc}"] = dict(err=float((h.double() - hd).abs().max() / hd.abs().max()),
+                                 launched=len(launches) - before + len(dot_launches) - dbefore)
+# dots alone: g and the xs with different strides (channel slices, NCHW, NHWC), 1-9 of them (9: torch's, per x)
+g = torch.randn(2, 12, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last)[:, 3:]
+xs = [torch.randn(2, 9, 5, 7).to(dtype) if i % 3 == 0 else
+      torch.randn(2, 9, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last) if i % 3 == 1 else
+      torch.randn(2, 11, 5, 7).to(dtype)[:, 2:] for i in range(9)]
+for n in (1, 3, 8, 9):
+    before = len(dot_launches)
+    with torch.no_grad():  # (as in a backward without create_graph)
+        d = sums.dots(g, xs[:n], torch.float32)
+    ref = [float((g.double() * x.double()).sum()) for x in xs[:n]]
+    scale = float(g.double().abs().sum())  # |sum| can cancel: relative to the sum of |g * x| ~ |g| sums
+    out[f"dots-{n}"] = dict(err=max(abs(float(a) - b) / scale for a, b in zip(d, ref)),
+                            launched=len(dot_launches) - before, dtype=str(d[0].dtype), n=len(d))
+x = torch.randn(2, 3, requires_grad=True)
+out["none"] = [sums.scaled_fan_out(x.detach(), w, (0, 1)) is None, sums.scaled_fan_out(x, w, ()) is None,
+               len(sums.scaled_fan_out(x, w, (0,)))]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scaled_fan_out_with_deferred_weighted_sums_interpreted(dtype):
+    """Readers of sums.scaled_fan_out's aliases (batched_cell._WeightedSum with deferred inputs) hand back their
+    gradients unscaled, as strided views of the nodes' gradients; one kernel per state computes sum_i beta_i * g_i,
+    and one per node the betas' gradients (sums.dots). Against a float64 reference without deferral: every state's, beta's and mixed part's gradient (NHWC and NCHW),
+    also where the readers' gradients differ in layout (torch's multiplies then) and under create_graph (a second
+    backward through the betas)."""
+    out = interpreted(SCALED, dtype)
+    tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    for nhwc in (True, False):
+        r = out[f"scaled-{nhwc}"]
+        assert r["err"] < tol and r["launched"] == 1 and r["layout"] == [True], r
+        assert r["dots"] == [2, 2, 2] and r["w_err"] < tol, r  # each node's two betas: one kernel
+        r = out[f"mixed-{nhwc}"]  # one reader's gradient with other strides (also read elsewhere): still one kernel
+        assert r["err"] < tol and r["launched"] == 1, r
+        r = out[f"second-{nhwc}"]
+        assert r["err"] < 5 * tol and r["launched"] == 0, r
+    for n in (1, 3, 8, 9):
+        r = out[f"dots-{n}"]
+        assert r["err"] < tol / 10 and r["launched"] == (n <= 8) and r["n"] == n, r
+        assert r["dtype"] == "torch.float32", r
+    assert out["none"] == [True, True, 1]
+
+
+def test_coalesced_views():
+    """The kernel's index arithmetic: adjacent dims merged where every view's strides allow, at most 5 dims; each
+    view keeps its own strides (a node's gradient can be a channel slice of the cell output's: a wider pixel step)."""
+    assert sums._coalesced((2, 5, 7, 3, 3), [(420, 84, 12, 1, 4), (1680, 336, 48, 1, 4)]) == \
+        ([1, 1, 70, 3, 3], [[0, 0, 12, 1, 4], [0, 0, 48, 1, 4]])
+    assert sums._coalesced((2, 5, 7, 3, 3), [(420, 84, 12, 1, 4), (420, 7, 1, 35, 140)]) == \
+        ([1, 2, 35, 3, 3], [[0, 420, 12, 1, 4], [0, 420, 1, 35, 140]])
+    assert sums._coalesced((2, 3, 3, 5, 7), [(420, 35, 140, 7, 1)]) == ([1, 2, 3, 3, 35], [[0, 420, 35, 140, 1]])
+    assert sums._coalesced((4, 1, 6), [(6, 6, 1)]) == ([1, 1, 1, 1, 24], [[0, 0, 0, 0, 1]])
+    assert sums._coalesced((2,) * 6, [(64, 16, 32, 4, 8, 1)]) is None
+
+
 def test_fallbacks_are_torchs_adds_bit_for_bit(monkeypatch):
     """Where the kernel cannot run: the chain of adds in the given order, and no launch."""
     monkeypatch.setattr(sums, "_launch", lambda xs: pytest.fail("launched"))
@@ -148,11 +275,20 @@ def fan_counted(*a):
     fans[0] += 1
     return fan_apply(*a)
 sums._FanOut.apply = fan_counted
+scaled = [0, 0]  # scaled fan-outs (forward), their kernel's launches (backward)
+scaled_apply, scaled_launch = sums._ScaledFanOut.apply, sums._launch_scaled
+sums._ScaledFanOut.apply = lambda *a: scaled.__setitem__(0, scaled[0] + 1) or scaled_apply(*a)
+sums._launch_scaled = lambda *a: scaled.__setitem__(1, scaled[1] + 1) or scaled_launch(*a)
+dots = [0]  # launches of the betas' gradient kernel
+dots_launch = sums._launch_dots
+sums._launch_dots = lambda *a: dots.__setitem__(0, dots[0] + 1) or dots_launch(*a)
 out = {}
 for fuse, dedup in (("off", False), ("all", False), ("off", True)):
-    before = fans[0]
+    before, sbefore, dbefore = fans[0], list(scaled), dots[0]
     r = compare(dict(sums="triton", fuse=fuse, dedup=dedup))
+    r["dots"] = dots[0] - dbefore
     r["fans"] = fans[0] - before  # the training and the bf16 forward (eval needs no gradients: no aliases)
+    r["scaled"] = [a - b for a, b in zip(scaled, sbefore)]
     r["case"] = f"{fuse}-{dedup}"
     out[r["case"]] = r
 print(json.dumps(out))
@@ -168,12 +304,16 @@ def test_batched_cell_with_triton_sums_equals_reference_interpreted():
         assert r["bf16"] < 2e-2, r
         # one sum of a group's ops per group (5 cells x 4 groups; a node's parts are channel views: torch's adds)
         assert r["calls"] == 5 * 4, r  # (counted over both nets' training forwards: the reference has none)
-    # aliases per forward (training and bf16): per cell, each group's input and its ReLU (4 + 4), and the bypassed
-    # channels of the states that two or more nodes read (the cell's inputs, nodes 0 and 1: 4); fused ("all"):
+    # aliases per forward (training and bf16): per cell, each group's input and its ReLU (4 + 4); fused ("all"):
     # the ReLU's only reader is the fused chain, except in the reduction cells' first group (and the
     # FactorizedReduce)
-    assert out["off-False"]["fans"] == out["off-True"]["fans"] == 2 * 5 * (4 + 4 + 4)
-    assert out["all-False"]["fans"] == 2 * (5 * (4 + 4) + 2)
+    assert out["off-False"]["fans"] == out["off-True"]["fans"] == 2 * 5 * (4 + 4)
+    assert out["all-False"]["fans"] == 2 * (5 * 4 + 2)
+    # and the bypassed channels of every state a node reads (the cell's inputs, nodes 0-2: 5 a cell), scaled: one
+    # kernel each per backward (the training step's; the bf16 check runs none)
+    for r in out.values():
+        assert r["scaled"] == [2 * 5 * 5, 5 * 5], r
+        assert r["dots"] == 5 * 4, r  # and the betas' gradients: one kernel per node
 
 
 def test_add_n_kernel_compiles_for_sm90_with_vector_loads_and_no_spills(tmp_path):
@@ -182,6 +322,31 @@ def test_add_n_kernel_compiles_for_sm90_with_vector_loads_and_no_spills(tmp_path
         ptx = compile_sm90(sums._add_n_kernel, pointers, ["numel"], dict(N=7, BLOCK=sums.BLOCK), sums.WARPS,
                            aligned=sums.MAX_TERMS + 2)  # and numel a multiple of 16 (Triton specializes it)
         assert re.search(VECTOR_LOAD, ptx)
+        assert_no_spills(ptx, tmp_path)
+
+
+def test_add_scaled_kernel_compiles_for_sm90_with_vector_stores_and_no_spills(tmp_path):
+    """The NHWC case of a C=16, K=4 cell (sizes 1, 1, pixels, 3, 4): the gathered loads are scalar, the contiguous
+    output of the scaled sum stored in vectors; the betas' gradient kernel (dots) too."""
+    for dtype in ("fp32", "bf16"):
+        pointers, ints = {"out": f"*{dtype}", "w": f"*{dtype}"}, ["numel"]
+        for n in range(sums.MAX_TERMS):
+            pointers[f"g{n}"] = f"*{dtype}"
+            ints += [f"i{n}"] + [f"t{n}{d}" for d in range(5)]
+        # (the signature's order: out, w, numel, then per term g, i, strides; compile_sm90 takes pointers first)
+        names = ["out", "w", "numel"] + [a for n in range(sums.MAX_TERMS)
+                                         for a in (f"g{n}", f"i{n}", *(f"t{n}{d}" for d in range(5)))]
+        sig = {a: pointers.get(a, "i32") for a in names}
+        ptx = compile_sm90(sums._add_scaled_kernel, sig, [], dict(N=4, S1=1, S2=1, S3=3, S4=4, BLOCK=sums.BLOCK),
+                           sums.WARPS, aligned=3)  # out, w and numel (a multiple of 16: specialized)
+        assert re.search(r"st\.global(\.\w+)*\.v[248]", ptx)
+        assert_no_spills(ptx, tmp_path)
+        # the betas' gradients: g and the xs gathered, one float32 partial sum each per program
+        names = ["partials", "numel", "nprog", "g", *(f"u{d}" for d in range(5))] + \
+            [a for n in range(sums.MAX_TERMS) for a in (f"x{n}", *(f"t{n}{d}" for d in range(5)))]
+        sig = {a: "*fp32" if a == "partials" else f"*{dtype}" if a[0] in "gx" else "i32" for a in names}
+        ptx = compile_sm90(sums._dots_kernel, sig, [], dict(N=5, S1=1, S2=1, S3=3, S4=4, BLOCK=sums.BLOCK),
+                           sums.WARPS, aligned=1)
         assert_no_spills(ptx, tmp_path)
 
 

@@ -409,7 +409,8 @@ class BatchedCellRunner:
         # in the activations' dtype (one cast): under CUDA autocast the addcmul of _assemble promotes to its widest
         # input, and float32 edge weights made every node state, the cell outputs and the ops reading them float32
         # in bf16 runs (plus a cast before each convolution); benchmarks/cuda_autocast.py shows it on the CPU
-        betas = edge_weights.to(states[1].dtype).unbind(0)
+        beta_vec = edge_weights.to(states[1].dtype)
+        betas = beta_vec.unbind(0)
         mixed = [[] for _ in range(cell._steps)]
         # per state: the partial channels the ops see, the bypassed rest (split, not sliced: one backward cat)
         heads, rests = [], []
@@ -421,10 +422,20 @@ class BatchedCellRunner:
             head, rest = state.split([cp, state.shape[1] - cp], dim=1)
             heads.append(head)
             rest = _pool(cell._ops[0].mp, rest) if stride != 1 else rest
-            # read by the nodes after it (the cell's inputs: all): with OPTIONS["sums"] one alias per node, their
-            # gradients summed by one kernel
-            readers = cell._steps - max(0, len(rests) - 1)
-            rests.append(list(_fan_out(rest, range(readers)).values()))
+            # read by the nodes after it (the cell's inputs: all), each times its edge's beta, as (K-1, cp) channel
+            # groups (views: N, H, W, K-1, cp for NHWC, else N, K-1, cp, H, W), so the shuffle in _assemble needs
+            # no reshape of their gradient (which would copy it). With OPTIONS["sums"] one alias per node, the
+            # nodes hand back their gradients unscaled and one kernel computes sum_i beta_i * g_i (else torch's
+            # multiplies, and one kernel for their sum where it runs)
+            j = len(rests)
+            nodes = range(max(0, j - 1), cell._steps)
+            view = (lambda t: t.permute(0, 2, 3, 1).unflatten(3, (k - 1, cp))) if nhwc else \
+                (lambda t: t.unflatten(1, (k - 1, cp)))
+            scaled = _scaled_fan_out(view(rest), beta_vec, [edge_offset(i) + j for i in nodes]) if nodes else None
+            if scaled is not None:
+                rests.append({i: (a, True) for i, a in zip(nodes, scaled)})
+            else:
+                rests.append({i: (view(a), False) for i, a in _fan_out(rest, nodes).items()})
 
         # (ops, E * cp) per group: every channel's per-op scale
         sizes = [len(g.edges) * cp for g in self.groups]
@@ -465,13 +476,8 @@ class BatchedCellRunner:
             return m.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         off = edge_offset(node)
         n, _, h, w = m.shape
-        # the rests as (K-1, cp) channel groups (views: N, H, W, K-1, cp for NHWC, else N, K-1, cp, H, W), so
-        # the shuffle below needs no reshape of their gradient (which would copy it)
-        if nhwc:
-            xs = [rests[j].pop().permute(0, 2, 3, 1).unflatten(3, (k - 1, cp)) for j in range(2 + node)]
-        else:
-            xs = [rests[j].pop().unflatten(1, (k - 1, cp)) for j in range(2 + node)]
-        r = _WeightedSum.apply(len(xs), *betas[off:off + 2 + node], *xs)
+        xs, deferred = zip(*(rests[j].pop(node) for j in range(2 + node)))  # (K-1, cp) channel-group views
+        r = _WeightedSum.apply(len(xs), deferred, *betas[off:off + 2 + node], *xs)
         # shuffle(cat(mixed, rest)) with K groups: output channel c*K + g <- channel c of group g
         if nhwc:
             mm = m.permute(0, 2, 3, 1).unsqueeze(4)
@@ -687,6 +693,12 @@ def _fan_out(x, readers) -> dict:
     return sums.fan_out(x, readers) if _triton_sums(x) else dict.fromkeys(readers, x)
 
 
+def _scaled_fan_out(x, w, idx):
+    """Aliases of x for the nodes that read it times w[idx[i]] and hand back their gradients unscaled, one kernel
+    summing them (OPTIONS["sums"], where it runs); None: the nodes scale their own gradients."""
+    return sums.scaled_fan_out(x, w, idx) if _triton_sums(x) else None
+
+
 def _is_nhwc(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
@@ -761,12 +773,15 @@ class _WeightedSum(torch.autograd.Function):
     rests), computed as autograd's mul/addcmul chain would. Its backward takes 3 ops a term, g * b_j and
     sum(g * x_j), where addcmul's took 5 (it multiplies x_j and b_j by addcmul's `value` 1 first, one of them a
     full-size multiply). x_j's gradient comes out contiguous in x_j's shape, so the reshape behind a view x_j
-    needs no copy."""
+    needs no copy. `deferred[j]`: x_j is an alias from sums.scaled_fan_out, which scales the gradient itself: x_j
+    gets g unscaled (no multiply, nothing written). With OPTIONS["sums"] the betas' gradients come from one kernel
+    (sums.dots: g read once, no products written)."""
 
     @staticmethod
-    def forward(ctx, n, *args):
+    def forward(ctx, n, deferred, *args):
         bs, xs = args[:n], args[n:]
-        ctx.n = n
+        ctx.n, ctx.deferred = n, tuple(deferred)
+        ctx.dots = _triton_sums(xs[0])  # the betas' gradients as one kernel (sums.dots), where it runs
         ctx.save_for_backward(*bs, *xs)
         r = xs[0] * bs[0]
         for x, b in zip(xs[1:], bs[1:]):
@@ -778,17 +793,31 @@ class _WeightedSum(torch.autograd.Function):
         n = ctx.n
         saved = ctx.saved_tensors
         bs, xs = saved[:n], saved[n:]
-        # the gradients this pass reaches (next_functions: bs then xs, no entry for n): the weight step's backward
-        # (inputs = the weights) needs no beta's, each a full-size multiply and reduction; nor the arch step the
-        # first cell's rests'
-        need = [depthwise._wanted(ctx, 1 + i, i) for i in range(2 * n)]
-        gbs = [(g * x).sum() if need[j] else None for j, x in enumerate(xs)]
-        if type(g) is torch.Tensor and not torch.compiler.is_compiling():  # eager: the transpose fused into the mul
-            gxs = [torch.mul(g, b, out=torch.empty(x.shape, dtype=x.dtype, device=x.device)) if need[n + j] else None
-                   for j, (x, b) in enumerate(zip(xs, bs))]
-        else:  # traced (torch.compile): out= does not fix a traced result's strides; the compiler fuses the copy
-            gxs = [(g * b).contiguous() if need[n + j] else None for j, b in enumerate(bs)]
-        return (None, *gbs, *gxs)
+        # the gradients this pass reaches (next_functions: bs then xs, no entry for n and deferred): the weight
+        # step's backward (inputs = the weights) needs no beta's, each a full-size multiply and reduction; nor the
+        # arch step the first cell's rests'
+        need = [depthwise._wanted(ctx, 2 + i, i) for i in range(2 * n)]
+        # eager, no graph of this backward wanted (create_graph: out= is not differentiable)
+        eager = type(g) is torch.Tensor and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+        wanted = [j for j in range(n) if need[j]]
+        gbs = [None] * n
+        if ctx.dots and eager and wanted:  # g read once for all of them, no product written
+            for j, d in zip(wanted, sums.dots(g, [xs[j] for j in wanted], bs[wanted[0]].dtype)):
+                gbs[j] = d
+        else:
+            for j in wanted:
+                gbs[j] = (g * xs[j]).sum()
+        gxs = []
+        for j, (x, b) in enumerate(zip(xs, bs)):
+            if not need[n + j]:
+                gxs.append(None)
+            elif ctx.deferred[j]:
+                gxs.append(g)
+            elif eager:  # the transpose fused into the mul
+                gxs.append(torch.mul(g, b, out=torch.empty(x.shape, dtype=x.dtype, device=x.device)))
+            else:  # traced (torch.compile): out= does not fix a traced result's strides; the compiler fuses the copy
+                gxs.append((g * b).contiguous())  # (create_graph: an autograd graph of the multiply and copy)
+        return (None, None, *gbs, *gxs)
 
 
 class _ChannelsLastGrad(torch.autograd.Function):
