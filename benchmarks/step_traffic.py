@@ -76,8 +76,8 @@ def cuda_sums(traffic: Traffic):
 
     from hvd_pcdarts.models import depthwise, sums
 
-    runs_on, launch, scaled, dots = sums.runs_on, sums._launch, sums._launch_scaled, sums._launch_dots  # (not depthwise.available: +tdw
-    # would launch Triton on the CPU)
+    # (sums.runs_on is replaced, not depthwise.available: +tdw would launch Triton on the CPU)
+    runs_on, launch, scaled, dots = sums.runs_on, sums._launch, sums._launch_scaled, sums._launch_dots
 
     def record(name, xs, out):
         traffic.ops.append((name, sum(map(_nbytes, xs)) + _nbytes(out),

@@ -186,9 +186,10 @@ print(json.dumps(out))
 def test_scaled_fan_out_with_deferred_weighted_sums_interpreted(dtype):
     """Readers of sums.scaled_fan_out's aliases (batched_cell._WeightedSum with deferred inputs) hand back their
     gradients unscaled, as strided views of the nodes' gradients; one kernel per state computes sum_i beta_i * g_i,
-    and one per node the betas' gradients (sums.dots). Against a float64 reference without deferral: every state's, beta's and mixed part's gradient (NHWC and NCHW),
-    also where the readers' gradients differ in layout (torch's multiplies then) and under create_graph (a second
-    backward through the betas)."""
+    and one per node the betas' gradients (sums.dots). Against a float64 reference without deferral: every
+    state's, beta's and mixed part's gradient (NHWC and NCHW), also where one reader's gradient has other strides
+    (still one kernel: each view its own strides), and under create_graph (torch's ops, and a second backward
+    through the betas); sums.dots alone for 1-9 terms of mixed strides."""
     out = interpreted(SCALED, dtype)
     tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
     for nhwc in (True, False):
