@@ -330,24 +330,20 @@ def test_add_scaled_kernel_compiles_for_sm90_with_vector_stores_and_no_spills(tm
     """The NHWC case of a C=16, K=4 cell (sizes 1, 1, pixels, 3, 4): the gathered loads are scalar, the contiguous
     output of the scaled sum stored in vectors; the betas' gradient kernel (dots) too."""
     for dtype in ("fp32", "bf16"):
-        pointers, ints = {"out": f"*{dtype}", "w": f"*{dtype}"}, ["numel"]
-        for n in range(sums.MAX_TERMS):
-            pointers[f"g{n}"] = f"*{dtype}"
-            ints += [f"i{n}"] + [f"t{n}{d}" for d in range(5)]
-        # (the signature's order: out, w, numel, then per term g, i, strides; compile_sm90 takes pointers first)
-        names = ["out", "w", "numel"] + [a for n in range(sums.MAX_TERMS)
-                                         for a in (f"g{n}", f"i{n}", *(f"t{n}{d}" for d in range(5)))]
-        sig = {a: pointers.get(a, "i32") for a in names}
-        ptx = compile_sm90(sums._add_scaled_kernel, sig, [], dict(N=4, S1=1, S2=1, S3=3, S4=4, BLOCK=sums.BLOCK),
-                           sums.WARPS, aligned=3)  # out, w and numel (a multiple of 16: specialized)
+        # (in the signature's order: out, w, numel, S1, S2, then per term g, i and its strides)
+        names = ["out", "w", "numel", "S1", "S2"] + [a for n in range(sums.MAX_TERMS)
+                                                     for a in (f"g{n}", f"i{n}", *(f"t{n}{d}" for d in range(5)))]
+        sig = {a: f"*{dtype}" if a in ("out", "w") or a[0] == "g" else "i32" for a in names}
+        ptx = compile_sm90(sums._add_scaled_kernel, sig, [], dict(N=4, S3=3, S4=4, BLOCK=sums.BLOCK), sums.WARPS,
+                           aligned=3)  # out, w and numel (a multiple of 16: specialized)
         assert re.search(r"st\.global(\.\w+)*\.v[248]", ptx)
         assert_no_spills(ptx, tmp_path)
         # the betas' gradients: g and the xs gathered, one float32 partial sum each per program
-        names = ["partials", "numel", "nprog", "g", *(f"u{d}" for d in range(5))] + \
+        names = ["partials", "numel", "nprog", "S1", "S2", "g", *(f"u{d}" for d in range(5))] + \
             [a for n in range(sums.MAX_TERMS) for a in (f"x{n}", *(f"t{n}{d}" for d in range(5)))]
         sig = {a: "*fp32" if a == "partials" else f"*{dtype}" if a[0] in "gx" else "i32" for a in names}
-        ptx = compile_sm90(sums._dots_kernel, sig, [], dict(N=5, S1=1, S2=1, S3=3, S4=4, BLOCK=sums.BLOCK),
-                           sums.WARPS, aligned=1)
+        ptx = compile_sm90(sums._dots_kernel, sig, [], dict(N=5, S3=3, S4=4, BLOCK=sums.BLOCK), sums.WARPS,
+                           aligned=1)
         assert_no_spills(ptx, tmp_path)
 
 
@@ -363,11 +359,14 @@ def test_add_all_and_fan_out_cuda(dtype):
 def test_graphed_batched_step_with_triton_sums_equals_eager_reference_cuda(strict_fp32, monkeypatch):
     """The kernel inside the captured search step (streams on: the aliases' gradients come from side streams)."""
     monkeypatch.setitem(batched_cell.OPTIONS, "sums", "triton")
-    launches = []
-    launch = sums._launch
+    launches, scaled, dots = [], [], []
+    launch, launch_scaled, launch_dots = sums._launch, sums._launch_scaled, sums._launch_dots
     monkeypatch.setattr(sums, "_launch", lambda xs: launches.append(len(xs)) or launch(xs))
+    monkeypatch.setattr(sums, "_launch_scaled", lambda gs, w, i: scaled.append(len(gs)) or launch_scaled(gs, w, i))
+    monkeypatch.setattr(sums, "_launch_dots", lambda g, xs: dots.append(len(xs)) or launch_dots(g, xs))
     (l0, p0, _), (l1, p1, _) = (cuda_search_steps(m, batched=m == "graph", channels_last=True)
                                 for m in ("eager", "graph"))
-    assert len(launches) > 100  # ran (a silent fallback to torch's adds would pass the comparison too)
+    # ran (a silent fallback to torch's ops would pass the comparison too)
+    assert len(launches) > 100 and len(scaled) > 20 and len(dots) > 10, (len(launches), len(scaled), len(dots))
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-3
     assert rel_diff(p0, p1) < 1e-3

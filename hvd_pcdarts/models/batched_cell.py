@@ -97,8 +97,11 @@ OPTIONS = {
     # in these cells they are channel views), and the gradients of a group's input and of its ReLU (each read by
     # several ops): "torch" (chains of adds, and autograd's pairwise
     # accumulation) or "triton" (models/sums.py: one pass each, in float32; where it cannot run, torch's adds).
-    # Also the gradients of each state's bypassed channels from the nodes that read them. Counted on the CPU
-    # (session 11): a B=64 bf16 step moves 16.28 -> 15.01 GiB in 12,406 -> 11,760 ops. Not yet timed on a GPU
+    # Also the gradients of each state's bypassed channels from the nodes that read them: sum_i beta_i * g_i in one
+    # kernel over the nodes' gradients in place (sums.scaled_fan_out; session 12), and each node's betas'
+    # gradients sum(g * rest_j) in one kernel reading g once (sums.dots). Counted on the CPU, a B=64 bf16 step:
+    # 16.28 -> 15.01 GiB in 12,406 -> 11,760 ops (session 11), -> 14.12 GiB in 11,311 ops (session 12). Not yet
+    # timed on a GPU
     "sums": "torch",
 }
 _SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]

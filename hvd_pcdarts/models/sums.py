@@ -55,32 +55,41 @@ if triton is not None:
             acc += tl.load(x7 + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(out + offs, acc.to(out.dtype.element_ty), mask=m)
 
+    # The two strided kernels below: every view's strides are runtime arguments and not specialized (one compile
+    # per term count and innermost sizes, whatever the strides; the gathered loads do not vectorize anyway), the
+    # two innermost sizes compile-time (small: K-1 and C/K, or C/K and H*W; division by a constant is cheap), the
+    # outer two runtime (Triton specializes a size of 1: NHWC runs merge batch and pixels into one dim)
+    _STRIDES = [f"t{n}{d}" for n in range(MAX_TERMS) for d in range(5)]
+    _BETAS = [f"i{n}" for n in range(MAX_TERMS)]  # the betas' positions: not specialized either
+
+    @triton.jit
+    def _index(offs, S1, S2, S3: tl.constexpr, S4: tl.constexpr):
+        # offs over a contiguous (*, S1, S2, S3, S4) index space -> its five coordinates
+        c4 = offs % S4
+        r = offs // S4
+        c3 = r % S3
+        r = r // S3
+        c2 = r % S2
+        r = r // S2
+        return r // S1, r % S1, c2, c3, c4
+
     @triton.jit
     def _scaled_term(acc, g, w, i, c0, c1, c2, c3, c4, t0, t1, t2, t3, t4, m):
         src = c0 * t0 + c1 * t1 + c2 * t2 + c3 * t3 + c4 * t4
         return acc + tl.load(g + src, mask=m, other=0.0).to(tl.float32) * tl.load(w + i).to(tl.float32)
 
-    @triton.jit
-    def _add_scaled_kernel(out, w, numel,
+    @triton.jit(do_not_specialize=_STRIDES + _BETAS)
+    def _add_scaled_kernel(out, w, numel, S1, S2,
                            g0, i0, t00, t01, t02, t03, t04, g1, i1, t10, t11, t12, t13, t14,
                            g2, i2, t20, t21, t22, t23, t24, g3, i3, t30, t31, t32, t33, t34,
                            g4, i4, t40, t41, t42, t43, t44, g5, i5, t50, t51, t52, t53, t54,
                            g6, i6, t60, t61, t62, t63, t64, g7, i7, t70, t71, t72, t73, t74,
-                           N: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-                           S4: tl.constexpr, BLOCK: tl.constexpr):
+                           N: tl.constexpr, S3: tl.constexpr, S4: tl.constexpr, BLOCK: tl.constexpr):
         # out (contiguous, sizes (numel / (S1 S2 S3 S4), S1, S2, S3, S4)) = sum_n w[i_n] * g_n, each g_n a view
         # with its own strides (t_n0, ..., t_n4), in float32
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < numel
-        r = offs
-        c4 = r % S4
-        r = r // S4
-        c3 = r % S3
-        r = r // S3
-        c2 = r % S2
-        r = r // S2
-        c1 = r % S1
-        c0 = r // S1
+        c0, c1, c2, c3, c4 = _index(offs, S1, S2, S3, S4)
         acc = _scaled_term(tl.zeros([BLOCK], dtype=tl.float32), g0, w, i0, c0, c1, c2, c3, c4,
                            t00, t01, t02, t03, t04, m)
         if N > 1:
@@ -99,34 +108,24 @@ if triton is not None:
             acc = _scaled_term(acc, g7, w, i7, c0, c1, c2, c3, c4, t70, t71, t72, t73, t74, m)
         tl.store(out + offs, acc.to(out.dtype.element_ty), mask=m)
 
-
     @triton.jit
     def _dot_term(partials, j, nprog, gv, x, c0, c1, c2, c3, c4, t0, t1, t2, t3, t4, m):
         src = c0 * t0 + c1 * t1 + c2 * t2 + c3 * t3 + c4 * t4
         xv = tl.load(x + src, mask=m, other=0.0).to(tl.float32)
         tl.store(partials + j * nprog + tl.program_id(0), tl.sum(gv * xv, axis=0))
 
-    @triton.jit
-    def _dots_kernel(partials, numel, nprog, g, u0, u1, u2, u3, u4,
+    @triton.jit(do_not_specialize=_STRIDES + [f"u{d}" for d in range(5)] + ["nprog"])
+    def _dots_kernel(partials, numel, nprog, S1, S2, g, u0, u1, u2, u3, u4,
                      x0, t00, t01, t02, t03, t04, x1, t10, t11, t12, t13, t14,
                      x2, t20, t21, t22, t23, t24, x3, t30, t31, t32, t33, t34,
                      x4, t40, t41, t42, t43, t44, x5, t50, t51, t52, t53, t54,
                      x6, t60, t61, t62, t63, t64, x7, t70, t71, t72, t73, t74,
-                     N: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-                     S4: tl.constexpr, BLOCK: tl.constexpr):
+                     N: tl.constexpr, S3: tl.constexpr, S4: tl.constexpr, BLOCK: tl.constexpr):
         # partials[n, program] = this program's part of sum(g * x_n) over the index space (numel / (S1 S2 S3 S4),
         # S1, S2, S3, S4), g with strides (u0, ..., u4), x_n with (t_n0, ..., t_n4); in float32, g read once
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < numel
-        r = offs
-        c4 = r % S4
-        r = r // S4
-        c3 = r % S3
-        r = r // S3
-        c2 = r % S2
-        r = r // S2
-        c1 = r % S1
-        c0 = r // S1
+        c0, c1, c2, c3, c4 = _index(offs, S1, S2, S3, S4)
         gv = tl.load(g + c0 * u0 + c1 * u1 + c2 * u2 + c3 * u3 + c4 * u4, mask=m, other=0.0).to(tl.float32)
         _dot_term(partials, 0, nprog, gv, x0, c0, c1, c2, c3, c4, t00, t01, t02, t03, t04, m)
         if N > 1:
@@ -278,8 +277,8 @@ def _launch_scaled(gs, w, idx) -> torch.Tensor:
         j = k if k < len(gs) else 0
         args += [gs[j], int(idx[j]), *strides[j]]
     with dw._on(out):
-        _add_scaled_kernel[(triton.cdiv(n, BLOCK),)](out, w, n, *args, N=len(gs), S1=sizes[1], S2=sizes[2],
-                                                     S3=sizes[3], S4=sizes[4], BLOCK=BLOCK, num_warps=WARPS)
+        _add_scaled_kernel[(triton.cdiv(n, BLOCK),)](out, w, n, sizes[1], sizes[2], *args, N=len(gs), S3=sizes[3],
+                                                     S4=sizes[4], BLOCK=BLOCK, num_warps=WARPS)
     return out
 
 
@@ -362,6 +361,6 @@ def _launch_dots(g, xs) -> torch.Tensor:
         j = k if k < len(xs) else 0
         args += [xs[j], *strides[1 + j]]
     with dw._on(g):
-        _dots_kernel[(nprog,)](partials, n, nprog, g, *strides[0], *args, N=len(xs), S1=sizes[1], S2=sizes[2],
+        _dots_kernel[(nprog,)](partials, n, nprog, sizes[1], sizes[2], g, *strides[0], *args, N=len(xs),
                                S3=sizes[3], S4=sizes[4], BLOCK=BLOCK, num_warps=WARPS)
     return partials.sum(1)
