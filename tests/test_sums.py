@@ -115,7 +115,7 @@ def node(m, r, nhwc):  # the cell's shuffle(cat(mixed, rest)): the rest's gradie
         return torch.cat([mm, r.transpose(3, 4)], dim=4).reshape(n, h, w, cp * K).permute(0, 3, 1, 2)
     return torch.cat([m.unsqueeze(2), r.transpose(1, 2)], dim=2).reshape(n, cp * K, h, w)
 
-def run(states, w, ms, us, nhwc, scaled, mixed_layouts=False, create_graph=False):
+def run(states, w, ms, us, nhwc, scaled, mixed_layouts=False, create_graph=False, wrt=None):
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     # three nodes read state 0 (betas w[1], w[3], w[4]), each also reads state 1 unscaled-path (w[0], w[2], w[5])
     x0, x1 = views(states[0], nhwc), views(states[1], nhwc)
@@ -129,7 +129,7 @@ def run(states, w, ms, us, nhwc, scaled, mixed_layouts=False, create_graph=False
         if mixed_layouts and i == 1:  # this reader's gradient contiguous, the others' views of their nodes'
             loss = loss + (r.float() * views(us[i].contiguous(memory_format=fmt), nhwc).contiguous()).sum()
         loss = loss + (node(ms[i], r, nhwc).float() * us[i]).sum()
-    return torch.autograd.grad(loss, [*states, w, *ms], create_graph=create_graph)
+    return torch.autograd.grad(loss, wrt or [*states, w, *ms], create_graph=create_graph)
 
 out = {}
 for nhwc in (True, False):
@@ -141,6 +141,7 @@ for nhwc in (True, False):
     ms = [torch.randn(2, cp, 5, 7, generator=g).to(dtype).contiguous(memory_format=fmt).requires_grad_()
           for _ in range(3)]
     us = [torch.randn(2, cp * K, 5, 7, generator=g) for _ in range(3)]
+    refs = {}
     for case in ("scaled", "mixed"):
         ref = run([s.detach().double().requires_grad_() for s in states], w.detach().double().requires_grad_(),
                   [m.detach().double().requires_grad_() for m in ms], [u.double() for u in us], nhwc, False,
@@ -148,9 +149,17 @@ for nhwc in (True, False):
         before, dbefore, seen = len(launches), len(dot_launches), []
         got = run(states, w, ms, us, nhwc, True, mixed_layouts=case == "mixed")
         err = max(float((a.double() - b).abs().max() / b.abs().max()) for a, b in zip(got, ref))
+        refs[case] = ref
         out[f"{case}-{nhwc}"] = dict(err=err, launched=len(launches) - before, layout=list(seen),
                                      dots=dot_launches[dbefore:], w_err=float((got[2].double() - ref[2]).abs().max()
                                                                               / ref[2].abs().max()))
+    # the arch step: autograd.grad to the betas alone (the states lead to weights only): the betas' kernel runs,
+    # the fan-out's (its input is not needed) computes nothing
+    before, dbefore = len(launches), len(dot_launches)
+    (gw,) = run(states, w, ms, us, nhwc, True, wrt=[w])
+    out[f"arch-{nhwc}"] = dict(launched=len(launches) - before, dots=len(dot_launches) - dbefore,
+                               err=float((gw.double() - refs["scaled"][2]).abs().max()
+                                         / refs["scaled"][2].abs().max()))
     # create_graph: torch's multiplies and adds, and a second backward through them
     before, dbefore = len(launches), len(dot_launches)
     gs = run(states, w, ms, us, nhwc, True, create_graph=True)
@@ -198,6 +207,8 @@ def test_scaled_fan_out_with_deferred_weighted_sums_interpreted(dtype):
         assert r["dots"] == [2, 2, 2] and r["w_err"] < tol, r  # each node's two betas: one kernel
         r = out[f"mixed-{nhwc}"]  # one reader's gradient with other strides (also read elsewhere): still one kernel
         assert r["err"] < tol and r["launched"] == 1, r
+        r = out[f"arch-{nhwc}"]
+        assert r["launched"] == 0 and r["dots"] == 3 and r["err"] < tol, r
         r = out[f"second-{nhwc}"]
         assert r["err"] < 5 * tol and r["launched"] == 0, r
     for n in (1, 3, 8, 9):

@@ -798,7 +798,8 @@ class _WeightedSum(torch.autograd.Function):
         bs, xs = saved[:n], saved[n:]
         # the gradients this pass reaches (next_functions: bs then xs, no entry for n and deferred): the weight
         # step's backward (inputs = the weights) needs no beta's, each a full-size multiply and reduction; nor the
-        # arch step the first cell's rests'
+        # arch step the first cell's rests' (deferred ones: handed back as they are, for free, and the fan-out
+        # computes nothing where its input is not needed)
         need = [depthwise._wanted(ctx, 2 + i, i) for i in range(2 * n)]
         # eager, no graph of this backward wanted (create_graph: out= is not differentiable)
         eager = type(g) is torch.Tensor and not torch.compiler.is_compiling() and not torch.is_grad_enabled()

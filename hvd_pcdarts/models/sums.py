@@ -256,16 +256,18 @@ def _coalesced(shape, strides):
     return [1] * pad + sizes, [[0] * pad + [st[d] for d in groups] for st in strides]
 
 
-def scaled_usable(gs, w) -> bool:
+def scaled_usable(gs, w, idx) -> bool:
     """Whether the kernel can compute sum_i w[idx[i]] * gs[i]: 1 to MAX_TERMS tensors it reads together
-    (_views_usable: one shape, dtype and device, any strides), a 1-d w of a dtype it reads on their device."""
-    if not 1 <= len(gs) <= MAX_TERMS or not _views_usable(gs):
+    (_views_usable: one shape, dtype and device, any strides), a dense 1-d w of a dtype it reads on their device,
+    every index in it."""
+    if not 1 <= len(gs) <= MAX_TERMS or len(idx) != len(gs) or not _views_usable(gs):
         return False
-    return w.dim() == 1 and w.device == gs[0].device and w.dtype in dw.DTYPES
+    return w.dim() == 1 and w.stride(0) == 1 and w.device == gs[0].device and w.dtype in dw.DTYPES and \
+        all(0 <= i < w.numel() for i in idx)
 
 
 def _launch_scaled(gs, w, idx) -> torch.Tensor:
-    """The kernel's sum_i w[idx[i]] * gs[i] for scaled_usable(gs, w): a new contiguous tensor."""
+    """The kernel's sum_i w[idx[i]] * gs[i] for scaled_usable(gs, w, idx): a new contiguous tensor."""
     g = gs[0]
     out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     n = out.numel()
@@ -285,7 +287,7 @@ def _launch_scaled(gs, w, idx) -> torch.Tensor:
 def scaled_sum(gs, w, idx) -> torch.Tensor:
     """sum_i w[idx[i]] * gs[i] (gs: same shape, any strides; w: 1-d), contiguous: one kernel where scaled_usable,
     else torch's multiply and adds (which a further backward can follow)."""
-    if not torch.is_grad_enabled() and scaled_usable(gs, w):
+    if not torch.is_grad_enabled() and scaled_usable(gs, w, idx):
         return _launch_scaled(gs, w, idx)
     out = torch.mul(gs[0], w[idx[0]]).contiguous()
     for g, i in zip(gs[1:], idx[1:]):
@@ -295,7 +297,9 @@ def scaled_sum(gs, w, idx) -> torch.Tensor:
 
 class _ScaledFanOut(torch.autograd.Function):
     """n aliases of x for readers that use them scaled by w[idx[i]] and hand back their gradient unscaled; the
-    backward: x's gradient sum_i w[idx[i]] * g_i (w gets none here: its readers compute w's gradients)."""
+    backward: x's gradient sum_i w[idx[i]] * g_i (w gets none here: its readers compute w's gradients). Only the
+    pair is correct: the gradient at an alias is unscaled, so each alias must have exactly one reader, of that
+    kind (no other op, hook or retain_grad on it)."""
 
     @staticmethod
     def forward(ctx, x, w, idx):
@@ -308,7 +312,9 @@ class _ScaledFanOut(torch.autograd.Function):
     def backward(ctx, *gs):
         (w,) = ctx.saved_tensors
         terms = [(g, i) for g, i in zip(gs, ctx.idx) if g is not None]
-        if not terms or not ctx.needs_input_grad[0]:
+        # (not only needs_input_grad: w leads to the betas, so the arch step's autograd.grad runs this node also
+        # where x leads only to weights, the first cell's inputs: nothing to compute then)
+        if not terms or not dw._wanted(ctx, 0):
             return None, None, None
         return scaled_sum([g for g, _ in terms], w if torch.is_grad_enabled() else w.detach(),
                           [i for _, i in terms]), None, None
