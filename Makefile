@@ -3,6 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
+# two pytest workers, one test file each at a time (a file's module fixtures stay in one process): about half of
+# the suite is single-threaded (dynamo tracing, Triton's interpreter, one-rank runs with one OpenMP thread) and
+# leaves a core idle when run alone. TEST_WORKERS=0: one process, as before.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: setup test test-fast lint demo clean bench
 
@@ -15,10 +20,10 @@ setup:
 	touch $(STAMP)
 
 test: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hvd_pcdarts bin tests

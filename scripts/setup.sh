@@ -43,11 +43,11 @@ fi
 PYTHON="$VPY" bash "$ROOT/scripts/install_horovod.sh" 2>&1 | grep -v '^WARNING: Location' >&2 || true
 "$VPY" -c "import horovod.torch" || { echo "setup: horovod did not install (see above)" >&2; exit 1; }
 
-if ! "$VPY" -c "import hvd_pcdarts, mpi4py, sklearn, tqdm, tensorboard, pytest, graphviz, matplotlib" 2>/dev/null \
+if ! "$VPY" -c "import hvd_pcdarts, mpi4py, sklearn, tqdm, tensorboard, pytest, xdist, graphviz, matplotlib" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.hvd_pcdarts_installed" ]; then
   log "installing the project (editable) with its dev and viz extras"
   "$VPY" -m pip install -q -e ".[dev,viz]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  "$VPY" -c "import hvd_pcdarts, mpi4py, sklearn, tqdm, tensorboard, pytest" || { echo "setup: project install failed" >&2; exit 1; }
+  "$VPY" -c "import hvd_pcdarts, mpi4py, sklearn, tqdm, tensorboard, pytest, xdist" || { echo "setup: project install failed" >&2; exit 1; }
   touch "$VENV/.hvd_pcdarts_installed"
 fi
 

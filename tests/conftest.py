@@ -13,6 +13,12 @@ if _TESTS_DIR not in sys.path:  # `from helpers import ...` works whatever pytes
 
 import helpers  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on the machine's cores: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # (OpenMP threads spinning against the other worker's
+    import torch  # noqa: E402                      # processes slow small CPU tests several-fold)
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def repo_root():

@@ -85,9 +85,18 @@ def test_compiled_cells_equal_eager_float64(cl, pointwise):
         _assert_same(_search(cl=cl), _search(backend="aot_eager", freeze=True, cl=cl), 1e-10)
     finally:
         batched_cell.OPTIONS.update(saved)
-    # really compiled, in one piece per cell: 4 cells of 3 shapes x (training, arch step, no-grad eval)
-    assert counters["stats"]["unique_graphs"] >= 9, dict(counters["stats"])
+    # really compiled, in one piece per cell and mode: 4 cells x (training, arch step, no-grad eval)
+    _assert_whole_graphs(counters, 9, 12)
+
+
+def _assert_whole_graphs(counters, least, most):
+    """Every frame dynamo started compiled whole (no graph break, and no frame it gave up on and ran eagerly: a
+    cell whose backward asked the engine what it reaches fell back to ~15 small graphs per cell and mode, and to
+    4x the compile time, without a single counters["graph_break"]), into `least`..`most` graphs."""
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not counters["unimplemented"], list(counters["unimplemented"])
+    assert counters["frames"]["total"] == counters["frames"]["ok"], dict(counters["frames"])
+    assert least <= counters["stats"]["unique_graphs"] <= most, dict(counters["stats"])
 
 
 def test_deep_copy_of_a_compiled_net_computes_with_its_own_buffers():
@@ -125,37 +134,30 @@ def test_uncompiled_runs_a_new_shape_eagerly_without_compiling():
     assert torch.allclose(out, again, rtol=1e-12, atol=1e-12)
 
 
-RUN = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
+# 3 cells (normal, reduction, reduction: the three kinds of cell input), each compiled in 3 modes, ~25 s a graph
+RUN = ["--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers", "0", "--no-tensorboard",
        "--no-progress", "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "2",
        "--no-augment", "--fp64", "--seed", "3", "--batched-edges"]
 COMPILE = ["--compile", "--compile-backend", "aot_eager"]
 
 
-def test_train_search_compile_one_rank_equals_eager(tmp_path):
-    runs = {}
-    for tag, extra in (("eager", []), ("compiled", COMPILE)):
-        res = launch([python_exe(), SCRIPT, *RUN, *extra, "--device", "cpu", "--output-dir", tmp_path / tag],
-                     timeout=600)
-        assert res.returncode == 0, describe(res)
-        assert ("compiled cells (aot_eager)" in res.stdout) == (tag == "compiled"), describe(res)
-        runs[tag] = final_state(tmp_path / tag)
-    assert_same_runs(runs["eager"], runs["compiled"])
-    genotypes = [json.loads((tmp_path / t / "genotype.json").read_text())["genotype"] for t in runs]
-    assert genotypes[0] == genotypes[1]
-
-
 @pytest.mark.slow
 def test_train_search_compile_two_ranks_with_hooks_equals_eager(tmp_path):
-    """2 real ranks with Horovod's per-tensor hooks (--grad-allreduce overlap): the compiled arch step turns
-    requires_grad off and on again around every forward, and the hooks must keep firing in the weight step."""
+    """bin/train_search.py --compile equals eager (every rank's parameters, the metrics, the genotype), on 2 real
+    ranks with Horovod's per-tensor hooks (--grad-allreduce overlap): the compiled arch step turns requires_grad
+    off and on again around every forward, and the hooks must keep firing in the weight step. (A one-rank twin
+    of this run was dropped: it checked nothing this one does not, in 6 minutes of compiling.)"""
     runs = {}
     for tag, extra in (("eager", []), ("compiled", COMPILE)):
         res = launch(horovodrun_cmd(2, [SCRIPT, *RUN, *extra, "--grad-allreduce", "overlap",
                                         "--output-dir", tmp_path / tag]), timeout=900)
         assert res.returncode == 0, describe(res)
         assert "all 2 rank(s) hold identical parameters" in res.stdout + res.stderr, describe(res)
+        assert ("compiled cells (aot_eager)" in res.stdout) == (tag == "compiled"), describe(res)
         runs[tag] = final_state(tmp_path / tag)
     assert_same_runs(runs["eager"], runs["compiled"])
+    genotypes = [json.loads((tmp_path / t / "genotype.json").read_text())["genotype"] for t in runs]
+    assert genotypes[0] == genotypes[1]
 
 
 def test_compile_without_batched_edges_is_one_line_usage_error(tmp_path):

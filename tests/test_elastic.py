@@ -21,12 +21,13 @@ SCRIPT = str(REPO_ROOT / "bin" / "train_search.py")
 TRAIN = str(REPO_ROOT / "bin" / "train.py")
 DISCOVER = str(REPO_ROOT / "hostfiles" / "discover_hosts.sh")
 COMMIT = 3
-ARGS = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
-        "--no-progress", "--epochs", "3", "--arch-start-epoch", "1", "--batch-size", "48", "--steps-per-epoch", "12",
-        "--elastic", "--commit-interval", str(COMMIT)]
-TRAIN_ARGS = ["--genotype", "PCDARTS", "--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers",
+STEPS = 6  # per epoch: two commits an epoch (kept small: 3 ranks on a 2-core machine)
+ARGS = ["--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers", "0", "--no-tensorboard",
+        "--no-progress", "--epochs", "3", "--arch-start-epoch", "1", "--batch-size", "48",
+        "--steps-per-epoch", str(STEPS), "--elastic", "--commit-interval", str(COMMIT)]
+TRAIN_ARGS = ["--genotype", "PCDARTS", "--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers",
               "0", "--no-tensorboard", "--no-progress", "--epochs", "3", "--batch-size", "48", "--steps-per-epoch",
-              "12", "--cutout-length", "4", "--lr", "0.05", "--elastic", "--commit-interval", str(COMMIT)]
+              str(STEPS), "--cutout-length", "4", "--lr", "0.05", "--elastic", "--commit-interval", str(COMMIT)]
 
 
 def _local_names() -> list[str]:
@@ -118,7 +119,7 @@ def test_elastic_search_survives_a_killed_worker(tmp_path, victim, comm):
     # the traces show every step of every epoch (the killed worker's only up to its last commit)
     steps = {(r["epoch"], r["step"]) for f in trace.iterdir() for r in map(json.loads, f.read_text().splitlines())
              if r["kind"] == "weight"}
-    assert sorted(steps) == [(e, s) for e in range(3) for s in range(12)]
+    assert sorted(steps) == [(e, s) for e in range(3) for s in range(STEPS)]
     print(f"elastic (rank {victim} killed): {redone} step(s) redone")
 
 

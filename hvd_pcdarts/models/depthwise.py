@@ -269,6 +269,8 @@ def _wanted(ctx, i: int, node_index: int | None = None) -> bool:
     ctx.next_functions where it differs (next_functions has one entry per tensor argument only)."""
     if not ctx.needs_input_grad[i]:
         return False
+    if torch.compiler.is_compiling():  # traced (torch.compile): no engine to ask, and the traced ctx has no
+        return True                     # next_functions (asking made dynamo give up on the whole cell)
     node = ctx.next_functions[i if node_index is None else node_index][0]
     try:
         return node is None or torch._C._will_engine_execute_node(node)
