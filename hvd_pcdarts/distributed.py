@@ -41,12 +41,21 @@ def init(cpu_tuning: bool = False) -> None:
     # Synchronized batch norm issues two named allreduces per BN layer and step (well over a thousand in the
     # search supernet): give Horovod's response cache room for all of them, unless the user chose a size.
     os.environ.setdefault("HOROVOD_CACHE_CAPACITY", "16384")
-    if cpu_tuning and not torch.cuda.is_available():
+    cpu_only = not torch.cuda.is_available()
+    if cpu_tuning and cpu_only:
         # CPU-only machine: Horovod's background loop, waking every millisecond by default, takes CPU from the
         # compute threads; a 20 ms cycle raised 2-rank loopback scaling from 0.65 to 0.80-0.89
         # (benchmarks/RESULTS.md). Callers pass cpu_tuning=False with synchronized BN, whose per-layer
         # allreduces run one after another and would each wait up to a cycle. The environment's value wins.
         os.environ.setdefault("HOROVOD_CYCLE_TIME", str(CPU_CYCLE_TIME_MS))
+    if cpu_only:
+        # Open MPI (horovodrun --mpi, mpirun) busy-polls while a rank waits in a collective unless it was told the
+        # node is oversubscribed: ranks spin on the cores their own and their peers' compute threads need. With
+        # yielding, a 2-rank --sync-bn search under --mpi beside one busy process took 56 s instead of 219 s
+        # (benchmarks/RESULTS.md, fourteenth session); yielding costs a waiting rank a system call per poll, not
+        # a cycle's wait, so synchronized BN gets it too. Read by MPI_Init, i.e. by hvd.init() below; the
+        # environment's value wins; Gloo runs ignore it.
+        os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     h = _hvd()
     if not h.is_initialized():
         h.init()

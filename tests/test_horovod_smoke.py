@@ -71,6 +71,30 @@ def test_plain_python_is_a_size1_job(allreduce_script):
     assert _rank_results(res) == {0: (1, 1.0)}, describe(res)
 
 
+INIT_ENV_SCRIPT = textwrap.dedent("""
+    import os, sys
+
+    from hvd_pcdarts import distributed as dist
+
+    dist.init(cpu_tuning=sys.argv[1] == "tuned")
+    print("ENV", dist.rank(), os.environ.get("OMPI_MCA_mpi_yield_when_idle"), os.environ.get("HOROVOD_CYCLE_TIME"))
+""")
+
+
+@pytest.mark.parametrize("mode,user,expect", [("tuned", None, ("1", "20")), ("sync-bn", None, ("1", "None")),
+                                              ("tuned", "0", ("0", "20"))])
+def test_cpu_ranks_yield_in_mpi_waits(tmp_path, mpirun_exe, mode, user, expect):
+    """On a machine without GPUs every rank asks Open MPI to yield while it waits (busy-polling ranks took 4x longer
+    beside one busy process), also with --sync-bn (which keeps Horovod's 1 ms cycle); a user's own value wins."""
+    script = tmp_path / "init_env.py"
+    script.write_text(INIT_ENV_SCRIPT)
+    res = launch(mpirun_cmd(2, [script, mode]), timeout=TIMEOUT,
+                 env={"OMPI_MCA_mpi_yield_when_idle": user, "HOROVOD_CYCLE_TIME": None, "CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 0, describe(res)
+    seen = sorted(line.split()[1:] for line in output_lines(res.stdout) if line.startswith("ENV "))
+    assert seen == [["0", *expect], ["1", *expect]], describe(res)
+
+
 # --- GlobalBatchNorm2d under 2 real ranks ------------------------------------------------------------------------
 GBN_SCRIPT = textwrap.dedent("""
     import torch
