@@ -210,7 +210,7 @@ def _retrain(compiled, dtype=torch.float64, steps=6):
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     with torch.no_grad():
         out = model(x)[0]
