@@ -422,6 +422,7 @@ def elastic_state(stateful: dict, **counters):
 
     class _ElasticState(State):
         def __init__(self):
+            self._synced = False
             super().__init__(bcast_object=lambda obj: broadcast_object(obj, name="elastic.host_updates"),
                              get_rank=h.rank)
             self._stateful = dict(stateful)
@@ -440,7 +441,22 @@ def elastic_state(stateful: dict, **counters):
             for k, v in copy.deepcopy(self._saved_counters).items():
                 setattr(self, k, v)
 
+        def on_reset(self):
+            self._synced = False
+            super().on_reset()
+
+        def ensure_synced(self):
+            """sync() unless it ran since the last reset. Horovod skips the sync after a reset whose host update
+            was a removal only (the survivors agree), but a worker that joins in the same re-formed ring always
+            syncs first: with a removal seen at one commit and the addition arriving before the rendezvous, the
+            survivors went on to the next collective while the new worker waited in its broadcasts (a hang seen
+            in test_elastic). Survivors all skip or all sync (Horovod broadcasts the update from rank 0), so
+            calling this first thing after every reset keeps every rank's collectives in step."""
+            if not self._synced:
+                self.sync()
+
         def sync(self):
+            self._synced = True
             for k, o in self._stateful.items():
                 if isinstance(o, nn.Module):
                     broadcast_parameters(o, 0)

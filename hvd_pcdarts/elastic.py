@@ -107,6 +107,7 @@ class RunLoop:
 
         @dist.elastic_run
         def loop(st):
+            st.ensure_synced()
             self._begin(st)
             return self._epochs(st)
 

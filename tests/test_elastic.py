@@ -150,3 +150,30 @@ def test_elastic_search_takes_in_a_new_worker(tmp_path):
     assert [r["epoch"] for r in recs] == [0, 1, 2]
     assert recs[0]["world_size"] == 2 and recs[-1]["world_size"] == 3
     assert re.search(r"all 3 rank\(s\) hold identical parameters", text), text[-3000:]
+
+
+def test_a_reset_without_horovods_sync_syncs_before_the_loop_goes_on():
+    """Horovod skips state.sync() after a removal-only host update; a worker joining the same re-formed ring
+    syncs all the same, so the survivors must too before their next collective (else: a hang, the new worker in
+    its broadcasts, the survivors in the next allgather). ensure_synced() syncs once after every reset, never
+    twice. Size-1 Horovod in this process."""
+    import torch.nn as nn
+
+    from hvd_pcdarts import distributed as dist
+
+    dist.init()
+    st = dist.elastic_state({"model": nn.Linear(2, 2)}, epoch=0)
+    calls = []
+    real_sync = st.sync
+    st.sync = lambda: (calls.append(1), real_sync())
+    st.sync()  # what Horovod's wrapper does first
+    st.ensure_synced()
+    assert len(calls) == 1  # synced since the start: nothing more
+    st.on_reset()  # a reset whose HostsUpdatedInterrupt said skip_sync
+    st.ensure_synced()
+    st.ensure_synced()
+    assert len(calls) == 2
+    st.on_reset()
+    st.sync()  # a reset after which Horovod did sync
+    st.ensure_synced()
+    assert len(calls) == 3
