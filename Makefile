@@ -3,11 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
-# two pytest workers, one test file each at a time (a file's module fixtures stay in one process): about half of
-# the suite is single-threaded (dynamo tracing, Triton's interpreter, one-rank runs with one OpenMP thread) and
-# leaves a core idle when run alone. TEST_WORKERS=0: one process, as before.
+# two pytest workers: one runs the multi-rank tests (marked `ranks`) one at a time, the other the single-process
+# tests file by file (tests/conftest.py groups them); TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadgroup)
 
 .PHONY: setup test test-fast lint demo clean bench
 
@@ -23,7 +22,7 @@ test: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(XDIST) -m "not slow and not ranks" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hvd_pcdarts bin tests

@@ -94,6 +94,20 @@ def fraction(s):
     return v
 
 
+def add_quick_run_args(parser: argparse.ArgumentParser) -> None:
+    """Caps that shorten a run for smoke tests and demos (the recipe's epochs stay whole without them)."""
+    g = parser.add_argument_group("quick runs")
+    g.add_argument("--steps-per-epoch", type=positive_int, default=None, help="cap an epoch at N training steps")
+    g.add_argument("--eval-steps", type=positive_int, default=None,
+                   help="cap each evaluation pass at N global batches: the first N x --batch-size images of the "
+                        "evaluation set, still each exactly once over all ranks")
+
+
+def eval_count(n: int, batch_size: int, eval_steps: int | None) -> int:
+    """How many images of an evaluation set of `n` one pass reads (`--eval-steps`)."""
+    return n if not eval_steps else min(n, eval_steps * batch_size)
+
+
 def apply_preset(parser: argparse.ArgumentParser, argv, presets: dict):
     """Parse with the chosen preset's values as defaults: explicit flags always win."""
     pre = argparse.ArgumentParser(add_help=False)

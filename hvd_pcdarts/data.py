@@ -52,17 +52,46 @@ class TensorImages(Dataset):
 
 
 # --- loaders of each dataset -------------------------------------------------------------------------------
-def _digits() -> DataBundle:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+# digits' test images: scikit-learn's train_test_split(test_size=0.2, random_state=0, stratified by label) of its
+# 1,797 images as a bit mask (bit i, most significant first, set: image i is a test image). Stored so that loading
+# the data needs no scikit-learn import (2 s of every process); tests/test_train_eval.py checks it against the split.
+DIGITS_TEST_MASK = (
+    "000004883524104000064100934205001a00080100240028062c12001000940a009019120420f8a0028110a000080a882044"
+    "1524494240a00a0000004004d80000818020004805c400104008a0100005404800301000020ec409000224840083a8013c20"
+    "a6980a0000000b08400804a0184802024041c1008004404684376a810216004480004042a0a4180a5000840b8561c6081080"
+    "08004c80c02004068e00010882008100380803c008190000100e01008410a0210033282904c044c080680e01028300820088"
+    "22a6402c24042108a860809081a00c02820242120138a41500"
+)
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) in 0..16, labels) of scikit-learn's bundled digits file, read as its load_digits reads
+    it, without importing scikit-learn's estimators."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else ""
+    if not os.path.exists(path):
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
+def digits_test_mask(n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(DIGITS_TEST_MASK), dtype=np.uint8))[:n].astype(bool)
+
+
+def _digits() -> DataBundle:
+    images, target = digits_arrays()
+    x = torch.tensor(images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1)
-    y = torch.tensor(d.target, dtype=torch.long)
-    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=d.target)
-    idx_train, idx_test = torch.tensor(np.sort(idx_train)), torch.tensor(np.sort(idx_test))
+    y = torch.tensor(target, dtype=torch.long)
+    test = digits_test_mask(len(y))
+    idx_train, idx_test = torch.tensor(np.flatnonzero(~test)), torch.tensor(np.flatnonzero(test))
     xt = x[idx_train].float() / 255
     mean = tuple(float(v) for v in xt.mean(dim=(0, 2, 3)))
     std = tuple(float(v) for v in xt.std(dim=(0, 2, 3)))

@@ -21,7 +21,17 @@ import torch.nn as nn
 from . import distributed as dist
 from . import fastpath
 from .checkpoint import atomic_save, check_config, load_checkpoint
-from .cli import ArgParser, apply_preset, fraction, nonneg_float, nonneg_int, positive_float, positive_int
+from .cli import (
+    ArgParser,
+    add_quick_run_args,
+    apply_preset,
+    eval_count,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 from .data import (
     DATASETS,
     EvalShardSampler,
@@ -119,10 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None)
     g.add_argument("--no-progress", dest="progress", action="store_false")
-    a("--steps-per-epoch", type=positive_int, default=None, help="cap an epoch at N steps (quick runs)")
     a("--no-tensorboard", action="store_true")
     a("--trace-indices", default=None, help=argparse.SUPPRESS)  # testing aid: per-rank sample indices
     a("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # testing aid: aot_eager compiles quickly
+    add_quick_run_args(p)
     add_elastic_args(p)
     return p
 
@@ -132,6 +142,9 @@ def parse_args(argv=None):
     if args.arch_start_epoch >= args.epochs:
         raise UsageError(f"--arch-start-epoch {args.arch_start_epoch} is not before the last epoch "
                          f"(--epochs {args.epochs}): the architecture would never be trained")
+    if args.layers < 3:
+        raise UsageError(f"--layers {args.layers}: the search network needs at least 3 (a normal cell and the two "
+                         f"reduction cells, at layers/3 and 2*layers/3)")
     if args.init_channels % args.partial_k:
         raise UsageError(f"--partial-k {args.partial_k} must divide --init-channels {args.init_channels} (each edge "
                          f"computes 1/K of the channels)")
@@ -270,7 +283,8 @@ class Searcher(RunLoop):
         if a.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, a.steps_per_epoch)
         self._arch_iter = None
-        self.v_sampler = EvalShardSampler(len(self.valid_set), self.world, self.rank)
+        n_valid = eval_count(len(self.valid_set), a.batch_size, a.eval_steps)
+        self.v_sampler = EvalShardSampler(n_valid, self.world, self.rank)
         self.v_loader = make_loader(self.valid_set, self.local_batch, self.v_sampler, drop_last=False,
                                     **self.loader_kw)
 

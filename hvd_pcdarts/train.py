@@ -19,7 +19,16 @@ import torch.nn as nn
 from . import distributed as dist
 from . import fastpath
 from .checkpoint import atomic_save, check_config, load_checkpoint
-from .cli import ArgParser, apply_preset, nonneg_float, nonneg_int, positive_float, positive_int
+from .cli import (
+    ArgParser,
+    add_quick_run_args,
+    apply_preset,
+    eval_count,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 from .data import (
     DATASETS,
     EvalShardSampler,
@@ -117,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None)
     g.add_argument("--no-progress", dest="progress", action="store_false")
-    a("--steps-per-epoch", type=positive_int, default=None)
     a("--no-tensorboard", action="store_true")
+    add_quick_run_args(p)
     add_elastic_args(p)
     return p
 
@@ -226,8 +235,8 @@ class Trainer(RunLoop):
     def _build_loaders(self):
         """Everything that depends on the number of ranks (rebuilt after an elastic reset)."""
         a = self.args
-        self.test_loader = make_loader(self.test_set, self.local_batch,
-                                       EvalShardSampler(len(self.test_set), self.world, self.rank),
+        n_test = eval_count(len(self.test_set), a.batch_size, a.eval_steps)
+        self.test_loader = make_loader(self.test_set, self.local_batch, EvalShardSampler(n_test, self.world, self.rank),
                                        a.workers, drop_last=False, pin=self.device.type == "cuda")
         self.steps_per_epoch = len(self.train_set) // (self.local_batch * self.world)
         if a.steps_per_epoch:

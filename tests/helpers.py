@@ -5,6 +5,7 @@ Import as ``from helpers import launch`` (tests/conftest.py puts this directory 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -107,6 +108,15 @@ def output_lines(text: str) -> list[str]:
             if piece:
                 lines.append(piece)
     return lines
+
+
+def rank_reports(folder) -> dict:
+    """{rank: JSON value} from the files `rank<r>.json` that each rank of a test script wrote into `folder`.
+    Tests read what several ranks report from such files: a launcher may glue two ranks' output lines together."""
+    out = {}
+    for p in Path(folder).glob("rank*.json"):
+        out[int(p.stem[len("rank"):])] = json.loads(p.read_text())
+    return out
 
 
 def start(cmd: list, log_path, env: dict | None = None, cwd=None) -> subprocess.Popen:

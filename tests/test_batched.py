@@ -167,7 +167,7 @@ def test_batched_search_steps_equal_reference_float64(pointwise, dedup, dilated,
 # --- train_search.py --batched-edges -------------------------------------------------------------------------------
 RUN = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
        "--no-progress", "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "2",
-       "--no-augment", "--fp64", "--seed", "3"]
+       "--eval-steps", "2", "--no-augment", "--fp64", "--seed", "3"]
 
 
 def test_train_search_batched_edges_one_rank_equals_reference(tmp_path):
@@ -182,6 +182,7 @@ def test_train_search_batched_edges_one_rank_equals_reference(tmp_path):
     assert genotypes[0] == genotypes[1]
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 def test_train_search_batched_edges_two_ranks_equals_reference(tmp_path):
     """2 real ranks (Horovod hooks on every per-edge weight, named arch allreduces) with and without the batched

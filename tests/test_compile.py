@@ -22,9 +22,15 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 SCRIPT = str(REPO_ROOT / "bin" / "train_search.py")
 
 
+# The CPU tests compile cells of 2 nodes (5 edges; the recipe's have 4 nodes, 14 edges): the same code paths and
+# the same kinds of cell (normal, reduction, after a reduction), at a third of dynamo's tracing time.
+NODES = 2
+
+
 def _search(backend=None, freeze=False, steps=2, device="cpu", dtype=torch.float64, graph=False, cl=False):
+    nodes = NODES if device == "cpu" else 4
     model, arch, weights, a_opt, w_opt = fp.build_search(4, 4, 2, seed=4, device=device, batched_edges=True,
-                                                         channels_last=cl)
+                                                         channels_last=cl, steps=nodes)
     model.to(dtype)
     if backend:
         fp.compile_cells(model, backend=backend)
@@ -104,7 +110,7 @@ def test_deep_copy_of_a_compiled_net_computes_with_its_own_buffers():
     statistics (a compiled bound method would keep pointing at the original's shared buffers)."""
     import copy
 
-    model = fp.build_search(4, 4, 2, seed=4, batched_edges=True)[0].double()
+    model = fp.build_search(4, 4, 2, seed=4, batched_edges=True, steps=NODES)[0].double()
     model(torch.randn(2, 3, 8, 8, dtype=torch.float64))  # aliases the shared BN buffers
     fp.compile_cells(model, backend="aot_eager")
     twin = copy.deepcopy(model)
@@ -119,7 +125,7 @@ def test_deep_copy_of_a_compiled_net_computes_with_its_own_buffers():
 def test_uncompiled_runs_a_new_shape_eagerly_without_compiling():
     from torch._dynamo.utils import counters
 
-    model = fp.build_search(4, 4, 2, seed=4, batched_edges=True)[0].double().eval()
+    model = fp.build_search(4, 4, 2, seed=4, batched_edges=True, steps=NODES)[0].double().eval()
     fp.compile_cells(model, backend="aot_eager")
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
@@ -134,13 +140,14 @@ def test_uncompiled_runs_a_new_shape_eagerly_without_compiling():
     assert torch.allclose(out, again, rtol=1e-12, atol=1e-12)
 
 
-# 3 cells (normal, reduction, reduction: the three kinds of cell input), each compiled in 3 modes, ~25 s a graph
+# 3 cells (normal, reduction, reduction: the three kinds of cell input), each compiled in 3 modes
 RUN = ["--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers", "0", "--no-tensorboard",
        "--no-progress", "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "2",
-       "--no-augment", "--fp64", "--seed", "3", "--batched-edges"]
+       "--no-augment", "--fp64", "--seed", "3", "--batched-edges", "--eval-steps", "1"]
 COMPILE = ["--compile", "--compile-backend", "aot_eager"]
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 def test_train_search_compile_two_ranks_with_hooks_equals_eager(tmp_path):
     """bin/train_search.py --compile equals eager (every rank's parameters, the metrics, the genotype), on 2 real
@@ -298,6 +305,7 @@ def test_train_compile_one_rank_runs_like_eager(tmp_path):
                                               "--output-dir", out])
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 def test_train_compile_two_ranks_with_hooks(tmp_path):
     """2 real ranks, Horovod's per-tensor hooks on the compiled ops' parameters (--grad-allreduce overlap)."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import describe, launch, python_exe
 from search_runs import cuda_search_steps, rel_diff
-from triton_checks import VECTOR_LOAD, assert_net_close, assert_no_spills, compile_sm90, interpreted, net_script
+from triton_checks import CELLS, VECTOR_LOAD, assert_net_close, assert_no_spills, compile_sm90, interpreted, net_script
 
 from hvd_pcdarts.models import batched_cell, depthwise
 
@@ -74,10 +74,10 @@ def test_batched_cell_with_triton_depthwise_equals_reference_interpreted():
     chain, whose second depthwise conv is one, with dedup; hybrid) against the per-edge reference: loss, gradients
     and BN statistics in training, eval outputs, bf16-autocast loss, to float32 (bf16) rounding."""
     out = interpreted(NET)
-    # 5 cells x 4 groups x 6 depthwise convs: every one went through the kernels' Function; fused: the separable
+    # CELLS cells x 4 groups x 6 depthwise convs: every one went through the kernels' Function; fused: the separable
     # convs' second one a group (5x5: and dil_conv_5x5's, outside the fused chain)
-    assert out["triton-off-False"]["calls"] == 120
-    assert out["triton-5x5-True"]["calls"] == 40 and out["hybrid-all-False"]["calls"] == 20
+    assert out["triton-off-False"]["calls"] == CELLS * 4 * 6
+    assert out["triton-5x5-True"]["calls"] == CELLS * 4 * 2 and out["hybrid-all-False"]["calls"] == CELLS * 4
     assert_net_close(out)
 
 

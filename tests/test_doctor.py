@@ -72,6 +72,7 @@ def fake_cifar10(root):
 
 # --- end to end ---------------------------------------------------------------------------------------------
 @needs_mpirun
+@pytest.mark.ranks
 def test_mpirun_digits_ok(tmp_path):
     out_dir = tmp_path / "not" / "yet"
     report = tmp_path / "doctor.json"
@@ -91,6 +92,7 @@ def test_mpirun_digits_ok(tmp_path):
 
 
 @needs_mpirun
+@pytest.mark.ranks
 def test_mpirun_cifar10_fake_layout_ok(tmp_path):
     data_dir = fake_cifar10(tmp_path / "data")
     report = tmp_path / "doctor.json"
@@ -103,6 +105,7 @@ def test_mpirun_cifar10_fake_layout_ok(tmp_path):
 
 
 @needs_mpirun
+@pytest.mark.ranks
 def test_mpirun_missing_data_on_rank_1_fails_naming_host_and_rank(tmp_path):
     r = run_mpirun("--dataset", "digits", "--output-dir", str(tmp_path), "--simulate-missing-data-on-rank", "1")
     assert r.returncode == 1, r.stdout + r.stderr
@@ -122,6 +125,7 @@ def test_cifar_dir_missing_fails(tmp_path):
 
 
 @needs_mpirun
+@pytest.mark.ranks
 def test_mpirun_bad_input_is_one_line_exit_2(tmp_path):
     r = run_mpirun("--dataset", "digits", "--json", str(tmp_path / "no" / "such" / "dir" / "d.json"))
     assert r.returncode == 2, r.stdout + r.stderr
@@ -130,6 +134,7 @@ def test_mpirun_bad_input_is_one_line_exit_2(tmp_path):
 
 
 @needs_mpirun
+@pytest.mark.ranks
 def test_mpirun_rank_without_horovod_is_reported_not_hung(tmp_path):
     """Rank 1 cannot import Horovod: the others must not hang in hvd.init(); the table names the broken rank."""
     fake = tmp_path / "fake" / "horovod"
@@ -149,6 +154,7 @@ def test_mpirun_rank_without_horovod_is_reported_not_hung(tmp_path):
 
 
 @needs_horovodrun
+@pytest.mark.ranks
 def test_horovodrun_gloo_ok(tmp_path):
     report = tmp_path / "doctor.json"
     r = run_horovodrun("--dataset", "synthetic", "--output-dir", str(tmp_path), "--json", str(report))
@@ -160,6 +166,7 @@ def test_horovodrun_gloo_ok(tmp_path):
 
 
 @needs_horovodrun
+@pytest.mark.ranks
 def test_horovodrun_gloo_missing_data_fails(tmp_path):
     r = run_horovodrun("--dataset", "digits", "--output-dir", str(tmp_path), "--simulate-missing-data-on-rank", "1")
     assert r.returncode != 0, r.stdout + r.stderr

@@ -24,10 +24,11 @@ COMMIT = 3
 STEPS = 6  # per epoch: two commits an epoch (kept small: 3 ranks on a 2-core machine)
 ARGS = ["--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers", "0", "--no-tensorboard",
         "--no-progress", "--epochs", "3", "--arch-start-epoch", "1", "--batch-size", "48",
-        "--steps-per-epoch", str(STEPS), "--elastic", "--commit-interval", str(COMMIT)]
+        "--steps-per-epoch", str(STEPS), "--eval-steps", "1", "--elastic", "--commit-interval", str(COMMIT)]
 TRAIN_ARGS = ["--genotype", "PCDARTS", "--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers",
               "0", "--no-tensorboard", "--no-progress", "--epochs", "3", "--batch-size", "48", "--steps-per-epoch",
-              str(STEPS), "--cutout-length", "4", "--lr", "0.05", "--elastic", "--commit-interval", str(COMMIT)]
+              str(STEPS), "--eval-steps", "1", "--cutout-length", "4", "--lr", "0.05", "--elastic", "--commit-interval",
+              str(COMMIT)]
 
 
 def _local_names() -> list[str]:
@@ -93,6 +94,7 @@ def _kill_mid_epoch(rank: int):
     return act
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 @pytest.mark.parametrize("victim,comm", [(2, "flat"), (0, "overlap")], ids=["kill-rank2-flat", "kill-rank0-overlap"])
 def test_elastic_search_survives_a_killed_worker(tmp_path, victim, comm):
@@ -123,6 +125,7 @@ def test_elastic_search_survives_a_killed_worker(tmp_path, victim, comm):
     print(f"elastic (rank {victim} killed): {redone} step(s) redone")
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 def test_elastic_retraining_survives_a_killed_worker(tmp_path):
     rc, text, recs = _elastic_job(tmp_path, [TRAIN, *TRAIN_ARGS], 3, 3, _kill_mid_epoch(1))
@@ -138,6 +141,7 @@ def test_elastic_retraining_survives_a_killed_worker(tmp_path):
     print(f"elastic retraining (rank 1 killed): {m.group(1)} step(s) redone")
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 def test_elastic_search_takes_in_a_new_worker(tmp_path):
     """A host added to the discovery file joins the running job: it is synced from rank 0 (no collective before

@@ -154,7 +154,7 @@ def test_graphed_search_step_equals_eager_cuda(strict_fp32):
 # --- flags of train_search.py --------------------------------------------------------------------------------------
 TINY = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
         "--no-progress", "--epochs", "1", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "2",
-        "--seed", "3"]
+        "--eval-steps", "2", "--seed", "3"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -417,6 +417,7 @@ def test_train_search_bf16_runs_close_to_float32(tmp_path):
         assert max(diffs) > 0  # autocast was on: bf16 rounding shows
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 def test_train_search_bf16_two_ranks_hold_identical_parameters(tmp_path):
     """2 real ranks with --bf16 and Horovod's per-tensor hooks: the float32 gradients of bf16 forwards average as

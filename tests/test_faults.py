@@ -16,8 +16,8 @@ from helpers import REPO_ROOT, describe, horovodrun_cmd, kill_all, launch, launc
 
 SEARCH = str(REPO_ROOT / "bin" / "train_search.py")
 TRAIN = str(REPO_ROOT / "bin" / "train.py")
-COMMON = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
-          "--no-progress"]
+COMMON = ["--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers", "0", "--no-tensorboard",
+          "--no-progress", "--eval-steps", "2"]
 SEARCH_ARGS = [SEARCH, *COMMON, "--epochs", "4", "--arch-start-epoch", "1", "--batch-size", "64",
                "--steps-per-epoch", "3", "--seed", "5"]
 TRAIN_ARGS = [TRAIN, "--genotype", "PCDARTS", *COMMON, "--epochs", "4", "--batch-size", "64", "--steps-per-epoch",
@@ -42,6 +42,7 @@ def _kill_part_way(args, out, tmp_path):
     return torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [SEARCH_ARGS, TRAIN_ARGS], ids=["search", "train"])
 def test_two_rank_resume_after_sigkill_equals_uninterrupted(args, tmp_path):

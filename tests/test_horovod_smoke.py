@@ -3,43 +3,34 @@ synchronized GlobalBatchNorm2d against a single-process BatchNorm2d over the glo
 
 from __future__ import annotations
 
-import re
 import textwrap
 
 import pytest
-from helpers import describe, horovodrun_cmd, launch, mpirun_cmd, output_lines, python_exe
+from helpers import describe, horovodrun_cmd, launch, mpirun_cmd, python_exe, rank_reports
 
 TIMEOUT = 120
 
 ALLREDUCE_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+
     import torch
     import horovod.torch as hvd
 
     hvd.init()
     total = hvd.allreduce(torch.tensor([float(hvd.rank() + 1)]), op=hvd.Sum, name="smoke")
-    import sys
-    # one write per line: with PYTHONUNBUFFERED, print() writes text and newline separately and two ranks'
-    # lines can interleave on a shared pipe
-    sys.stdout.write(f"RANK {hvd.rank()} SIZE {hvd.size()} SUM {total.item()}\\n")
-    sys.stdout.flush()
+    with open(os.path.join(sys.argv[1], f"rank{hvd.rank()}.json"), "w") as f:
+        json.dump({"size": hvd.size(), "sum": total.item()}, f)
 """)
 
-_LINE = re.compile(r"RANK (\d+) SIZE (\d+) SUM ([0-9.eE+-]+)")
 
-
-def _rank_results(res) -> dict:
-    found = {}
-    for line in output_lines(res.stdout):
-        for m in _LINE.finditer(line):  # tolerate two ranks' reports glued on one line
-            rank = int(m.group(1))
-            assert rank not in found, f"rank {rank} reported twice\n{describe(res)}"
-            found[rank] = (int(m.group(2)), float(m.group(3)))
-    return found
-
-
-def _check_two_ranks(res):
+def _rank_results(res, reports) -> dict:
+    """{rank: (size, sum)} from the per-rank report files (never from the launcher's interleaved output)."""
     assert res.returncode == 0, describe(res)
-    found = _rank_results(res)
+    return {r: (rep["size"], rep["sum"]) for r, rep in rank_reports(reports).items()}
+
+
+def _check_two_ranks(res, reports):
+    found = _rank_results(res, reports)
     assert sorted(found) == [0, 1], describe(res)
     for rank, (size, total) in found.items():
         assert size == 2, f"rank {rank}: SIZE {size}\n{describe(res)}"
@@ -48,51 +39,61 @@ def _check_two_ranks(res):
 
 @pytest.fixture
 def allreduce_script(tmp_path):
+    """(the script, the folder its ranks write their reports to)."""
     p = tmp_path / "allreduce_smoke.py"
     p.write_text(ALLREDUCE_SCRIPT)
-    return p
+    (tmp_path / "reports").mkdir()
+    return p, tmp_path / "reports"
 
 
+@pytest.mark.ranks
 def test_horovodrun_gloo(allreduce_script, horovodrun_exe):
-    _check_two_ranks(launch(horovodrun_cmd(2, [allreduce_script], "gloo"), timeout=TIMEOUT))
+    script, reports = allreduce_script
+    _check_two_ranks(launch(horovodrun_cmd(2, [script, reports], "gloo"), timeout=TIMEOUT), reports)
 
 
+@pytest.mark.ranks
 def test_horovodrun_mpi(allreduce_script, horovodrun_exe, mpirun_exe):
-    _check_two_ranks(launch(horovodrun_cmd(2, [allreduce_script], "mpi"), timeout=TIMEOUT))
+    script, reports = allreduce_script
+    _check_two_ranks(launch(horovodrun_cmd(2, [script, reports], "mpi"), timeout=TIMEOUT), reports)
 
 
+@pytest.mark.ranks
 def test_mpirun(allreduce_script, mpirun_exe):
-    _check_two_ranks(launch(mpirun_cmd(2, [allreduce_script]), timeout=TIMEOUT))
+    script, reports = allreduce_script
+    _check_two_ranks(launch(mpirun_cmd(2, [script, reports]), timeout=TIMEOUT), reports)
 
 
 def test_plain_python_is_a_size1_job(allreduce_script):
-    res = launch([python_exe(), allreduce_script], timeout=TIMEOUT)
-    assert res.returncode == 0, describe(res)
-    assert _rank_results(res) == {0: (1, 1.0)}, describe(res)
+    script, reports = allreduce_script
+    res = launch([python_exe(), script, reports], timeout=TIMEOUT)
+    assert _rank_results(res, reports) == {0: (1, 1.0)}, describe(res)
 
 
 INIT_ENV_SCRIPT = textwrap.dedent("""
-    import os, sys
+    import json, os, sys
 
     from hvd_pcdarts import distributed as dist
 
     dist.init(cpu_tuning=sys.argv[1] == "tuned")
-    print("ENV", dist.rank(), os.environ.get("OMPI_MCA_mpi_yield_when_idle"), os.environ.get("HOROVOD_CYCLE_TIME"))
+    with open(os.path.join(sys.argv[2], f"rank{dist.rank()}.json"), "w") as f:
+        json.dump([str(os.environ.get(k)) for k in ("OMPI_MCA_mpi_yield_when_idle", "HOROVOD_CYCLE_TIME")], f)
 """)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("mode,user,expect", [("tuned", None, ("1", "20")), ("sync-bn", None, ("1", "None")),
                                               ("tuned", "0", ("0", "20"))])
 def test_cpu_ranks_yield_in_mpi_waits(tmp_path, mpirun_exe, mode, user, expect):
     """On a machine without GPUs every rank asks Open MPI to yield while it waits (busy-polling ranks took 4x longer
     beside one busy process), also with --sync-bn (which keeps Horovod's 1 ms cycle); a user's own value wins."""
-    script = tmp_path / "init_env.py"
+    script, reports = tmp_path / "init_env.py", tmp_path / "reports"
     script.write_text(INIT_ENV_SCRIPT)
-    res = launch(mpirun_cmd(2, [script, mode]), timeout=TIMEOUT,
+    reports.mkdir()
+    res = launch(mpirun_cmd(2, [script, mode, reports]), timeout=TIMEOUT,
                  env={"OMPI_MCA_mpi_yield_when_idle": user, "HOROVOD_CYCLE_TIME": None, "CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 0, describe(res)
-    seen = sorted(line.split()[1:] for line in output_lines(res.stdout) if line.startswith("ENV "))
-    assert seen == [["0", *expect], ["1", *expect]], describe(res)
+    assert rank_reports(reports) == {0: list(expect), 1: list(expect)}, describe(res)
 
 
 # --- GlobalBatchNorm2d under 2 real ranks ------------------------------------------------------------------------
@@ -155,24 +156,21 @@ GBN_SCRIPT = textwrap.dedent("""
     # teeth: the gradient is not trivially zero, and a per-rank (unsynchronized) batch norm would differ
     diffs["GRADNORM"] = xr.grad[sl].abs().max().item()
     diffs["LOCALBN"] = d(nn.functional.batch_norm(xl.detach(), None, None, gamma, beta, True), yr[sl])
-    print(f"GBN RANK {rank} SIZE {world} " + " ".join(f"{k} {v:.3e}" for k, v in diffs.items()), flush=True)
+    import json, os, sys
+
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump({"size": world, "diffs": diffs}, f)
 """)
 
 
-_GBN = re.compile(r"GBN RANK (\d+) SIZE (\d+) ((?:[A-Z]+ \S+ ?)+)")
-
-
+@pytest.mark.ranks
 def test_global_batchnorm_matches_global_batch(tmp_path, horovodrun_exe):
-    script = tmp_path / "gbn_check.py"
+    script, reports = tmp_path / "gbn_check.py", tmp_path / "reports"
     script.write_text(GBN_SCRIPT)
-    res = launch(horovodrun_cmd(2, [script], "gloo"), timeout=TIMEOUT)
+    reports.mkdir()
+    res = launch(horovodrun_cmd(2, [script, reports], "gloo"), timeout=TIMEOUT)
     assert res.returncode == 0, describe(res)
-    found = {}
-    for line in output_lines(res.stdout):
-        m = _GBN.search(line)
-        if m:
-            vals = m.group(3).split()
-            found[int(m.group(1))] = (int(m.group(2)), {k: float(v) for k, v in zip(vals[::2], vals[1::2])})
+    found = {r: (rep["size"], rep["diffs"]) for r, rep in rank_reports(reports).items()}
     assert sorted(found) == [0, 1], describe(res)
     for rank, (size, diffs) in found.items():
         assert size == 2, describe(res)

@@ -15,9 +15,10 @@ SEARCH = str(REPO_ROOT / "bin" / "train_search.py")
 TRAIN = str(REPO_ROOT / "bin" / "train.py")
 EVAL = str(REPO_ROOT / "bin" / "evaluate.py")
 FAST = ["--dataset", "digits", "--init-channels", "4", "--layers", "3", "--workers", "0", "--no-tensorboard",
-        "--no-progress", "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "16", "--steps-per-epoch", "1"]
+        "--no-progress", "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "16", "--steps-per-epoch", "1",
+        "--eval-steps", "1"]
 TFAST = ["--dataset", "digits", "--init-channels", "4", "--layers", "3", "--workers", "0", "--no-tensorboard",
-         "--no-progress", "--epochs", "1", "--batch-size", "16", "--steps-per-epoch", "1"]
+         "--no-progress", "--epochs", "1", "--batch-size", "16", "--steps-per-epoch", "1", "--eval-steps", "1"]
 
 
 def _snapshot(folder):
@@ -118,6 +119,10 @@ def test_train_rejects_non_positive_numbers(tmp_path, flag, value):
     _run(TRAIN, ["--genotype", "PCDARTS", *TFAST, flag, value], tmp_path, flag)
 
 
+def test_search_needs_three_layers(tmp_path):
+    _run(SEARCH, [*FAST, "--layers", "2"], tmp_path, "--layers 2")
+
+
 def test_partial_k_must_divide_channels(tmp_path):
     _run(SEARCH, [*FAST, "--init-channels", "6", "--partial-k", "4"], tmp_path, "--partial-k")
 
@@ -131,6 +136,7 @@ def test_batch_larger_than_the_data(tmp_path):
 
 
 # --- batch versus ranks (2 real ranks) ---------------------------------------------------------------------------
+@pytest.mark.ranks
 @pytest.mark.parametrize("batch,needle", [("15", "does not divide"), ("1", "smaller than")])
 def test_batch_size_and_rank_count(tmp_path, batch, needle):
     out = tmp_path / "out"
@@ -142,6 +148,7 @@ def test_batch_size_and_rank_count(tmp_path, batch, needle):
     assert not _snapshot(out)
 
 
+@pytest.mark.ranks
 def test_batch_size_and_rank_count_under_horovodrun(tmp_path):
     out = tmp_path / "out"
     res = launch(horovodrun_cmd(2, [SEARCH, *FAST, "--batch-size", "15", "--output-dir", out]), timeout=180)

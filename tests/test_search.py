@@ -15,10 +15,11 @@ import torch
 from helpers import REPO_ROOT, describe, horovodrun_cmd, launch, mpirun_cmd, python_exe
 
 SCRIPT = str(REPO_ROOT / "bin" / "train_search.py")
-TINY = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
-        "--no-progress"]
-# a few steps that include architecture steps (arch from epoch 0), global batch 32, synchronized BN, float64
-EQUIV = TINY + ["--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "2",
+TINY = ["--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers", "0", "--no-tensorboard",
+        "--no-progress", "--eval-steps", "2"]
+# two epochs of one step, each an architecture and a weight step (arch from epoch 0), global batch 32, synchronized
+# BN, float64
+EQUIV = TINY + ["--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "1",
                 "--no-augment", "--sync-bn", "--fp64", "--seed", "3"]
 
 
@@ -42,6 +43,7 @@ def one_rank_equiv(tmp_path_factory):
     return _state(out)
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["horovodrun-gloo", "horovodrun-gloo-overlap", "horovodrun-mpi",
                                       "horovodrun-hostfile", "mpirun"])
@@ -77,6 +79,7 @@ def test_two_ranks_equal_one_rank(launcher, one_rank_equiv, tmp_path):
     assert [m["epoch"] for m in metrics] == [0, 1] and all(m["world_size"] == 2 for m in metrics)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("extra", [[], ["--fp16-allreduce"]], ids=["fp32", "fp16-allreduce"])
 def test_flat_and_overlap_gradient_allreduce_give_the_same_run(tmp_path, extra):
     """2 real ranks: averaging every weight gradient as one flat tensor after backward (--grad-allreduce flat)
@@ -131,6 +134,7 @@ def test_weight_optimizer_holds_no_arch_parameter_and_arch_step_changes_no_weigh
     assert all(torch.equal(b, p) for b, p in zip(after_a, s.model.arch_parameters()))
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 def test_halves_never_share_an_index_on_any_rank(tmp_path):
     trace = tmp_path / "trace"
@@ -162,11 +166,12 @@ def test_halves_never_share_an_index_on_any_rank(tmp_path):
         assert len(set(seen)) == len(seen), "two ranks drew the same arch sample in one pass"
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 def test_two_rank_search_learns_digits_and_writes_outputs(tmp_path):
     out = tmp_path / "learn"
-    args = [SCRIPT, *TINY, "--epochs", "8", "--arch-start-epoch", "3", "--batch-size", "64", "--seed", "2",
-            "--output-dir", out]
+    args = [SCRIPT, *TINY, "--layers", "5", "--eval-steps", "4", "--epochs", "8", "--arch-start-epoch", "3",
+            "--batch-size", "64", "--seed", "2", "--output-dir", out]
     res = launch(horovodrun_cmd(2, args), timeout=900)
     assert res.returncode == 0, describe(res)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -264,6 +269,7 @@ def test_imagefolder_search_on_pngs(tmp_path):
     (["--lr", "-1"], "--lr"),
     (["--epochs", "0"], "--epochs"),
 ])
+@pytest.mark.ranks
 def test_bad_arguments_are_one_line_exit_2(tmp_path, extra, needle):
     cmd = [SCRIPT, *TINY, "--output-dir", tmp_path / "o", *extra]
     res = launch(horovodrun_cmd(2, cmd) if "33" in extra else [python_exe(), *cmd], timeout=120)

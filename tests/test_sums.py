@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import describe, launch, python_exe
 from search_runs import cuda_search_steps, rel_diff
-from triton_checks import VECTOR_LOAD, assert_no_spills, compile_sm90, interpreted, net_script
+from triton_checks import CELLS, VECTOR_LOAD, assert_no_spills, compile_sm90, interpreted, net_script
 
 from hvd_pcdarts.models import batched_cell, depthwise, sums
 
@@ -314,18 +314,18 @@ def test_batched_cell_with_triton_sums_equals_reference_interpreted():
     for r in out.values():
         assert r["loss"] < 1e-5 and r["grad"] < 1e-3 and r["stats"] < 1e-5 and r["eval"] < 1e-5, r
         assert r["bf16"] < 2e-2, r
-        # one sum of a group's ops per group (5 cells x 4 groups; a node's parts are channel views: torch's adds)
-        assert r["calls"] == 5 * 4, r  # (counted over both nets' training forwards: the reference has none)
+        # one sum of a group's ops per group (CELLS cells x 4 groups; a node's parts are channel views: torch's adds)
+        assert r["calls"] == CELLS * 4, r  # (counted over both nets' training forwards: the reference has none)
     # aliases per forward (training and bf16): per cell, each group's input and its ReLU (4 + 4); fused ("all"):
     # the ReLU's only reader is the fused chain, except in the reduction cells' first group (and the
     # FactorizedReduce)
-    assert out["off-False"]["fans"] == out["off-True"]["fans"] == 2 * 5 * (4 + 4)
-    assert out["all-False"]["fans"] == 2 * (5 * 4 + 2)
+    assert out["off-False"]["fans"] == out["off-True"]["fans"] == 2 * CELLS * (4 + 4)
+    assert out["all-False"]["fans"] == 2 * (CELLS * 4 + 2)
     # and the bypassed channels of every state a node reads (the cell's inputs, nodes 0-2: 5 a cell), scaled: one
     # kernel each per backward (the training step's; the bf16 check runs none)
     for r in out.values():
-        assert r["scaled"] == [2 * 5 * 5, 5 * 5], r
-        assert r["dots"] == 5 * 4, r  # and the betas' gradients: one kernel per node
+        assert r["scaled"] == [2 * CELLS * 5, CELLS * 5], r
+        assert r["dots"] == CELLS * 4, r  # and the betas' gradients: one kernel per node
 
 
 def test_add_n_kernel_compiles_for_sm90_with_vector_loads_and_no_spills(tmp_path):

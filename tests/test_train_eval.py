@@ -35,6 +35,7 @@ def _metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 def test_two_rank_retraining_improves_and_writes_outputs(tmp_path):
     out = tmp_path / "tr"
@@ -51,6 +52,7 @@ def test_two_rank_retraining_improves_and_writes_outputs(tmp_path):
     assert args["batch_size"] == 64 and args["auxiliary"] is True
 
 
+@pytest.mark.ranks
 def test_retraining_flat_and_overlap_gradient_allreduce_give_the_same_run(tmp_path):
     """2 real ranks of bin/train.py (auxiliary head, drop path, cutout): one flat allreduce of all gradients after
     backward (--grad-allreduce flat, the CPU default) and per-tensor hook allreduces (overlap, the GPU default)
@@ -60,7 +62,8 @@ def test_retraining_flat_and_overlap_gradient_allreduce_give_the_same_run(tmp_pa
         out = tmp_path / mode
         res = launch(horovodrun_cmd(2, [TRAIN, "--genotype", "PCDARTS", "--dataset", "digits", *SMALL,
                                         "--batch-size", "32", "--epochs", "1", "--steps-per-epoch", "3",
-                                        "--grad-allreduce", mode, "--output-dir", out]), timeout=600)
+                                        "--eval-steps", "1", "--grad-allreduce", mode, "--output-dir", out]),
+                     timeout=600)
         assert res.returncode == 0, describe(res)
         assert f"{mode} gradient allreduce" in res.stdout, describe(res)
         ckpts[mode] = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
@@ -68,6 +71,7 @@ def test_retraining_flat_and_overlap_gradient_allreduce_give_the_same_run(tmp_pa
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.ranks
 def test_sharded_evaluation_equals_one_rank_exactly(tmp_path):
     _png_tree(tmp_path / "data", n_val=5)  # 15 test images: does not divide by 2 ranks
     out = tmp_path / "tr"
@@ -92,12 +96,14 @@ def test_sharded_evaluation_equals_one_rank_exactly(tmp_path):
     assert results[1]["params"] == results[2]["params"] > 0 and results[1]["macs"] > 0
 
 
+@pytest.mark.ranks
 @pytest.mark.slow
 def test_search_retrain_evaluate_chain(tmp_path):
     s_out, t_out = tmp_path / "search", tmp_path / "train"
     res = launch([python_exe(), SEARCH, "--dataset", "digits", "--init-channels", "8", "--layers", "5",
                   "--workers", "0", "--no-tensorboard", "--epochs", "2", "--arch-start-epoch", "1",
-                  "--batch-size", "64", "--steps-per-epoch", "4", "--output-dir", s_out], timeout=600)
+                  "--batch-size", "64", "--steps-per-epoch", "4", "--eval-steps", "1", "--output-dir", s_out],
+                 timeout=600)
     assert res.returncode == 0, describe(res)
     res = launch(horovodrun_cmd(2, [TRAIN, "--genotype", s_out / "genotype.json", "--dataset", "digits", *SMALL,
                                     "--batch-size", "64", "--epochs", "2", "--output-dir", t_out]), timeout=600)
@@ -110,6 +116,21 @@ def test_search_retrain_evaluate_chain(tmp_path):
     result = json.loads(res.stdout.strip().splitlines()[-1])
     best = max(r["test_top1"] for r in _metrics(t_out / "metrics.jsonl"))
     assert abs(result["top1"] - best) < 1e-9
+
+
+def test_digits_without_scikit_learn_equal_its_loader_and_split():
+    """The digits bundle reads scikit-learn's file and a stored split: the same images, labels and train/test split
+    as load_digits() with train_test_split(test_size=0.2, random_state=0, stratify=labels)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from hvd_pcdarts.data import digits_arrays, digits_test_mask
+
+    d = load_digits()
+    images, labels = digits_arrays()
+    assert np.array_equal(images, d.images) and np.array_equal(labels, d.target)
+    _, test = train_test_split(np.arange(len(d.target)), test_size=0.2, random_state=0, stratify=d.target)
+    assert np.array_equal(np.flatnonzero(digits_test_mask(len(d.target))), np.sort(test))
 
 
 def test_class_sample_split_fractions_balance_and_determinism():

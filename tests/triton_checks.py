@@ -54,9 +54,13 @@ def assert_no_spills(ptx: str, tmp_path: Path) -> None:
 
 VECTOR_LOAD = r"ld\.global(\.\w+)*\.v[248]"  # a vectorized load along the channels, in PTX
 
+# The search net of the interpreted cell tests: 4 cells, the fewest with every kind of cell input (normal, reduction,
+# reduction after a reduction, normal after a reduction); 2 of them reduction cells.
+CELLS = 4
 # The start of a script for interpreted(): counts the calls of MODULE.FUNCTION (an autograd Function's apply),
-# builds a 5-cell channels_last search net with random architecture parameters and an odd-sized batch (odd maps into
-# the stride-2 ops), and defines compare(options) -> the batched net under batched_cell.OPTIONS.update(options)
+# builds a CELLS-cell channels_last search net with random architecture parameters and a batch of odd-sized maps
+# (odd maps into the stride-2 ops), and defines compare(options) -> the batched net under
+# batched_cell.OPTIONS.update(options)
 # against the per-edge reference: loss, gradient and BN statistics differences in training, eval outputs, the
 # bf16-autocast loss, and the counted calls of one forward.
 NET_PRELUDE = r"""
@@ -70,12 +74,12 @@ def counted(*a):
     return apply(*a)
 MODULE.FUNCTION.apply = counted
 torch.manual_seed(1)
-ref = SearchNetwork(8, 10, 5, partial_k=4)
+ref = SearchNetwork(8, 10, CELLS, partial_k=4)
 with torch.no_grad():
     for p in ref.arch_parameters():
         p.normal_(0, 1)
 fp.to_channels_last(ref)
-x = torch.randn(2, 3, 15, 15).contiguous(memory_format=torch.channels_last)
+x = torch.randn(2, 3, 9, 9).contiguous(memory_format=torch.channels_last)
 y = torch.randint(0, 10, (2,))
 def compare(options):
     r, n = copy.deepcopy(ref), copy.deepcopy(ref).set_batched_edges(True)
@@ -101,7 +105,7 @@ def compare(options):
 
 def net_script(module: str, function: str, body: str) -> str:
     """NET_PRELUDE for module.function, then `body` (which prints its JSON last)."""
-    return NET_PRELUDE.replace("MODULE", module).replace("FUNCTION", function) + body
+    return NET_PRELUDE.replace("MODULE", module).replace("FUNCTION", function).replace("CELLS", str(CELLS)) + body
 
 
 def assert_net_close(out: dict) -> None:

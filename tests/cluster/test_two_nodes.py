@@ -23,7 +23,7 @@ import pytest
 import torch
 from helpers import REPO_ROOT, describe, find_exe, horovodrun_cmd, launch, output_lines, python_exe
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ranks]
 
 SEARCH = str(REPO_ROOT / "bin" / "train_search.py")
 TRAIN = str(REPO_ROOT / "bin" / "train.py")
@@ -31,8 +31,8 @@ DOCTOR = str(REPO_ROOT / "bin" / "doctor.py")
 HOSTFILE = str(REPO_ROOT / "hostfiles" / "two_nodes_1slot")
 DISCOVER = str(REPO_ROOT / "hostfiles" / "discover_hosts.sh")
 IFACE = "hvdeth0"
-TINY = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
-        "--no-progress"]
+TINY = ["--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers", "0", "--no-tensorboard",
+        "--no-progress", "--eval-steps", "2"]
 # architecture steps from epoch 0, so the genotype depends on the distributed arch gradients
 SEARCH_ARGS = TINY + ["--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "2",
                       "--no-augment", "--seed", "3"]
