@@ -20,14 +20,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on the
     torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
+def pytest_itemcollected(item):
     """xdist groups for `make test` (--dist loadgroup): the tests marked `ranks` (they launch several processes) in
     one group, run one at a time by one worker: two 2-rank jobs at once put four processes on two cores, and every
     collective then waits for a descheduled peer (the 2-rank equivalence runs took 2.5x longer). The other tests
     are grouped by file (a file's module fixtures run once) and spread over the workers."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("ranks" if item.get_closest_marker("ranks") else item.path.stem))
+    item.add_marker(pytest.mark.xdist_group("ranks" if item.get_closest_marker("ranks") else item.path.stem))
 
 
 @pytest.fixture(scope="session")

@@ -170,6 +170,7 @@ RUN = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--worker
        "--eval-steps", "2", "--no-augment", "--fp64", "--seed", "3"]
 
 
+@pytest.mark.slow
 def test_train_search_batched_edges_one_rank_equals_reference(tmp_path):
     runs = {}
     for tag, extra in (("ref", []), ("be", ["--batched-edges"])):

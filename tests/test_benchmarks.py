@@ -73,6 +73,7 @@ def test_profile_steps_accounts_the_step_on_cpu():
     assert len(prof["top"]) == 15 and prof["top"][0]["ms"] >= prof["top"][-1]["ms"]
 
 
+@pytest.mark.slow
 def test_step_traffic_counts_bytes_and_scales_with_batch():
     args = argparse.Namespace(**TINY)
     small, big = st.measure("eager", 2, args), st.measure("eager", 4, args)

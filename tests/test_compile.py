@@ -75,6 +75,7 @@ def test_frozen_restores_requires_grad_after_an_error():
     assert [p.requires_grad for p in params] == [True, False]  # only what it froze is unfrozen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cl,pointwise", [(False, "grouped"), (True, "dense")])
 def test_compiled_cells_equal_eager_float64(cl, pointwise):
     """Losses of arch and weight steps, every parameter, BN running statistics and counters after the steps, and
@@ -105,6 +106,7 @@ def _assert_whole_graphs(counters, least, most):
     assert least <= counters["stats"]["unique_graphs"] <= most, dict(counters["stats"])
 
 
+@pytest.mark.slow
 def test_deep_copy_of_a_compiled_net_computes_with_its_own_buffers():
     """The compiled functions are unbound (called with the runner/cell): a copy must not update the original's BN
     statistics (a compiled bound method would keep pointing at the original's shared buffers)."""
@@ -122,6 +124,7 @@ def test_deep_copy_of_a_compiled_net_computes_with_its_own_buffers():
     assert len(moved) > 100  # the copy's own statistics did move
 
 
+@pytest.mark.slow
 def test_uncompiled_runs_a_new_shape_eagerly_without_compiling():
     from torch._dynamo.utils import counters
 
@@ -300,6 +303,7 @@ def _train_runs(tmp_path, cmd):
     return out
 
 
+@pytest.mark.slow
 def test_train_compile_one_rank_runs_like_eager(tmp_path):
     _train_runs(tmp_path, lambda extra, out: [python_exe(), TRAIN_SCRIPT, *RETRAIN, *extra, "--device", "cpu",
                                               "--output-dir", out])

@@ -69,6 +69,7 @@ print(json.dumps(out))
 """)
 
 
+@pytest.mark.slow
 def test_batched_cell_with_triton_depthwise_equals_reference_interpreted():
     """The batched channels_last search net with its depthwise convs through the kernels (alone, with the fused
     chain, whose second depthwise conv is one, with dedup; hybrid) against the per-edge reference: loss, gradients

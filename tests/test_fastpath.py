@@ -165,6 +165,7 @@ def test_cuda_graph_without_gpu_is_one_line_usage_error(tmp_path):
     assert len(lines) == 1 and "--cuda-graph needs a CUDA GPU" in lines[0], describe(res)
 
 
+@pytest.mark.slow
 def test_gpu_data_search_equals_loader_search(tmp_path):
     """--gpu-data (on the CPU here: the same code with device=cpu) gives the very same run: same batches."""
     out = {}
@@ -178,6 +179,7 @@ def test_gpu_data_search_equals_loader_search(tmp_path):
         assert a["arch"] == b["arch"]
 
 
+@pytest.mark.slow
 def test_train_channels_last_runs_and_matches(tmp_path):
     """bin/train.py --channels-last: same run as without, to float32 rounding (drop path off: no randomness)."""
     train = str(REPO_ROOT / "bin" / "train.py")
@@ -260,6 +262,7 @@ def test_train_gpu_data_refuses_image_folder(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_train_gpu_data_equals_loader_train(tmp_path):
     """bin/train.py --gpu-data (on the CPU here: the same code with device=cpu) gives the very same run, bit for
     bit: same batches (crops and cutouts included), same drop-path masks (2 epochs: drop path on in the second)."""
@@ -398,6 +401,7 @@ BF16_RUN = [*TINY[:TINY.index("--epochs")], "--epochs", "2", *TINY[TINY.index("-
             "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_train_search_bf16_runs_close_to_float32(tmp_path):
     """--bf16 (here on the CPU: the same autocast code): the forward passes run in bfloat16, so the losses differ
     from the float32 run, but only by bf16 rounding; weights, BN statistics and optimizer states stay float32."""
@@ -445,6 +449,7 @@ TRAIN_RUN = ["--genotype", "PCDARTS", "--dataset", "digits", "--init-channels", 
              "--seed", "1", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_train_bf16_runs_close_to_float32(tmp_path):
     """bin/train.py --bf16 (CPU autocast here; auxiliary head, drop path, evaluation under autocast too): close to
     the float32 run, not equal to it, float32 checkpoint."""

@@ -59,6 +59,7 @@ def run_dir(tmp_path):
     return d
 
 
+@pytest.mark.slow
 def test_plot_search_png_and_svg(run_dir, tmp_path):
     r = run("plot_search.py", str(run_dir))
     assert r.returncode == 0, r.stderr

@@ -103,6 +103,7 @@ print(json.dumps(out))
 """)
 
 
+@pytest.mark.slow
 def test_batched_cell_with_triton_pools_equals_reference_interpreted():
     """The batched channels_last search net with its pools through the kernels (also with dedup and the Triton
     depthwise convs) against the per-edge reference: loss, gradients and BN statistics in training, eval

@@ -307,6 +307,7 @@ print(json.dumps(out))
 """)
 
 
+@pytest.mark.slow
 def test_batched_cell_with_triton_sums_equals_reference_interpreted():
     """The batched channels_last search net with its sums through the kernel (also fused and deduplicated) against
     the per-edge reference: loss, gradients and BN statistics in training, eval outputs, bf16-autocast loss."""

@@ -145,6 +145,7 @@ def test_class_sample_split_fractions_balance_and_determinism():
     assert class_sample_split(targets, 0.1, 0.025, seed=8) != (w, a)
 
 
+@pytest.mark.slow
 def test_imagenet_presets_on_tiny_imagefolder(tmp_path):
     _png_tree(tmp_path / "data", classes=2, n_train=16, n_val=3, size=40)
     out = tmp_path / "s"
