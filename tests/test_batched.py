@@ -165,7 +165,7 @@ def test_batched_search_steps_equal_reference_float64(pointwise, dedup, dilated,
 
 
 # --- train_search.py --batched-edges -------------------------------------------------------------------------------
-RUN = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
+RUN = ["--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers", "0", "--no-tensorboard",
        "--no-progress", "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "2",
        "--eval-steps", "2", "--no-augment", "--fp64", "--seed", "3"]
 

@@ -152,7 +152,7 @@ def test_graphed_search_step_equals_eager_cuda(strict_fp32):
 
 
 # --- flags of train_search.py --------------------------------------------------------------------------------------
-TINY = ["--dataset", "digits", "--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard",
+TINY = ["--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers", "0", "--no-tensorboard",
         "--no-progress", "--epochs", "1", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "2",
         "--eval-steps", "2", "--seed", "3"]
 
