@@ -25,7 +25,8 @@ def pytest_itemcollected(item):
     one group, run one at a time by one worker: two 2-rank jobs at once put four processes on two cores, and every
     collective then waits for a descheduled peer (the 2-rank equivalence runs took 2.5x longer). The other tests
     are grouped by file (a file's module fixtures run once) and spread over the workers."""
-    item.add_marker(pytest.mark.xdist_group("ranks" if item.get_closest_marker("ranks") else item.path.stem))
+    if item.config.pluginmanager.hasplugin("xdist"):
+        item.add_marker(pytest.mark.xdist_group("ranks" if item.get_closest_marker("ranks") else item.path.stem))
 
 
 @pytest.fixture(scope="session")
