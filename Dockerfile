@@ -60,7 +60,7 @@ RUN HVD_PCDARTS_GPU=1 PYTHON=/opt/venv/bin/python HVD_PCDARTS_WHEEL_CACHE=/tmp/h
 # The project itself, editable, with the picture extras (graphviz, matplotlib).
 WORKDIR /workspace/hvd-pcdarts
 COPY . .
-RUN pip install -e ".[viz]"
+RUN pip install -e ".[viz,export]"
 
 # The build must end with a Horovod that has PyTorch, MPI, Gloo and NCCL.
 RUN horovodrun --check-build | tee /tmp/check-build.txt \

@@ -1,15 +1,11 @@
-#!/usr/bin/env python
-"""Evaluate a train.py checkpoint on the test split. Examples:
+#!/usr/bin/env python3
+"""Evaluate a train.py checkpoint on the test split (also installed as `hvd-pcdarts-evaluate`). Examples:
     python bin/evaluate.py runs/train/best.pt
     horovodrun -np 2 -H localhost:2 python bin/evaluate.py runs/train/best.pt
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from hvd_pcdarts.cli import run_main  # noqa: E402
-from hvd_pcdarts.evaluate import main  # noqa: E402
+from hvd_pcdarts.commands import evaluate
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(evaluate())

@@ -103,6 +103,20 @@ def add_quick_run_args(parser: argparse.ArgumentParser) -> None:
                         "evaluation set, still each exactly once over all ranks")
 
 
+def add_output_args(parser: argparse.ArgumentParser, kind: str) -> None:
+    """Where a run writes and what it shows while it runs."""
+    g = parser.add_argument_group("outputs")
+    g.add_argument("--output-dir", default=None, help=f"default runs/{kind}-<time>")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
+                   help="continue from OUTPUT_DIR/checkpoint.pt (auto) or from PATH")
+    shown = g.add_mutually_exclusive_group()
+    shown.add_argument("--progress", dest="progress", action="store_true", default=None,
+                       help="a progress bar on stderr (default on a terminal; elsewhere, as under launchers, rank 0 "
+                            "prints a progress line every 30 s or 10%% of an epoch)")
+    shown.add_argument("--no-progress", dest="progress", action="store_false", help="neither bar nor lines")
+    g.add_argument("--no-tensorboard", action="store_true")
+
+
 def eval_count(n: int, batch_size: int, eval_steps: int | None) -> int:
     """How many images of an evaluation set of `n` one pass reads (`--eval-steps`)."""
     return n if not eval_steps else min(n, eval_steps * batch_size)

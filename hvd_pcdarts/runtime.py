@@ -1,4 +1,4 @@
-"""What every training run shares: output folder (rank 0 only), log, metrics, TensorBoard, progress bar,
+"""What every training run shares: output folder (rank 0 only), log, metrics, TensorBoard, progress,
 learning-rate schedule, device and precision checks."""
 
 from __future__ import annotations
@@ -154,12 +154,70 @@ class RunOutput:
             self.log.removeHandler(h)
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled or not dist.is_root():
-        return None
-    from tqdm import tqdm
+def progress_mode(flag) -> str | None:
+    """--progress (True): a tqdm bar; --no-progress (False): nothing; neither (None): the bar on a terminal, else
+    plain lines (under horovodrun, mpirun and Slurm stderr is a pipe or a file, where a bar shows nothing until
+    the epoch ends)."""
+    if flag is None:
+        return "bar" if sys.stderr.isatty() else "lines"
+    return "bar" if flag else None
 
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Rank 0's progress through an epoch. Mode "bar": a tqdm bar on stderr. Mode "lines": one plain line on
+    stdout every `every_s` seconds or every 10% of the epoch, whichever comes first:
+    `epoch E/N step i/n | X img/s | loss L | ETA epoch T, run T` (rates and ETAs from this epoch's steps so far;
+    the run's ETA assumes the later epochs take as long per step). Nothing on other ranks or in mode None."""
+
+    def __init__(self, mode, epoch: int, epochs: int, steps: int, start_step: int = 0, every_s: float = 30.0):
+        self.mode = mode if dist.is_root() else None
+        self.epoch, self.epochs, self.steps, self.step = epoch, epochs, steps, start_step
+        self.first, self.every_s = start_step, every_s
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps - start_step, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
+                            leave=False, file=sys.stderr)
+        self.t0 = self.t_line = time.monotonic()
+        self.step_line, self.images, self.loss_sum = start_step, 0, 0.0
+
+    def update(self, loss: float, images: int, lr: float) -> None:
+        """One step done: its loss (this rank's), the images of all ranks it read, the learning rate."""
+        if self.mode is None:
+            return
+        self.step += 1
+        self.images += images
+        self.loss_sum += loss
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4f}")
+            self.bar.update(1)
+            return
+        now = time.monotonic()
+        if self.step < self.steps and (now - self.t_line >= self.every_s
+                                       or self.step - self.step_line >= max(1, self.steps // 10)):
+            self.t_line, self.step_line = now, self.step
+            print(self.line(now), flush=True)
+
+    def line(self, now: float) -> str:
+        done = self.step - self.first
+        per_step = (now - self.t0) / max(done, 1)
+        left_epoch = per_step * (self.steps - self.step)
+        left_run = left_epoch + per_step * self.steps * (self.epochs - self.epoch - 1)
+        return (f"{time.strftime('%Y-%m-%d %H:%M:%S')} epoch {self.epoch + 1}/{self.epochs} step "
+                f"{self.step}/{self.steps} | {self.images / max(now - self.t0, 1e-9):.0f} img/s | loss "
+                f"{self.loss_sum / max(done, 1):.4f} | ETA epoch {_duration(left_epoch)}, run {_duration(left_run)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)):

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 
 import torch
@@ -23,6 +22,7 @@ from . import fastpath
 from .checkpoint import atomic_save, check_config, load_checkpoint
 from .cli import (
     ArgParser,
+    add_output_args,
     add_quick_run_args,
     apply_preset,
     eval_count,
@@ -54,7 +54,7 @@ from .elastic import (
 from .errors import UsageError
 from .genotypes import save_genotype, to_dict
 from .models import SearchNetwork
-from .runtime import accuracy_counts, default_output_dir, lr_at, pick_device, progress_bar
+from .runtime import Progress, accuracy_counts, default_output_dir, lr_at, pick_device, progress_mode
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-search-v1"
 
@@ -123,13 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="verification mode: compute in float64 (slow); rank-count equivalence checks use it so that float32 "
            "rounding, amplified by BN on near-constant channels, cannot hide or fake a difference")
     a("--no-augment", action="store_true")
-    a("--output-dir", default=None, help="default runs/search-<time>")
-    a("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
-      help="continue from OUTPUT_DIR/checkpoint.pt (auto) or from PATH")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--progress", dest="progress", action="store_true", default=None)
-    g.add_argument("--no-progress", dest="progress", action="store_false")
-    a("--no-tensorboard", action="store_true")
+    add_output_args(p, "search")
     a("--trace-indices", default=None, help=argparse.SUPPRESS)  # testing aid: per-rank sample indices
     a("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # testing aid: aot_eager compiles quickly
     add_quick_run_args(p)
@@ -152,8 +146,6 @@ def parse_args(argv=None):
         raise UsageError(f"--lr-min {args.lr_min} is larger than --lr {args.lr}")
     if args.warmup_epochs >= args.epochs:
         raise UsageError(f"--warmup-epochs {args.warmup_epochs:g} must be less than --epochs {args.epochs}")
-    if args.progress is None:
-        args.progress = sys.stderr.isatty()
     check_elastic_args(args)
     return args
 
@@ -392,7 +384,8 @@ class Searcher(RunLoop):
         sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, correct, images, arch images - of this rank since the last flush
         lr = self.set_lr(epoch)
         trace = [] if a.trace_indices else None
-        bar = progress_bar(self.steps_per_epoch - st.step, f"epoch {epoch + 1}/{a.epochs}", a.progress)
+        progress = Progress(progress_mode(a.progress), epoch, a.epochs, self.steps_per_epoch, st.step)
+        step_images = self.local_batch * self.world * (2 if arch_on else 1)
         t0 = time.time()
         for x, y, idx in loader:
             if st.step >= self.steps_per_epoch:
@@ -417,16 +410,13 @@ class Searcher(RunLoop):
             st.pos += self.local_batch * self.world
             st.global_step += 1
             self.live_steps += 1
-            if bar is not None:
-                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.4f}")
-                bar.update(1)
+            progress.update(float(loss), step_images, lr)
             if self._commit_due(st):
                 sums = self._flush(st, sums, time.time() - t0)
                 t0 = time.time()
                 self._write_trace(trace)
                 st.commit()
-        if bar is not None:
-            bar.close()
+        progress.close()
         self._flush(st, sums, time.time() - t0)
         self._write_trace(trace)
         return lr

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import time
 
 import torch
@@ -21,6 +20,7 @@ from . import fastpath
 from .checkpoint import atomic_save, check_config, load_checkpoint
 from .cli import (
     ArgParser,
+    add_output_args,
     add_quick_run_args,
     apply_preset,
     eval_count,
@@ -49,7 +49,7 @@ from .elastic import (
 from .errors import UsageError
 from .genotypes import from_dict, load_genotype, to_dict
 from .models import NetworkCIFAR, NetworkImageNet, count_parameters
-from .runtime import accuracy_counts, default_output_dir, lr_at, pick_device, progress_bar
+from .runtime import Progress, accuracy_counts, default_output_dir, lr_at, pick_device, progress_mode
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-train-v1"
 
@@ -121,12 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
            "the CPU (nothing to overlap with there; 0.81 -> 0.94 scaling efficiency on 2 ranks), overlap on GPUs")
     a("--deterministic", action="store_true", help=argparse.SUPPRESS)  # testing aid: cuDNN deterministic algorithms
     a("--no-augment", action="store_true")
-    a("--output-dir", default=None, help="default runs/train-<time>")
-    a("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--progress", dest="progress", action="store_true", default=None)
-    g.add_argument("--no-progress", dest="progress", action="store_false")
-    a("--no-tensorboard", action="store_true")
+    add_output_args(p, "train")
     add_quick_run_args(p)
     add_elastic_args(p)
     return p
@@ -140,8 +135,6 @@ def parse_args(argv=None):
         raise UsageError(f"--label-smoothing must be below 1, got {args.label_smoothing}")
     if args.warmup_epochs >= args.epochs:
         raise UsageError(f"--warmup-epochs {args.warmup_epochs:g} must be less than --epochs {args.epochs}")
-    if args.progress is None:
-        args.progress = sys.stderr.isatty()
     check_elastic_args(args)
     return args
 
@@ -290,7 +283,7 @@ class Trainer(RunLoop):
             loader = make_batch_loader(self.train_set, sampler, a.workers, pin=self.device.type == "cuda")
         lr = self._set_lr(epoch)
         sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1, top-5, images - of this rank since the last flush
-        bar = progress_bar(self.steps_per_epoch - st.step, f"epoch {epoch + 1}/{a.epochs}", a.progress)
+        progress = Progress(progress_mode(a.progress), epoch, a.epochs, self.steps_per_epoch, st.step)
         t0 = time.time()
         for x, y, _ in loader:
             if st.step >= self.steps_per_epoch:
@@ -309,15 +302,12 @@ class Trainer(RunLoop):
             st.pos += self.local_batch * self.world
             st.global_step += 1
             self.live_steps += 1
-            if bar is not None:
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.4f}")
-                bar.update(1)
+            progress.update(float(loss.detach()), self.local_batch * self.world, lr)
             if self._commit_due(st):
                 sums = self._flush(st, sums, time.time() - t0)
                 t0 = time.time()
                 st.commit()
-        if bar is not None:
-            bar.close()
+        progress.close()
         self._flush(st, sums, time.time() - t0)
         return lr
 

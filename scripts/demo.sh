@@ -8,7 +8,7 @@ rm -rf "$OUT/search" "$OUT/train"
 echo "== search: horovodrun -np 2 (Gloo) on digits, output $OUT/search"
 horovodrun --gloo -np 2 -H localhost:2 python bin/train_search.py \
   --dataset digits --epochs 8 --arch-start-epoch 3 --batch-size 64 --init-channels 8 --layers 5 \
-  --workers 0 --progress --output-dir "$OUT/search"
+  --workers 0 --output-dir "$OUT/search"
 echo
 echo "genotype:      $OUT/search/genotype.json"
 echo "metrics:       $OUT/search/metrics.jsonl  (one JSON object per epoch)"
@@ -23,7 +23,7 @@ echo
 echo "== retrain the found cell: horovodrun -np 2 bin/train.py (brief), output $OUT/train"
 horovodrun --gloo -np 2 -H localhost:2 python bin/train.py --genotype "$OUT/search/genotype.json" \
   --dataset digits --epochs 4 --batch-size 64 --lr 0.1 --init-channels 8 --layers 5 --cutout-length 4 \
-  --drop-path-prob 0.1 --workers 0 --progress --output-dir "$OUT/train"
+  --drop-path-prob 0.1 --workers 0 --output-dir "$OUT/train"
 echo
 echo "== evaluate $OUT/train/best.pt"
 python bin/evaluate.py "$OUT/train/best.pt" --workers 0 | tee "$OUT/eval.txt" | head -n 1

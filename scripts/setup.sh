@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent environment setup: Debian's Open MPI, graphviz, iproute2 and OpenSSH (for the two-node tests), .venv/
 # with torch 2.14.1 + torchvision 0.29.1, Horovod 0.28.1 built with the fixes in scripts/install_horovod.sh (wheel
-# cached outside the repository), the project in editable mode with its dev extras, then `horovodrun --check-build`
-# must list PyTorch, MPI and Gloo.
+# cached outside the repository), the project in editable mode with its dev, viz and export extras (which puts the
+# hvd-pcdarts-* commands in .venv/bin), then `horovodrun --check-build` must list PyTorch, MPI and Gloo.
 #   HVD_PCDARTS_GPU=1 scripts/setup.sh   also builds Horovod's NCCL GPU operations
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,11 +43,11 @@ fi
 PYTHON="$VPY" bash "$ROOT/scripts/install_horovod.sh" 2>&1 | grep -v '^WARNING: Location' >&2 || true
 "$VPY" -c "import horovod.torch" || { echo "setup: horovod did not install (see above)" >&2; exit 1; }
 
-if ! "$VPY" -c "import hvd_pcdarts, mpi4py, sklearn, tqdm, tensorboard, pytest, xdist, graphviz, matplotlib" 2>/dev/null \
+if ! "$VPY" -c "import hvd_pcdarts, mpi4py, sklearn, tqdm, tensorboard, pytest, xdist, graphviz, matplotlib, onnx, onnxscript, onnxruntime" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.hvd_pcdarts_installed" ]; then
-  log "installing the project (editable) with its dev and viz extras"
-  "$VPY" -m pip install -q -e ".[dev,viz]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  "$VPY" -c "import hvd_pcdarts, mpi4py, sklearn, tqdm, tensorboard, pytest, xdist" || { echo "setup: project install failed" >&2; exit 1; }
+  log "installing the project (editable) with its dev, viz and export extras"
+  "$VPY" -m pip install -q -e ".[dev,viz,export]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  "$VPY" -c "import hvd_pcdarts, mpi4py, sklearn, tqdm, tensorboard, pytest, xdist, onnxruntime" || { echo "setup: project install failed" >&2; exit 1; }
   touch "$VENV/.hvd_pcdarts_installed"
 fi
 

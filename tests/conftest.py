@@ -49,6 +49,24 @@ def run_ranks():
 
 
 @pytest.fixture(scope="session")
+def two_rank_search(tmp_path_factory):
+    """`two_rank_search(args)` -> (output folder, CompletedProcess) of `horovodrun -np 2 python
+    bin/train_search.py ARGS --output-dir ...`, run once per session for the same ARGS: equivalence tests in
+    different files share a reference run (the `ranks` tests all run in one worker's session)."""
+    runs = {}
+
+    def run(args, timeout=900):
+        key = tuple(map(str, args))
+        if key not in runs:
+            out = tmp_path_factory.mktemp("search") / "run"
+            cmd = helpers.horovodrun_cmd(2, [helpers.REPO_ROOT / "bin" / "train_search.py", *args, "--output-dir", out])
+            runs[key] = (out, helpers.launch(cmd, timeout=timeout))
+        return runs[key]
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def horovodrun_exe():
     exe = helpers.find_exe("horovodrun")
     if exe is None:

@@ -110,6 +110,35 @@ def output_lines(text: str) -> list[str]:
     return lines
 
 
+_PROGRESS = re.compile(r"^(?:\[(?:\d+,)?(\d+)\]<stdout>:)?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d epoch (\d+)/(\d+) step "
+                       r"(\d+)/(\d+) \| (\d+) img/s \| loss (\d+\.\d+) \| ETA epoch (\d+[hm]\d+[ms]), run "
+                       r"(\d+[hm]\d+[ms])$")
+
+
+def progress_lines(text: str) -> list[dict]:
+    """The plain progress lines in launcher output (the runs' progress when stderr is no terminal):
+    {rank (None untagged), epoch, epochs, step, steps, images_per_s, loss}."""
+    out = []
+    for line in text.splitlines():
+        m = _PROGRESS.match(line.strip())
+        if m:
+            rank, e, n, i, k, ips, loss = m.groups()[:7]
+            out.append(dict(rank=None if rank is None else int(rank), epoch=int(e), epochs=int(n), step=int(i),
+                            steps=int(k), images_per_s=int(ips), loss=float(loss)))
+    return out
+
+
+def assert_progress_lines(stdout: str, epochs: int, steps: int) -> None:
+    """A run whose output was a pipe: rank 0, and only rank 0, printed at least two progress lines in every epoch,
+    in step order, none at an epoch's last step (its epoch line follows)."""
+    lines = progress_lines(stdout)
+    assert lines and all(p["rank"] in (None, 0) for p in lines), stdout[-3000:]
+    assert all(p["epochs"] == epochs and p["steps"] == steps and p["images_per_s"] > 0 for p in lines), lines
+    for e in range(1, epochs + 1):
+        at = [p["step"] for p in lines if p["epoch"] == e]
+        assert len(at) >= 2 and at == sorted(at) and at[-1] < steps, (e, at)
+
+
 def rank_reports(folder) -> dict:
     """{rank: JSON value} from the files `rank<r>.json` that each rank of a test script wrote into `folder`.
     Tests read what several ranks report from such files: a launcher may glue two ranks' output lines together."""

@@ -8,6 +8,13 @@ import os
 
 import torch
 
+# A 2-rank float64 search (3 layers, two epochs of two arch + weight steps) with Horovod's per-tensor hooks
+# (--grad-allreduce overlap): the batched-edge and compile equivalence tests compare their runs of it, and share the
+# one both need (the conftest's `two_rank_search` runs each argument list once).
+HOOKED_FP64 = ["--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers", "0", "--no-tensorboard",
+               "--no-progress", "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch",
+               "2", "--eval-steps", "1", "--no-augment", "--fp64", "--seed", "3", "--grad-allreduce", "overlap"]
+
 
 def final_state(out):
     """(the checkpoint's model state_dict, the metrics.jsonl rows) of the run in output dir `out`."""

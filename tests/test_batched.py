@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import REPO_ROOT, describe, horovodrun_cmd, launch, python_exe
-from search_runs import assert_same_runs, cuda_search_steps, final_state, rel_diff
+from helpers import REPO_ROOT, describe, launch, python_exe
+from search_runs import HOOKED_FP64, assert_same_runs, cuda_search_steps, final_state, rel_diff
 
 from hvd_pcdarts import fastpath as fp
 from hvd_pcdarts.models import SearchNetwork, batched_cell
@@ -185,15 +185,15 @@ def test_train_search_batched_edges_one_rank_equals_reference(tmp_path):
 
 @pytest.mark.ranks
 @pytest.mark.slow
-def test_train_search_batched_edges_two_ranks_equals_reference(tmp_path):
+def test_train_search_batched_edges_two_ranks_equals_reference(two_rank_search):
     """2 real ranks (Horovod hooks on every per-edge weight, named arch allreduces) with and without the batched
     op: the same run, and every rank holds the same parameters."""
     runs = {}
     for tag, extra in (("ref", []), ("be", ["--batched-edges"])):
-        res = launch(horovodrun_cmd(2, [SCRIPT, *RUN, *extra, "--output-dir", tmp_path / tag]), timeout=600)
+        out, res = two_rank_search([*HOOKED_FP64, *extra])
         assert res.returncode == 0, describe(res)
         assert "all 2 rank(s) hold identical parameters" in res.stdout + res.stderr, describe(res)
-        runs[tag] = final_state(tmp_path / tag)
+        runs[tag] = final_state(out)
     assert_same_runs(runs["ref"], runs["be"])
     assert all(r["world_size"] == 2 for r in runs["be"][1])
 

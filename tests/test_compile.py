@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import REPO_ROOT, describe, horovodrun_cmd, launch, python_exe
-from search_runs import assert_same_runs, final_state
+from search_runs import HOOKED_FP64, assert_same_runs, final_state
 
 from hvd_pcdarts import fastpath as fp
 
@@ -152,21 +152,20 @@ COMPILE = ["--compile", "--compile-backend", "aot_eager"]
 
 @pytest.mark.ranks
 @pytest.mark.slow
-def test_train_search_compile_two_ranks_with_hooks_equals_eager(tmp_path):
+def test_train_search_compile_two_ranks_with_hooks_equals_eager(two_rank_search):
     """bin/train_search.py --compile equals eager (every rank's parameters, the metrics, the genotype), on 2 real
     ranks with Horovod's per-tensor hooks (--grad-allreduce overlap): the compiled arch step turns requires_grad
     off and on again around every forward, and the hooks must keep firing in the weight step. (A one-rank twin
     of this run was dropped: it checked nothing this one does not, in 6 minutes of compiling.)"""
-    runs = {}
-    for tag, extra in (("eager", []), ("compiled", COMPILE)):
-        res = launch(horovodrun_cmd(2, [SCRIPT, *RUN, *extra, "--grad-allreduce", "overlap",
-                                        "--output-dir", tmp_path / tag]), timeout=900)
+    runs, outs = {}, {}
+    for tag, extra in (("eager", []), ("compiled", COMPILE)):  # the eager run: test_batched's batched-edge run
+        outs[tag], res = two_rank_search([*HOOKED_FP64, "--batched-edges", *extra])
         assert res.returncode == 0, describe(res)
         assert "all 2 rank(s) hold identical parameters" in res.stdout + res.stderr, describe(res)
         assert ("compiled cells (aot_eager)" in res.stdout) == (tag == "compiled"), describe(res)
-        runs[tag] = final_state(tmp_path / tag)
+        runs[tag] = final_state(outs[tag])
     assert_same_runs(runs["eager"], runs["compiled"])
-    genotypes = [json.loads((tmp_path / t / "genotype.json").read_text())["genotype"] for t in runs]
+    genotypes = [json.loads((outs[t] / "genotype.json").read_text())["genotype"] for t in runs]
     assert genotypes[0] == genotypes[1]
 
 

@@ -147,7 +147,7 @@ def test_dockerfile_uses_the_install_script():
     for pkg in ("openmpi-bin", "libopenmpi-dev", "openssh-server", "openssh-client", "graphviz", "python3-venv"):
         assert pkg in text, pkg
     assert "torch==2.14.1" in text and "torchvision==0.29.1" in text
-    assert 'pip install -e ".[viz]"' in text
+    assert 'pip install -e ".[viz,export]"' in text  # the hvd-pcdarts-* commands, bin/export.py's ONNX check
     assert "Port 12345" in text and "StrictHostKeyChecking no" in text
     runs = [line for line in text.splitlines() if line.startswith("RUN ")]
     assert runs[-1].startswith("RUN horovodrun --check-build")

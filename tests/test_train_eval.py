@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, describe, horovodrun_cmd, launch, python_exe
+from helpers import REPO_ROOT, assert_progress_lines, describe, horovodrun_cmd, launch, python_exe
 
 TRAIN = str(REPO_ROOT / "bin" / "train.py")
 EVAL = str(REPO_ROOT / "bin" / "evaluate.py")
@@ -39,9 +39,11 @@ def _metrics(path):
 @pytest.mark.slow
 def test_two_rank_retraining_improves_and_writes_outputs(tmp_path):
     out = tmp_path / "tr"
-    res = launch(horovodrun_cmd(2, [TRAIN, "--genotype", "PCDARTS", "--dataset", "digits", *SMALL,
+    small = [a for a in SMALL if a != "--no-progress"]  # stdout is a pipe: rank 0 prints progress lines
+    res = launch(horovodrun_cmd(2, [TRAIN, "--genotype", "PCDARTS", "--dataset", "digits", *small,
                                     "--batch-size", "64", "--epochs", "4", "--output-dir", out]), timeout=900)
     assert res.returncode == 0, describe(res)
+    assert_progress_lines(res.stdout, epochs=4, steps=22)
     m = _metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in m] == [0, 1, 2, 3]
     assert all(r["world_size"] == 2 and r["test_images"] == 360 for r in m)
@@ -187,3 +189,45 @@ def test_evaluate_rejects_corrupt_checkpoint(tmp_path):
     res = launch([python_exe(), EVAL, bad], timeout=120)
     assert res.returncode == 2, describe(res)
     assert "cannot be loaded" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_progress_lines_every_tenth_of_an_epoch_or_interval(capsys, monkeypatch):
+    """Plain progress lines (stderr no terminal): one per 10% of the epoch's steps, or per `every_s` seconds when
+    that comes first, none at the last step; a resumed epoch counts from its first step; nothing from a rank > 0
+    or with --no-progress."""
+    from helpers import progress_lines
+
+    from hvd_pcdarts import runtime
+
+    clock = [100.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(runtime.dist, "is_root", lambda: True)  # rank 0, without initializing Horovod
+
+    def run(mode, steps, start=0, dt=0.5, every_s=30.0, epochs=3):
+        p = runtime.Progress(mode, 1, epochs, steps, start, every_s=every_s)
+        for _ in range(start, steps):
+            clock[0] += dt
+            p.update(2.0, 64, 0.1)
+        p.close()
+        return progress_lines(capsys.readouterr().out)
+
+    lines = run("lines", 40)
+    assert [p["step"] for p in lines] == [4, 8, 12, 16, 20, 24, 28, 32, 36]
+    first = lines[0]
+    assert (first["epoch"], first["epochs"], first["steps"], first["images_per_s"], first["loss"]) == (2, 3, 40, 128,
+                                                                                                       2.0)
+    assert [p["step"] for p in run("lines", 40, every_s=1.0)] == list(range(2, 40, 2))  # 2 steps a second
+    assert [p["step"] for p in run("lines", 40, start=30)] == [34, 38]
+    assert [p["step"] for p in run("lines", 5)] == [1, 2, 3, 4]
+    p = runtime.Progress("lines", 0, 3, 40, 0, every_s=1e9)
+    for _ in range(10):  # 2 s a step: 30 steps left in this epoch, 80 in the two after it
+        clock[0] += 2.0
+        p.update(1.0, 64, 0.1)
+    text = p.line(clock[0])
+    assert "epoch 1/3 step 10/40 | 32 img/s | loss 1.0000 | ETA epoch 1m00s, run 3m40s" in text, text
+    capsys.readouterr()
+    assert (runtime._duration(3599.4), runtime._duration(3600), runtime._duration(7290)) == ("59m59s", "1h00m",
+                                                                                              "2h01m")
+    assert run(None, 40) == [] and run("bar", 40) == []
+    monkeypatch.setattr(runtime.dist, "is_root", lambda: False)
+    assert run("lines", 40) == []
