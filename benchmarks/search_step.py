@@ -129,7 +129,7 @@ def one_step(step, batches, i):
     xa, ya = batches[(2 * i) % len(batches)]
     xw, yw = batches[(2 * i + 1) % len(batches)]
     la = step.arch_step(xa, ya)
-    _, lw = step.weight_step(xw, yw)
+    lw = step.weight_step(xw, yw)[1]
     return la, lw
 
 

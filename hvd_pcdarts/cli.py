@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .errors import ConsistencyError, UsageError
+from .errors import ConsistencyError, DivergenceError, OutputWriteError, UsageError
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -18,7 +18,8 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def run_main(fn, argv=None, prog=None) -> int:
-    """Run `fn(argv)`; UsageError -> one line + exit 2, ConsistencyError -> one line + exit 1."""
+    """Run `fn(argv)`; UsageError -> one line + exit 2, ConsistencyError and OutputWriteError -> one line +
+    exit 1, DivergenceError -> one line + exit 3."""
     prog = prog or os.path.basename(sys.argv[0])
     try:
         rc = fn(argv)
@@ -28,11 +29,16 @@ def run_main(fn, argv=None, prog=None) -> int:
         sys.stderr.flush()
         _abort_peers(2)
         return 2
-    except ConsistencyError as e:
+    except (ConsistencyError, OutputWriteError) as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         sys.stderr.flush()
         _abort_peers(1)
         return 1
+    except DivergenceError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        sys.stderr.flush()
+        _abort_peers(3)
+        return 3
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130
@@ -109,6 +115,9 @@ def add_output_args(parser: argparse.ArgumentParser, kind: str) -> None:
     g.add_argument("--output-dir", default=None, help=f"default runs/{kind}-<time>")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
                    help="continue from OUTPUT_DIR/checkpoint.pt (auto) or from PATH")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir (its checkpoints, genotype, metrics, logs and "
+                        "pictures are removed first); without it or --resume such a folder is refused")
     shown = g.add_mutually_exclusive_group()
     shown.add_argument("--progress", dest="progress", action="store_true", default=None,
                        help="a progress bar on stderr (default on a terminal; elsewhere, as under launchers, rank 0 "

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 
 from . import distributed as dist
-from .errors import UsageError
-from .runtime import RunOutput, check_writable, writable_error
+from .errors import OutputWriteError, UsageError
+from .runtime import RunOutput, check_writable, claim_output_dir, writable_error
 
 
 class LocalState:
@@ -127,6 +127,8 @@ class RunLoop:
         """Start of the loop, and again after every elastic reset once the state is synced from rank 0."""
         a = self.args
         self.live_steps = st.global_step
+        # the first start of the job (a worker joining an elastic run later finds the run's own files there)
+        removed = claim_output_dir(a.output_dir, a.resume, a.overwrite) if not st.resets else []
         if self.out is not None:
             self.out.close()
         # rank 0 writes the outputs (after a reset maybe another process than before); metrics.jsonl keeps
@@ -142,6 +144,8 @@ class RunLoop:
         else:
             out.info(self._start_line() + (f", elastic (commit every {a.commit_interval} steps)"
                                            if self.elastic else ""))
+            if removed:
+                out.info(f"--overwrite: replaced the earlier run in {a.output_dir} (removed {', '.join(removed)})")
             if st.epoch:
                 out.info(f"resumed from {self.resumed_from} at epoch {st.epoch}")
         self._consistency("elastic reset" if st.resets else "start")
@@ -173,6 +177,20 @@ class RunLoop:
             raise UsageError(err)
         if dist.broadcast_object(path is not None, name="resume_found"):
             self._load(dist.broadcast_object(ckpt, name="resume_ckpt"), path)
+
+    def _write_outputs(self, write, *args) -> None:
+        """Rank 0 calls `write(*args)` (an epoch's metrics, genotype, checkpoints; each file atomically); when
+        a write fails (disk full, ...) every rank stops with the same line, the previous checkpoint intact."""
+        err = None
+        if dist.is_root():
+            try:
+                write(*args)
+            except OSError as e:
+                err = (f"cannot write the run's outputs in {self.args.output_dir} ({e.strerror or e}); the last "
+                       f"checkpoint written before is intact: make room, then continue with --resume auto")
+        err = dist.broadcast_object(err, name="outputs_written")
+        if err:
+            raise OutputWriteError(err)
 
     def _commit_due(self, st) -> bool:
         return self.elastic and st.step % self.args.commit_interval == 0 and st.step < self.steps_per_epoch

@@ -1,4 +1,4 @@
-"""Errors that the command-line tools turn into one line on stderr and exit status 2."""
+"""Errors that the command-line tools turn into one line on stderr and an exit status (cli.run_main)."""
 
 
 class UsageError(Exception):
@@ -11,3 +11,13 @@ class GenotypeError(UsageError, ValueError):
 
 class ConsistencyError(RuntimeError):
     """Ranks disagree about state that must be identical everywhere."""
+
+
+class OutputWriteError(RuntimeError):
+    """A run's outputs could not be written (disk full, quota, a vanished folder): one line, exit status 1; the
+    previous checkpoint is kept."""
+
+
+class DivergenceError(RuntimeError):
+    """A loss or the parameters became non-finite (the same verdict on every rank): one line, exit status 3; the
+    last checkpoint and genotype stay as they were."""

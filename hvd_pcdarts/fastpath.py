@@ -395,10 +395,9 @@ class EagerSearchStep:
             logits = self.model(x)
             loss = self.criterion(logits, y)
         loss.backward()
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.weight_params, self.grad_clip)
+        norm = clip_gradients(self.weight_params, self.grad_clip)
         self.w_opt.step()
-        return logits.detach(), loss.detach().float()
+        return logits.detach(), loss.detach().float(), norm
 
 
 def build_search(C: int = 16, layers: int = 8, partial_k: int = 4, num_classes: int = 10, seed: int = 2,
@@ -545,10 +544,18 @@ class GraphedSearchStep:
                 for t, a in zip(grads, avg):
                     if a is not t:
                         t.copy_(a)
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.weight_params, self.grad_clip)
+        norm = clip_gradients(self.weight_params, self.grad_clip)
         self.w_opt.step()
-        return logits.clone(), loss.clone()
+        return logits.clone(), loss.clone(), norm
+
+
+def clip_gradients(params, max_norm: float) -> torch.Tensor:
+    """The total norm of the parameters' (averaged) gradients, after clipping them to `max_norm` when it is > 0.
+    The same on every rank: the runs' signal that a step diverged (non-finite)."""
+    params = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        return nn.utils.clip_grad_norm_(params, max_norm)
+    return nn.utils.get_total_norm([p.grad for p in params])
 
 
 # --- the retraining step (bin/train.py) -------------------------------------------------------------------------
@@ -587,10 +594,9 @@ class EagerTrainStep:
                 for p, a in zip(have, avg):
                     if a is not p.grad:
                         p.grad.copy_(a)
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(have, self.grad_clip)
+        norm = clip_gradients(have, self.grad_clip)
         self.opt.step()
-        return logits.detach(), loss.detach().float()
+        return logits.detach(), loss.detach().float(), norm
 
 
 class GraphedTrainStep:
@@ -679,10 +685,9 @@ class GraphedTrainStep:
                 for t, a in zip(grads, avg):
                     if a is not t:
                         t.copy_(a)
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(have, self.grad_clip)
+        norm = clip_gradients(have, self.grad_clip)
         self.opt.step()
-        return logits.clone(), loss.clone()
+        return logits.clone(), loss.clone(), norm
 
 
 def check_fast_flags(args, device: torch.device, world: int) -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -14,7 +15,7 @@ import torch
 
 from . import distributed as dist
 from .checkpoint import atomic_write_text, remove_stale_temporaries
-from .errors import UsageError
+from .errors import DivergenceError, UsageError
 
 
 def lr_at(epoch_pos: float, base_lr: float, min_lr: float, epochs: int, warmup_epochs: float = 0.0,
@@ -82,6 +83,47 @@ def check_writable(out_dir: str) -> None:
     err = dist.broadcast_object(err, name="outdir_ok")
     if err:
         raise UsageError(err)
+
+
+# What a run writes into its output folder; the first four show that the folder holds a run.
+RUN_MARKERS = ("checkpoint.pt", "best.pt", "genotype.json", "metrics.jsonl")
+RUN_OUTPUTS = RUN_MARKERS + ("args.json", "log.txt", "eval.json", "arch_weights.png", "tb", "cells")
+
+
+def run_in(out_dir: str) -> list[str]:
+    """The files of `out_dir` that show an earlier run there (an empty metrics.jsonl does not count)."""
+    found = []
+    for name in RUN_MARKERS:
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path) and (name != "metrics.jsonl" or os.path.getsize(path) > 0):
+            found.append(name)
+    return found
+
+
+def claim_output_dir(out_dir: str, resume, overwrite: bool) -> list[str]:
+    """Before a run writes anything: refuse an output folder that holds an earlier run unless it is resumed
+    (--resume) or replaced (--overwrite: rank 0 removes the earlier run's outputs, RUN_OUTPUTS, and nothing
+    else). Rank 0 decides, every rank learns the verdict. Returns what was removed."""
+    err, removed = None, []
+    if dist.is_root() and resume is None:
+        found = run_in(out_dir)
+        if found and not overwrite:
+            err = (f"--output-dir {out_dir} already holds a run ({', '.join(found)}): continue it with --resume "
+                   f"auto, replace it with --overwrite, or choose another --output-dir")
+        elif found:
+            for name in RUN_OUTPUTS:
+                path = os.path.join(out_dir, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.unlink(path)
+                else:
+                    continue
+                removed.append(name)
+    err = dist.broadcast_object(err, name="outdir_claim")
+    if err:
+        raise UsageError(err)
+    return removed
 
 
 class RunOutput:
@@ -218,6 +260,22 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def step_values(values: list, *groups) -> list[float]:
+    """The step's 0-dim tensors `values` (its loss, whether its averaged gradient norm is finite, ...) and, per
+    parameter group, 1.0 if all its values are finite else 0.0, read in one device sync. Averaged gradients and
+    parameters after a step are the same on every rank, so their verdict is too."""
+    dtype = values[0].dtype
+    flags = [torch.nn.utils.get_total_norm(list(g)).isfinite() for g in groups]
+    return torch.stack([v.to(dtype) for v in [*values, *flags]]).tolist()
+
+
+def check_finite(ok: bool, kind: str, epoch: int, step: int) -> None:
+    """Stop every rank with `non-finite <train|arch|valid> loss at epoch E step S` (1-based) when not ok."""
+    if not ok:
+        raise DivergenceError(f"non-finite {kind} loss at epoch {epoch + 1} step {step}: the run diverged (lower "
+                              f"the learning rate); the last checkpoint and genotype are the previous epoch's")
 
 
 def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -54,7 +55,16 @@ from .elastic import (
 from .errors import UsageError
 from .genotypes import save_genotype, to_dict
 from .models import SearchNetwork
-from .runtime import Progress, accuracy_counts, default_output_dir, lr_at, pick_device, progress_mode
+from .runtime import (
+    Progress,
+    accuracy_counts,
+    check_finite,
+    default_output_dir,
+    lr_at,
+    pick_device,
+    progress_mode,
+    step_values,
+)
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-search-v1"
 
@@ -194,6 +204,7 @@ class Searcher(RunLoop):
         self.graphed = None  # --cuda-graph: fastpath.GraphedSearchStep, captured at the first step
         self.criterion = nn.CrossEntropyLoss()
         self.arch_params = self.model.arch_parameters()
+        self.weights = list(self.model.weight_parameters())
         w_opt = torch.optim.SGD(self.model.weight_parameters(), lr=a.lr, momentum=a.momentum,
                                 weight_decay=a.weight_decay)
         # --cuda-graph: a plain SGD; the graphed step averages the gradients itself (hooks do not replay in a graph)
@@ -355,15 +366,14 @@ class Searcher(RunLoop):
         else:
             loss.backward()
             self.w_opt.synchronize()
-        if a.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.weight_parameters(), a.grad_clip)
+        norm = fastpath.clip_gradients(self.weights, a.grad_clip)
         with self.w_opt.skip_synchronize():
             if self.scaler is not None:
                 self.scaler.step(self.w_opt)
                 self.scaler.update()
             else:
                 self.w_opt.step()
-        return logits.detach(), loss.detach()
+        return logits.detach(), loss.detach(), norm
 
     def set_lr(self, epoch_pos: float):
         a = self.args
@@ -399,18 +409,22 @@ class Searcher(RunLoop):
                 sums[3] += len(ya)
                 if trace is not None:
                     trace.append({"epoch": epoch, "step": st.step, "kind": "arch", "idx": ia.tolist()})
-            logits, loss = self.weight_step(x, y)
+            logits, loss, norm = self.weight_step(x, y)
             if trace is not None:
                 trace.append({"epoch": epoch, "step": st.step, "kind": "weight", "idx": idx.tolist()})
+            loss_v, correct, w_ok, *a_ok = step_values([loss, (logits.argmax(1) == y).sum(), norm.isfinite()],
+                                                       *([self.arch_params] if arch_on else []))
+            check_finite(all(a_ok), "arch", epoch, st.step + 1)
+            check_finite(w_ok or self.scaler is not None, "train", epoch, st.step + 1)  # --amp: the scaler's
             n = len(y)
-            sums[0] += float(loss) * n
-            sums[1] += float((logits.argmax(1) == y).sum())
+            sums[0] += loss_v * n
+            sums[1] += correct
             sums[2] += n
             st.step += 1
             st.pos += self.local_batch * self.world
             st.global_step += 1
             self.live_steps += 1
-            progress.update(float(loss), step_images, lr)
+            progress.update(loss_v, step_images, lr)
             if self._commit_due(st):
                 sums = self._flush(st, sums, time.time() - t0)
                 t0 = time.time()
@@ -464,6 +478,12 @@ class Searcher(RunLoop):
                     args=_jsonable(vars(a)))
         atomic_save(ckpt, os.path.join(a.output_dir, "checkpoint.pt"))
 
+    def _write_epoch(self, out, rec: dict, st) -> None:
+        """Rank 0's writes at an epoch's end: the metrics row, genotype.json, checkpoint.pt."""
+        out.metrics(rec)
+        self.write_genotype()
+        self.save(st)
+
     def write_genotype(self):
         if not dist.is_root():
             return
@@ -507,6 +527,7 @@ class Searcher(RunLoop):
             lr = self.train_epoch(st)
             dist.average_buffers(self.model)  # identical BN statistics everywhere before evaluating/saving
             v_loss, v_acc = self.validate()
+            check_finite(math.isfinite(v_loss), "valid", epoch, self.steps_per_epoch)
             self.checksums(f"end of epoch {epoch}")
             s_loss, s_correct, s_count, s_arch = st.sums
             geno = self.model.genotype()
@@ -516,16 +537,15 @@ class Searcher(RunLoop):
                        world_size=self.world, genotype=to_dict(geno), arch=self.model.arch_state())
             if self.elastic:
                 rec.update(resets=st.resets, steps_redone=st.steps_redone)
-            out.metrics(rec)
             out.info(f"epoch {epoch + 1}/{a.epochs} lr {lr:.5f} train loss {rec['train_loss']:.4f} "
                      f"acc {rec['train_acc']:.2f} | search-valid loss {v_loss:.4f} acc {v_acc:.2f} | "
                      f"{rec['epoch_time_s']:.1f}s, {rec['images_per_s']:.0f} img/s")
             st.epoch, st.step, st.pos, st.sums, st.train_time = epoch + 1, 0, 0, [0.0, 0.0, 0.0, 0.0], 0.0
-            self.write_genotype()
-            self.save(st)
+            self._write_outputs(self._write_epoch, out, rec, st)
             st.commit()
         final = self.checksums("end of search")
-        geno = self.write_genotype()
+        self._write_outputs(self.write_genotype)
+        geno = self.model.genotype()
         if dist.is_root():
             out.info(f"genotype: {geno}")
             out.info(f"all {self.world} rank(s) hold identical parameters (crc32 weights {final['weights']:08x}, "

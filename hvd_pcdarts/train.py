@@ -8,6 +8,7 @@ what 1 rank reports for the same weights.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import time
@@ -49,7 +50,16 @@ from .elastic import (
 from .errors import UsageError
 from .genotypes import from_dict, load_genotype, to_dict
 from .models import NetworkCIFAR, NetworkImageNet, count_parameters
-from .runtime import Progress, accuracy_counts, default_output_dir, lr_at, pick_device, progress_mode
+from .runtime import (
+    Progress,
+    accuracy_counts,
+    check_finite,
+    default_output_dir,
+    lr_at,
+    pick_device,
+    progress_mode,
+    step_values,
+)
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-train-v1"
 
@@ -211,7 +221,8 @@ class Trainer(RunLoop):
         if a.compile:
             fastpath.compile_ops(self.model, backend=a.compile_backend)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
-        opt = torch.optim.SGD(self.model.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
+        self.params = list(self.model.parameters())
+        opt = torch.optim.SGD(self.params, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
         # --cuda-graph: a plain SGD; the graphed step averages the gradients itself (hooks do not replay in a graph)
         self.grad_allreduce = dist.grad_allreduce_mode(a.grad_allreduce, self.device)
         self.opt = opt if a.cuda_graph else dist.weight_optimizer(
@@ -263,6 +274,14 @@ class Trainer(RunLoop):
                     opt=self.opt.state_dict(), scaler=self.scaler.state_dict() if self.scaler is not None else None,
                     best_top1=st.best_top1, global_step=st.global_step, world_size=self.world)
 
+    def _write_epoch(self, out, rec: dict, st, improved: bool) -> None:
+        """Rank 0's writes at an epoch's end: the metrics row, best.pt when the test top-1 improved, checkpoint.pt."""
+        out.metrics(rec)
+        ckpt = self._checkpoint(st)
+        if improved:
+            atomic_save(ckpt, os.path.join(self.args.output_dir, "best.pt"))
+        atomic_save(ckpt, os.path.join(self.args.output_dir, "checkpoint.pt"))
+
     def _seed_step(self, epoch: int, step: int) -> None:
         """Drop-path masks from (seed, epoch, step, rank): different on each rank (the same masks would correlate
         the shards) and the same after a resume, whatever happened before."""
@@ -293,16 +312,18 @@ class Trainer(RunLoop):
             self._seed_step(epoch, st.step)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if a.cuda_graph:
-                logits, loss = self._graphed_step().step(x, y)
+                logits, loss, norm = self._graphed_step().step(x, y)
             else:
-                logits, loss = self._eager_step(x, y)
+                logits, loss, norm = self._eager_step(x, y)
+            loss_v, ok = step_values([loss.detach(), norm.isfinite()])
+            check_finite(ok or self.scaler is not None, "train", epoch, st.step + 1)  # --amp: the scaler's
             k1, k5 = accuracy_counts(logits.detach(), y, (1, 5))
-            sums = [sums[0] + float(loss.detach()) * len(y), sums[1] + k1, sums[2] + k5, sums[3] + len(y)]
+            sums = [sums[0] + loss_v * len(y), sums[1] + k1, sums[2] + k5, sums[3] + len(y)]
             st.step += 1
             st.pos += self.local_batch * self.world
             st.global_step += 1
             self.live_steps += 1
-            progress.update(float(loss.detach()), self.local_batch * self.world, lr)
+            progress.update(loss_v, self.local_batch * self.world, lr)
             if self._commit_due(st):
                 sums = self._flush(st, sums, time.time() - t0)
                 t0 = time.time()
@@ -325,15 +346,14 @@ class Trainer(RunLoop):
         else:
             loss.backward()
             self.opt.synchronize()
-        if a.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
+        norm = fastpath.clip_gradients(self.params, a.grad_clip)
         with self.opt.skip_synchronize():
             if self.scaler is not None:
                 self.scaler.step(self.opt)
                 self.scaler.update()
             else:
                 self.opt.step()
-        return logits, loss
+        return logits, loss, norm
 
     def _graphed_step(self):
         """--cuda-graph: the same step replayed from a CUDA graph; the same drop-path masks (the generator is
@@ -389,6 +409,7 @@ class Trainer(RunLoop):
             te_loss, te1, te5, n_test = evaluate(self.model, self.test_loader, self.device,
                                                  self._autocast_dtype() or False,
                                                  self.local_batch if a.compile else None)
+            check_finite(math.isfinite(te_loss), "valid", epoch, self.steps_per_epoch)
             self._consistency(f"end of epoch {epoch}")
             loss_sum, c1, c5, n = st.sums
             rec = dict(epoch=epoch, lr=lr, train_loss=loss_sum / max(n, 1), train_top1=100 * c1 / max(n, 1),
@@ -398,17 +419,12 @@ class Trainer(RunLoop):
                        drop_path_prob=self.model.drop_path_prob)
             if self.elastic:
                 rec.update(resets=st.resets, steps_redone=st.steps_redone)
-            out.metrics(rec)
             out.info(f"epoch {epoch + 1}/{a.epochs} lr {lr:.5f} train loss {rec['train_loss']:.4f} "
                      f"top1 {rec['train_top1']:.2f} | test loss {te_loss:.4f} top1 {te1:.2f} top5 {te5:.2f}")
             improved = te1 > st.best_top1
             st.best_top1 = max(st.best_top1, te1)
             st.epoch, st.step, st.pos, st.sums, st.train_time = epoch + 1, 0, 0, [0.0, 0.0, 0.0, 0.0], 0.0
-            if dist.is_root():
-                ckpt = self._checkpoint(st)
-                if improved:
-                    atomic_save(ckpt, os.path.join(a.output_dir, "best.pt"))
-                atomic_save(ckpt, os.path.join(a.output_dir, "checkpoint.pt"))
+            self._write_outputs(self._write_epoch, out, rec, st, improved)
             st.commit()
         final = self._consistency("end of training")
         out.info(f"best test top1 {st.best_top1:.2f}; checkpoints in {a.output_dir}")

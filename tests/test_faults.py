@@ -1,10 +1,13 @@
 """Faults: every process of a 2-rank search or retraining SIGKILLed part way, then `--resume auto` finishes it
-with exactly the uninterrupted run's result; a kill during a checkpoint write leaves the previous one intact."""
+with exactly the uninterrupted run's result; a kill during a checkpoint write, or a full disk, leaves the previous
+one intact; a rerun never overwrites a finished run unless asked to."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +15,7 @@ import time
 
 import pytest
 import torch
-from helpers import REPO_ROOT, describe, horovodrun_cmd, kill_all, launch, launch_env, start
+from helpers import REPO_ROOT, describe, horovodrun_cmd, kill_all, launch, launch_env, python_exe, start
 
 SEARCH = str(REPO_ROOT / "bin" / "train_search.py")
 TRAIN = str(REPO_ROOT / "bin" / "train.py")
@@ -42,13 +45,63 @@ def _kill_part_way(args, out, tmp_path):
     return torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
 
 
+ARGS = {"search": SEARCH_ARGS, "train": TRAIN_ARGS}
+
+
+# The search's faults with 2 ranks (they must agree), the retraining's (the same RunLoop code) in one process.
+RANKS = {"search": 2, "train": 1}
+KINDS = [pytest.param("search", marks=pytest.mark.ranks), "train"]
+
+
+def _cmd(kind, *extra, ranks=None):
+    args = [*ARGS[kind], *map(str, extra)]
+    return horovodrun_cmd(2, args) if (ranks or RANKS[kind]) == 2 else [python_exe(), *args]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """`finished(kind, ranks=2)`: the output folder of an uninterrupted run of ARGS[kind] (once per module)."""
+    runs = {}
+
+    def get(kind, ranks=2):
+        if (kind, ranks) not in runs:
+            out = tmp_path_factory.mktemp(kind) / "full"
+            res = launch(_cmd(kind, "--output-dir", out, ranks=ranks), timeout=600)
+            assert res.returncode == 0, describe(res)
+            runs[kind, ranks] = out
+        return runs[kind, ranks]
+
+    return get
+
+
+def _one_line_per_rank(res, ranks: int, status: int = 2) -> str:
+    """The one stderr line that every rank printed, the same on all (no traceback). One process: its exit status
+    is `status`; under horovodrun the launcher's own status is non-zero (and it adds its own report, a traceback
+    of its RuntimeError, after the ranks' lines)."""
+    if ranks == 1:
+        assert res.returncode == status and len(res.stderr.strip().splitlines()) == 1, describe(res)
+        return res.stderr.strip()
+    assert res.returncode != 0, describe(res)
+    assert not [ln for ln in res.stderr.splitlines() if ln.startswith("[") and "Traceback" in ln], describe(res)
+    lines = {}
+    for raw in res.stderr.splitlines():
+        m = re.match(r"^\[(\d+)\]<stderr>:(.*)$", raw)
+        if m and m.group(2).strip():
+            lines.setdefault(int(m.group(1)), []).append(m.group(2).strip())
+    assert sorted(lines) == list(range(ranks)) and all(len(v) == 1 for v in lines.values()), describe(res)
+    assert all(v == lines[0] for v in lines.values()), describe(res)
+    return lines[0][0]
+
+
+def _files(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.ranks
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [SEARCH_ARGS, TRAIN_ARGS], ids=["search", "train"])
-def test_two_rank_resume_after_sigkill_equals_uninterrupted(args, tmp_path):
-    full = tmp_path / "full"
-    res = launch(horovodrun_cmd(2, [*args, "--output-dir", full]), timeout=600)
-    assert res.returncode == 0, describe(res)
+@pytest.mark.parametrize("kind", sorted(ARGS))
+def test_two_rank_resume_after_sigkill_equals_uninterrupted(kind, finished, tmp_path):
+    args, full = ARGS[kind], finished(kind)
     part = tmp_path / "part"
     epoch = _kill_part_way(args, part, tmp_path)
     assert 1 <= epoch < 4, "the kill came too late to test a resume"
@@ -58,12 +111,73 @@ def test_two_rank_resume_after_sigkill_equals_uninterrupted(args, tmp_path):
     a, b = _model(full), _model(part)
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
     assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
-    if args is SEARCH_ARGS:
+    if kind == "search":
         ga = json.loads((full / "genotype.json").read_text())
         gb = json.loads((part / "genotype.json").read_text())
         assert ga["genotype"] == gb["genotype"]
     epochs = [json.loads(line)["epoch"] for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rerun_into_a_finished_run_is_refused_unless_overwrite(kind, finished, tmp_path):
+    """The same command again into a finished run's folder: one line naming --resume auto and --overwrite (on
+    every rank), status 2, the folder byte-for-byte as it was; with --overwrite a new run replaces it."""
+    run = tmp_path / "run"
+    shutil.copytree(finished(kind, RANKS[kind]), run)
+    before = _files(run)
+    res = launch(_cmd(kind, "--output-dir", run), timeout=300)
+    line = _one_line_per_rank(res, RANKS[kind])
+    assert "already holds a run" in line and "--resume auto" in line and "--overwrite" in line, line
+    assert _files(run) == before
+    (run / "notes.txt").write_text("mine")  # not a run's output: --overwrite keeps it
+    res = launch(_cmd(kind, "--epochs", "2", "--steps-per-epoch", "1", "--output-dir", run, "--overwrite",
+                      ranks=1), timeout=300)
+    assert res.returncode == 0, describe(res)
+    log = (run / "log.txt").read_text()
+    assert "--overwrite: replaced the earlier run" in log and "checkpoint.pt" in log, log
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_divergence_stops_every_rank_with_exit_3(kind, finished, tmp_path):
+    """A finished run resumed for two more epochs at --lr 1e6: every rank stops in the first of them with one
+    line `non-finite <train|arch|valid> loss at epoch 5 step S`, status 3; checkpoint, genotype and metrics stay
+    the finished run's."""
+    run = tmp_path / "run"
+    shutil.copytree(finished(kind, RANKS[kind]), run)
+    before = _files(run)
+    res = launch(_cmd(kind, "--epochs", "6", "--lr", "1e6", "--output-dir", run, "--resume", "auto"), timeout=300)
+    line = _one_line_per_rank(res, RANKS[kind], status=3)
+    assert re.match(r"^train(_search)?\.py: error: non-finite (train|arch|valid) loss at epoch 5 step [1-3]: ",
+                    line), line
+    for name in ("checkpoint.pt", "metrics.jsonl", "genotype.json" if kind == "search" else "best.pt"):
+        assert _files(run)[name] == before[name], name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_full_disk_keeps_the_previous_checkpoint(kind, finished, tmp_path):
+    """The run folder on a tmpfs with room for one checkpoint, not two: the second epoch's checkpoint write fails,
+    every rank stops with the same line (status 1), the first checkpoint loads, no temporary file is left."""
+    size = (finished(kind, RANKS[kind]) / "checkpoint.pt").stat().st_size
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # one checkpoint (train: and its best.pt twin) and the small files, not a second checkpoint beside it
+    room = size * (2 if kind == "train" else 1) + min(size // 2, 512 * 1024)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "run"
+        res = launch(_cmd(kind, "--output-dir", out), timeout=300)
+        line = _one_line_per_rank(res, RANKS[kind], status=1)
+        assert "cannot write the run's outputs" in line and "No space left on device" in line, line
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+        assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 _SLOW_SAVE = r"""

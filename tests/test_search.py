@@ -268,12 +268,11 @@ def test_imagefolder_search_on_pngs(tmp_path):
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--batch-size", "33"], "does not divide"),
+    pytest.param(["--batch-size", "33"], "does not divide", marks=pytest.mark.ranks),  # 2 ranks
     (["--arch-start-epoch", "50", "--epochs", "50"], "arch-start-epoch"),
     (["--lr", "-1"], "--lr"),
     (["--epochs", "0"], "--epochs"),
 ])
-@pytest.mark.ranks
 def test_bad_arguments_are_one_line_exit_2(tmp_path, extra, needle):
     cmd = [SCRIPT, *TINY, "--output-dir", tmp_path / "o", *extra]
     res = launch(horovodrun_cmd(2, cmd) if "33" in extra else [python_exe(), *cmd], timeout=120)
