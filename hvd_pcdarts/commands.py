@@ -76,6 +76,9 @@ def doctor(argv=None) -> int:
                         "after 3x this + 30 s")
     p.add_argument("--min-free-gb", type=float, default=1.0,
                    help="report a problem when less space is free for --output-dir (default 1 GB)")
+    p.add_argument("--scan-data", action="store_true",
+                   help="imagefolder: read and decode every image of DATA_DIR/train and DATA_DIR/val, split over "
+                        "the ranks, and list each unreadable file as a problem (before a long job)")
     p.add_argument("--simulate-missing-data-on-rank", type=int, metavar="R",
                    help=f"testing aid: rank R reports the dataset as missing, to exercise the failure path "
                         f"(same as env {checks.FAKE_MISSING_ENV}=R)")

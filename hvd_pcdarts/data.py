@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from .errors import UsageError
+from .images import ImageReader
 
 CIFAR10_MEAN, CIFAR10_STD = (0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -175,13 +176,14 @@ def _imagefolder(root: str, image_size: int, need_val: bool) -> DataBundle:
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     if not os.path.isdir(train_dir):
         raise UsageError(f"imagefolder: {train_dir} does not exist (expected {root}/train/<class>/<images>)")
+    reader = ImageReader(root)  # an unreadable file: one line naming it, whichever loader worker meets it
     try:
-        train = ImageFolder(train_dir)
+        train = ImageFolder(train_dir, loader=reader)
     except (FileNotFoundError, OSError) as e:
         raise UsageError(f"imagefolder: {train_dir}: {str(e).splitlines()[0]}") from None
     if os.path.isdir(val_dir):
         try:
-            test = ImageFolder(val_dir)
+            test = ImageFolder(val_dir, loader=reader)
         except (FileNotFoundError, OSError) as e:
             raise UsageError(f"imagefolder: {val_dir}: {str(e).splitlines()[0]}") from None
         if test.classes != train.classes:

@@ -14,6 +14,7 @@ controller) - so a broken Horovod shows up in the table instead of hanging the j
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -112,6 +113,18 @@ class _Watchdog:
         self.deadline = time.monotonic() + seconds
         self.seconds = seconds
         threading.Thread(target=self._run, daemon=True).start()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Local work of unknown length (no collective in it): the clock stops meanwhile, and the ranks that
+        finish first may then wait as long again for the others to finish theirs."""
+        t0, left = time.monotonic(), self.deadline - time.monotonic()
+        self.deadline = float("inf")
+        try:
+            yield
+        finally:
+            now = time.monotonic()
+            self.deadline = now + left + (now - t0)
 
     def _run(self):
         while time.monotonic() < self.deadline:
@@ -441,7 +454,23 @@ def analyze(records: list[dict], dataset: str, min_free_gb: float, world_size: i
         elif not a["ok"]:
             problems.append(f"allreduce: host {r['host']} rank {r['rank']}: got {a['value']:g}, expected "
                             f"{a['expected']:g}")
+    _scan_findings([r["scan"] for r in records if r.get("scan")], problems, notes)
     return problems, notes
+
+
+def _scan_findings(scans: list[dict], problems: list[str], notes: list[str]) -> None:
+    """--scan-data: every unreadable image is a problem (one line each); else a note of how many were read."""
+    if not scans:
+        return
+    skipped = [s["skipped"] for s in scans if s.get("skipped")]
+    if skipped:
+        notes.append(f"--scan-data: {skipped[0]}")
+        return
+    bad = sorted(x for s in scans for x in s["unreadable"])
+    for x in bad:
+        problems.append(f"unreadable image: {x}")
+    if not bad:
+        notes.append(f"--scan-data: all {sum(s['read'] for s in scans)} images read, none unreadable")
 
 
 def format_table(records: list[dict]) -> str:
@@ -511,10 +540,22 @@ def _fake_missing_rank(args) -> int | None:
     return int(v)
 
 
+def _scan(args, rank: int, size: int) -> dict:
+    """This rank's share of --scan-data: every size-th image of the ImageFolder tree, read and decoded."""
+    if args.dataset != "imagefolder":
+        return {"read": 0, "unreadable": [], "skipped": f"dataset {args.dataset} has no image files to read"}
+    if not os.path.isdir(os.path.join(args.data_dir, "train")):
+        return {"read": 0, "unreadable": [], "skipped": f"{args.data_dir}/train does not exist"}
+    from .images import scan_images
+
+    return scan_images(args.data_dir, rank, size)
+
+
 def run(args, out=sys.stdout) -> int:
     """Run the doctor on this rank; returns the exit status every rank agrees on (0 ok, 1 problems).
 
-    `args` has: dataset, data_dir, output_dir, json, timeout, min_free_gb, simulate_missing_data_on_rank.
+    `args` has: dataset, data_dir, output_dir, json, timeout, min_free_gb, simulate_missing_data_on_rank and
+    optionally scan_data.
     """
     _validate(args)
     fake_rank = _fake_missing_rank(args)
@@ -549,6 +590,10 @@ def run(args, out=sys.stdout) -> int:
         raise UsageError(f"--simulate-missing-data-on-rank {fake_rank}: there are only {group.size} ranks")
     record = local_record(group.rank, args.dataset, args.data_dir, args.output_dir, hvd_info,
                           fake_missing=fake_rank == group.rank)
+    if getattr(args, "scan_data", False):
+        watchdog.step = "reading every image (--scan-data)"
+        with watchdog.paused():
+            record["scan"] = _scan(args, group.rank, group.size)
 
     if hvd_initialized:
         watchdog.step = "the allreduce check"

@@ -148,6 +148,22 @@ def rank_reports(folder) -> dict:
     return out
 
 
+def png_tree(root, classes=3, n_train=10, n_val=5, size=20, seed=0):
+    """An ImageFolder tree of PNGs under root/{train,val}/class<c>/<i>.png: a gray level per class plus noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(classes):
+            d = Path(root) / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                noise = rng.randint(0, 30, (size, size, 3)).astype(np.uint8)
+                img = np.full((size, size, 3), 40 + 80 * c, dtype=np.uint8) + noise
+                Image.fromarray(img).save(d / f"{i}.png")
+
+
 def start(cmd: list, log_path, env: dict | None = None, cwd=None) -> subprocess.Popen:
     """Start `cmd` in the background in its own session, stdout and stderr into `log_path`."""
     log = open(log_path, "w")

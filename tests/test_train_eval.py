@@ -8,27 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, assert_progress_lines, describe, horovodrun_cmd, launch, python_exe
+from helpers import REPO_ROOT, assert_progress_lines, describe, horovodrun_cmd, launch, png_tree, python_exe
 
 TRAIN = str(REPO_ROOT / "bin" / "train.py")
 EVAL = str(REPO_ROOT / "bin" / "evaluate.py")
 SEARCH = str(REPO_ROOT / "bin" / "train_search.py")
 SMALL = ["--init-channels", "8", "--layers", "5", "--workers", "0", "--no-tensorboard", "--no-progress",
          "--cutout-length", "4", "--drop-path-prob", "0.1", "--lr", "0.1"]
-
-
-def _png_tree(root, classes=3, n_train=10, n_val=5, size=20, seed=0):
-    from PIL import Image
-
-    rng = np.random.RandomState(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                noise = rng.randint(0, 30, (size, size, 3)).astype(np.uint8)
-                img = np.full((size, size, 3), 40 + 80 * c, dtype=np.uint8) + noise
-                Image.fromarray(img).save(d / f"{i}.png")
 
 
 def _metrics(path):
@@ -75,7 +61,7 @@ def test_retraining_flat_and_overlap_gradient_allreduce_give_the_same_run(tmp_pa
 
 @pytest.mark.ranks
 def test_sharded_evaluation_equals_one_rank_exactly(tmp_path):
-    _png_tree(tmp_path / "data", n_val=5)  # 15 test images: does not divide by 2 ranks
+    png_tree(tmp_path / "data", n_val=5)  # 15 test images: does not divide by 2 ranks
     out = tmp_path / "tr"
     res = launch([python_exe(), TRAIN, "--genotype", "PC_DARTS_cifar", "--dataset", "imagefolder", "--data-dir",
                   tmp_path / "data", "--image-size", "16", "--batch-size", "6", "--epochs", "1", "--init-channels",
@@ -149,7 +135,7 @@ def test_class_sample_split_fractions_balance_and_determinism():
 
 @pytest.mark.slow
 def test_imagenet_presets_on_tiny_imagefolder(tmp_path):
-    _png_tree(tmp_path / "data", classes=2, n_train=16, n_val=3, size=40)
+    png_tree(tmp_path / "data", classes=2, n_train=16, n_val=3, size=40)
     out = tmp_path / "s"
     res = launch([python_exe(), SEARCH, "--preset", "imagenet", "--data-dir", tmp_path / "data", "--image-size",
                   "32", "--batch-size", "4", "--init-channels", "4", "--layers", "3", "--epochs", "2",
