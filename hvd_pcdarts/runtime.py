@@ -111,15 +111,18 @@ def claim_output_dir(out_dir: str, resume, overwrite: bool) -> list[str]:
             err = (f"--output-dir {out_dir} already holds a run ({', '.join(found)}): continue it with --resume "
                    f"auto, replace it with --overwrite, or choose another --output-dir")
         elif found:
-            for name in RUN_OUTPUTS:
-                path = os.path.join(out_dir, name)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                elif os.path.lexists(path):
-                    os.unlink(path)
-                else:
-                    continue
-                removed.append(name)
+            try:
+                for name in RUN_OUTPUTS:
+                    path = os.path.join(out_dir, name)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path)
+                    elif os.path.lexists(path):
+                        os.unlink(path)
+                    else:
+                        continue
+                    removed.append(name)
+            except OSError as e:
+                err = f"--overwrite: cannot remove the earlier run's {name} in {out_dir} ({e.strerror or e})"
     err = dist.broadcast_object(err, name="outdir_claim")
     if err:
         raise UsageError(err)

@@ -415,7 +415,8 @@ class Searcher(RunLoop):
             loss_v, correct, w_ok, *a_ok = step_values([loss, (logits.argmax(1) == y).sum(), norm.isfinite()],
                                                        *([self.arch_params] if arch_on else []))
             check_finite(all(a_ok), "arch", epoch, st.step + 1)
-            check_finite(w_ok or self.scaler is not None, "train", epoch, st.step + 1)  # --amp: the scaler's
+            # under --amp a non-finite norm is an overflow step that the loss scaler skips, not divergence
+            check_finite(w_ok or self.scaler is not None, "train", epoch, st.step + 1)
             n = len(y)
             sums[0] += loss_v * n
             sums[1] += correct

@@ -316,7 +316,8 @@ class Trainer(RunLoop):
             else:
                 logits, loss, norm = self._eager_step(x, y)
             loss_v, ok = step_values([loss.detach(), norm.isfinite()])
-            check_finite(ok or self.scaler is not None, "train", epoch, st.step + 1)  # --amp: the scaler's
+            # under --amp a non-finite norm is an overflow step that the loss scaler skips, not divergence
+            check_finite(ok or self.scaler is not None, "train", epoch, st.step + 1)
             k1, k5 = accuracy_counts(logits.detach(), y, (1, 5))
             sums = [sums[0] + loss_v * len(y), sums[1] + k1, sums[2] + k5, sums[3] + len(y)]
             st.step += 1
