@@ -17,28 +17,23 @@ class ArgParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+# the exit status of each error that the tools report as one line
+EXIT_STATUS = ((UsageError, 2), (ConsistencyError, 1), (OutputWriteError, 1), (DivergenceError, 3))
+
+
 def run_main(fn, argv=None, prog=None) -> int:
-    """Run `fn(argv)`; UsageError -> one line + exit 2, ConsistencyError and OutputWriteError -> one line +
-    exit 1, DivergenceError -> one line + exit 3."""
+    """Run `fn(argv)`; an error of EXIT_STATUS -> one line on stderr and its status: UsageError 2,
+    ConsistencyError and OutputWriteError 1, DivergenceError 3."""
     prog = prog or os.path.basename(sys.argv[0])
     try:
         rc = fn(argv)
         return int(rc or 0)
-    except UsageError as e:
+    except tuple(t for t, _ in EXIT_STATUS) as e:
+        code = next(c for t, c in EXIT_STATUS if isinstance(e, t))
         sys.stderr.write(f"{prog}: error: {e}\n")
         sys.stderr.flush()
-        _abort_peers(2)
-        return 2
-    except (ConsistencyError, OutputWriteError) as e:
-        sys.stderr.write(f"{prog}: error: {e}\n")
-        sys.stderr.flush()
-        _abort_peers(1)
-        return 1
-    except DivergenceError as e:
-        sys.stderr.write(f"{prog}: error: {e}\n")
-        sys.stderr.flush()
-        _abort_peers(3)
-        return 3
+        _abort_peers(code)
+        return code
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130

@@ -26,6 +26,7 @@ import threading
 import time
 
 from .errors import UsageError
+from .images import walk_files
 
 # torch and Horovod (via .distributed) are imported where needed, so that a bad command line is answered at once.
 
@@ -144,16 +145,6 @@ def _fingerprint(root: str, relpaths) -> str:
     return h.hexdigest()[:12]
 
 
-def _walk_files(root: str, top: str) -> list[str]:
-    out = []
-    for d, dirs, files in os.walk(os.path.join(root, top), followlinks=True):
-        dirs.sort()
-        for f in files:
-            if not f.startswith("."):
-                out.append(os.path.relpath(os.path.join(d, f), root))
-    return out
-
-
 def dataset_status(dataset: str, data_dir: str) -> dict:
     """``{"present": bool, "detail": str, "fingerprint": str | None, "files": int}`` for this process."""
     if dataset not in DATASETS:
@@ -176,12 +167,12 @@ def dataset_status(dataset: str, data_dir: str) -> dict:
             train = os.path.join(data_dir, "train")
             classes = sorted(c for c in os.listdir(train) if os.path.isdir(os.path.join(train, c))) \
                 if os.path.isdir(train) else []
-            rel = _walk_files(data_dir, "train")
+            rel = walk_files(data_dir, "train")
             if not classes or not rel:
                 return {"present": False, "detail": f"{train} has no <class>/<image> files",
                         "fingerprint": None, "files": 0}
             if os.path.isdir(os.path.join(data_dir, "val")):
-                rel += _walk_files(data_dir, "val")
+                rel += walk_files(data_dir, "val")
         return {"present": True, "detail": f"{len(rel)} files", "fingerprint": _fingerprint(data_dir, rel),
                 "files": len(rel)}
     except OSError as e:

@@ -1,4 +1,4 @@
-"""Reading the image files of an ImageFolder tree: one line naming a file that cannot be read, and a scan of the
+"""The files of an ImageFolder tree: listing them, one line naming a file that cannot be read, and a scan of the
 whole tree split over the ranks (`bin/doctor.py --scan-data`)."""
 
 from __future__ import annotations
@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 
 from .errors import UsageError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class UnreadableImageError(UsageError):
@@ -47,14 +45,20 @@ class ImageReader:
                                        f"{self.root}: {_reason(e)}") from None
 
 
-def image_files(root: str) -> list[str]:
-    """The image files of root/train and root/val (ImageFolder's extensions), relative to root, sorted."""
+def walk_files(root: str, top: str) -> list[str]:
+    """The files under root/top (links followed, as ImageFolder does; hidden files left out), relative to root."""
     out = []
-    for top in ("train", "val"):
-        for d, dirs, files in os.walk(os.path.join(root, top)):
-            dirs.sort()
-            out += [os.path.relpath(os.path.join(d, f), root) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(out)
+    for d, dirs, files in os.walk(os.path.join(root, top), followlinks=True):
+        dirs.sort()
+        out += [os.path.relpath(os.path.join(d, f), root) for f in files if not f.startswith(".")]
+    return out
+
+
+def image_files(root: str) -> list[str]:
+    """The image files (ImageFolder's extensions) of root/train and root/val, relative to root, sorted."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return sorted(f for top in ("train", "val") for f in walk_files(root, top) if f.lower().endswith(IMG_EXTENSIONS))
 
 
 def scan_images(root: str, rank: int, size: int) -> dict:

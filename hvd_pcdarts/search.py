@@ -205,7 +205,7 @@ class Searcher(RunLoop):
         self.criterion = nn.CrossEntropyLoss()
         self.arch_params = self.model.arch_parameters()
         self.weights = list(self.model.weight_parameters())
-        w_opt = torch.optim.SGD(self.model.weight_parameters(), lr=a.lr, momentum=a.momentum,
+        w_opt = torch.optim.SGD(self.weights, lr=a.lr, momentum=a.momentum,
                                 weight_decay=a.weight_decay)
         # --cuda-graph: a plain SGD; the graphed step averages the gradients itself (hooks do not replay in a graph)
         self.grad_allreduce = dist.grad_allreduce_mode(a.grad_allreduce, self.device)
@@ -326,7 +326,7 @@ class Searcher(RunLoop):
     def _graphed_step(self):
         if self.graphed is None:
             self.graphed = fastpath.GraphedSearchStep(
-                self.model, self.criterion, self.arch_params, self.model.weight_parameters(), self.a_opt, self.w_opt,
+                self.model, self.criterion, self.arch_params, self.weights, self.a_opt, self.w_opt,
                 self.args.grad_clip, average_arch=lambda g: dist.grouped_average(g, name="arch_grads"),
                 average_weights=lambda g: dist.grouped_average(g, name="w_grads"),
                 channels_last=self.args.channels_last, freeze_weights=self.args.compile,
@@ -339,7 +339,7 @@ class Searcher(RunLoop):
         self.a_opt.zero_grad(set_to_none=True)
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
         # compiled cells: weights frozen, else the compiled backward would compute their gradients too
-        with fastpath.frozen(self.model.weight_parameters() if self.args.compile else []):
+        with fastpath.frozen(self.weights if self.args.compile else []):
             with self._autocast():
                 loss = self.criterion(self.model(x), y)
             grads = torch.autograd.grad(loss * scale, self.arch_params)
@@ -509,7 +509,7 @@ class Searcher(RunLoop):
 
     def _start_line(self) -> str:
         a = self.args
-        n_w = sum(p.numel() for p in self.model.weight_parameters())
+        n_w = sum(p.numel() for p in self.weights)
         return (f"search: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size} "
                 f"({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, {n_w} weights, "
                 f"weight/arch images {len(self.weight_set)}/{len(self.arch_set)}, "
