@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .errors import ConsistencyError, DivergenceError, OutputWriteError, UsageError
+from .errors import ConsistencyError, DivergenceError, OutputWriteError, Preempted, UsageError
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -18,19 +18,19 @@ class ArgParser(argparse.ArgumentParser):
 
 
 # the exit status of each error that the tools report as one line
-EXIT_STATUS = ((UsageError, 2), (ConsistencyError, 1), (OutputWriteError, 1), (DivergenceError, 3))
+EXIT_STATUS = ((UsageError, 2), (ConsistencyError, 1), (OutputWriteError, 1), (DivergenceError, 3), (Preempted, 75))
 
 
 def run_main(fn, argv=None, prog=None) -> int:
     """Run `fn(argv)`; an error of EXIT_STATUS -> one line on stderr and its status: UsageError 2,
-    ConsistencyError and OutputWriteError 1, DivergenceError 3."""
+    ConsistencyError and OutputWriteError 1, DivergenceError 3, Preempted 75 (not an error: "requeue me")."""
     prog = prog or os.path.basename(sys.argv[0])
     try:
         rc = fn(argv)
         return int(rc or 0)
     except tuple(t for t, _ in EXIT_STATUS) as e:
         code = next(c for t, c in EXIT_STATUS if isinstance(e, t))
-        sys.stderr.write(f"{prog}: error: {e}\n")
+        sys.stderr.write(f"{prog}: {'' if isinstance(e, Preempted) else 'error: '}{e}\n")
         sys.stderr.flush()
         _abort_peers(code)
         return code

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from . import distributed as dist
-from .errors import OutputWriteError, UsageError
+from .checkpoint import atomic_save
+from .errors import OutputWriteError, Preempted, UsageError
+from .preemption import StopSignals
 from .runtime import RunOutput, check_writable, claim_output_dir, writable_error
 
 
@@ -85,13 +89,18 @@ class RunLoop:
     """The epoch loop's frame shared by the search and the retraining, normal or elastic.
 
     A subclass provides: `args`, `start` (counters at the start: epoch, global_step, ...), `world`, `rank`,
-    `local_batch`, `elastic`, `_stateful()` (what an elastic state commits), `_build_loaders()` (what depends on
-    the number of ranks), `_consistency(where)` (cross-rank checksums), `_output_args()` (args.json content),
-    `_start_line()` (the first log line) and `_epochs(st)` (the epochs from st.epoch on)."""
+    `local_batch`, `elastic`, `model`, `_stateful()` (model, optimizers, scaler: what an elastic state commits),
+    `_checkpoint(st)` (checkpoint.pt's content), `_build_loaders()` (what depends on the number of ranks),
+    `_checked_tensors()` (what must be identical on every rank, besides the BN statistics), `_output_args()`
+    (args.json content), `_start_line()` (the first log line) and `_epochs(st)` (the epochs from st.epoch on).
+
+    Position within an epoch: `st.step` steps done, `st.pos` global samples read, `st.sums` the metric sums and
+    `st.train_time` the seconds so far (summed over ranks). A checkpoint written by a stop signal holds them, and
+    each rank's BN statistics, so that a resume continues at that step exactly."""
 
     def _counters(self) -> dict:
-        return dict(**self.start, step=0, pos=0, sums=[0.0, 0.0, 0.0, 0.0], train_time=0.0, resets=0,
-                    steps_redone=0)
+        fresh = dict(step=0, pos=0, sums=[0.0, 0.0, 0.0, 0.0], train_time=0.0)
+        return fresh | self.start | dict(resets=0, steps_redone=0)
 
     def run(self):
         a = self.args
@@ -99,8 +108,10 @@ class RunLoop:
         if not self.elastic:
             check_writable(a.output_dir)
             st = LocalState(**self._counters())
-            self._begin(st)
-            return self._epochs(st)
+            with StopSignals(raise_at=a.raise_signal) as self.stops:
+                self._begin(st)
+                return self._epochs(st)
+        self.stops = StopSignals(enabled=False)  # elastic: a worker that is stopped is a lost worker
         check_writable_locally(a.output_dir)
         st = dist.elastic_state(self._stateful(), **self._counters())
         st.register_reset_callbacks([lambda: self._on_reset(st)])
@@ -146,15 +157,18 @@ class RunLoop:
                                            if self.elastic else ""))
             if removed:
                 out.info(f"--overwrite: replaced the earlier run in {a.output_dir} (removed {', '.join(removed)})")
-            if st.epoch:
+            if st.step:
+                out.info(f"resumed from {self.resumed_from} at epoch {st.epoch + 1} step {st.step}")
+            elif st.epoch:
                 out.info(f"resumed from {self.resumed_from} at epoch {st.epoch}")
-        self._consistency("elastic reset" if st.resets else "start")
+        # a checkpoint of a stop mid-epoch gave each rank its own BN statistics: equal again at the epoch's end
+        self._consistency("elastic reset" if st.resets else "start", bn_stats=self._own_buffers is None)
 
     def _resume(self) -> None:
         """--resume auto|PATH: load the checkpoint into the model and optimizers and set `self.start`
         (subclasses: `_read_checkpoint(path)` validates, `_load(ckpt, path)` applies)."""
         a = self.args
-        path = None
+        path, self._own_buffers = None, None
         if a.resume == "auto":
             cand = os.path.join(a.output_dir, "checkpoint.pt")
             path = cand if os.path.exists(cand) else None
@@ -164,7 +178,7 @@ class RunLoop:
             # every rank reads the checkpoint itself (shared run folder), no collective; the elastic sync then
             # makes every rank equal to rank 0's copy
             if path is not None:
-                self._load(self._read_checkpoint(path), path)
+                self._load_all(self._read_checkpoint(path), path)
             return
         ckpt, err = None, None
         if path is not None and dist.is_root():
@@ -176,7 +190,60 @@ class RunLoop:
         if err:
             raise UsageError(err)
         if dist.broadcast_object(path is not None, name="resume_found"):
-            self._load(dist.broadcast_object(ckpt, name="resume_ckpt"), path)
+            self._load_all(dist.broadcast_object(ckpt, name="resume_ckpt"), path)
+
+    def _load_all(self, ckpt: dict, path: str) -> None:
+        """The subclass's `_load`, then the position within the epoch and this rank's own BN statistics (kept
+        for `_sync_start`; with another number of ranks than at the stop, rank 0's serve all)."""
+        self._load(ckpt, path)
+        self.start |= {k: ckpt[k] for k in ("step", "pos", "sums", "train_time") if k in ckpt}
+        saved = ckpt.get("rank_buffers")
+        same_ranks = saved and len(saved) == self.world and not self.elastic  # elastic: rank 0's state serves all
+        self._own_buffers = saved[self.rank] if same_ranks else None
+
+    def _sync_start(self) -> None:
+        """Identical start on every rank: weights, architecture parameters, BN statistics and optimizer states
+        from rank 0; after a stop mid-epoch, each rank's own BN statistics (they differ between ranks until
+        the epoch's end averages them)."""
+        for name, obj in self._stateful().items():
+            if isinstance(obj, torch.nn.Module):
+                dist.broadcast_parameters(obj, 0)
+            elif hasattr(obj, "param_groups"):
+                dist.broadcast_optimizer(obj, 0, name=name)
+        if self._own_buffers is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self._rank_buffers(), self._own_buffers)
+
+    def _consistency(self, where: str, bn_stats: bool = True) -> dict:
+        """Cross-rank checksums of `_checked_tensors()` and the BN statistics: a ConsistencyError if ranks differ."""
+        named = self._checked_tensors() | ({"bn_stats": self._rank_buffers()} if bn_stats else {})
+        return dist.check_consistency(named, where)
+
+    def _rank_buffers(self) -> list:
+        return [b for b in self.model.buffers() if b.is_floating_point()]
+
+    def _save(self, st, rank_buffers=None) -> None:
+        """Rank 0: checkpoint.pt (atomically) with the position within the epoch."""
+        ckpt = self._checkpoint(st) | dict(step=st.step, pos=st.pos, sums=list(st.sums), train_time=st.train_time)
+        if rank_buffers is not None:
+            ckpt["rank_buffers"] = rank_buffers
+        atomic_save(ckpt, os.path.join(self.args.output_dir, "checkpoint.pt"))
+
+    def _stop_due(self, st) -> bool:
+        """After a step or an epoch's end: whether any rank received a stop signal (the same on every rank)."""
+        self.stop_signal = self.stops.agreed(st.global_step)
+        return self.stop_signal is not None
+
+    def _stop(self, st):
+        """Every rank, once `_stop_due`: rank 0 writes checkpoint.pt at this step, with each rank's BN statistics;
+        the run ends with `stopped by SIG... at epoch E step S` (Preempted, exit status 75)."""
+        buffers = dist.allgather_object([b.detach().cpu().clone() for b in self._rank_buffers()])
+        self._write_outputs(self._save, st, buffers)
+        where = f"at epoch {st.epoch + 1} step {st.step}" if st.step else f"after epoch {st.epoch}"
+        msg = f"stopped by {self.stop_signal} {where}: checkpoint.pt written; continue with --resume auto"
+        self.out.info(msg)
+        self.out.close()
+        raise Preempted(msg)
 
     def _write_outputs(self, write, *args) -> None:
         """Rank 0 calls `write(*args)` (an epoch's metrics, genotype, checkpoints; each file atomically); when

@@ -21,3 +21,8 @@ class OutputWriteError(RuntimeError):
 class DivergenceError(RuntimeError):
     """A loss or the parameters became non-finite (the same verdict on every rank): one line, exit status 3; the
     last checkpoint and genotype stay as they were."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGUSR1 stopped the run after a step, its checkpoint written (the same on every rank): one line,
+    exit status 75 for the job script to requeue; `--resume auto` continues at that step."""

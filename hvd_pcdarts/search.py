@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from . import distributed as dist
 from . import fastpath
-from .checkpoint import atomic_save, check_config, load_checkpoint
+from .checkpoint import check_config, load_checkpoint
 from .cli import (
     ArgParser,
     add_output_args,
@@ -55,6 +55,7 @@ from .elastic import (
 from .errors import UsageError
 from .genotypes import save_genotype, to_dict
 from .models import SearchNetwork
+from .preemption import add_preemption_args
 from .runtime import (
     Progress,
     accuracy_counts,
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # testing aid: aot_eager compiles quickly
     add_quick_run_args(p)
     add_elastic_args(p)
+    add_preemption_args(p)
     return p
 
 
@@ -217,10 +219,7 @@ class Searcher(RunLoop):
         self.start = dict(epoch=0, arch_pass=0, arch_sample=0, global_step=0)
         self._resume()
         if not self.elastic:
-            # identical start everywhere: weights, alphas, betas, BN statistics, both optimizers' states
-            dist.broadcast_parameters(self.model, 0)
-            dist.broadcast_optimizer(self.w_opt, 0, name="w_opt")
-            dist.broadcast_optimizer(self.a_opt, 0, name="a_opt")
+            self._sync_start()
         self._build_loaders()
 
     # --- setup ----------------------------------------------------------------------------------------------
@@ -431,6 +430,10 @@ class Searcher(RunLoop):
                 t0 = time.time()
                 self._write_trace(trace)
                 st.commit()
+            if self._stop_due(st):
+                self._flush(st, sums, time.time() - t0)
+                self._write_trace(trace)
+                self._stop(st)
         progress.close()
         self._flush(st, sums, time.time() - t0)
         self._write_trace(trace)
@@ -460,30 +463,23 @@ class Searcher(RunLoop):
         s_loss, s_correct, s_count = dist.sum_metrics([loss_sum, correct, count], "valid_m")
         return s_loss / max(s_count, 1), 100.0 * s_correct / max(s_count, 1)
 
-    def checksums(self, where: str):
-        return dist.check_consistency({
-            "weights": [p for _, p in self.model.named_weight_parameters()],
-            "arch": self.arch_params,
-            "bn_stats": [b for b in self.model.buffers() if b.is_floating_point()],
-        }, where)
+    def _checked_tensors(self) -> dict:
+        return {"weights": self.weights, "arch": self.arch_params}
 
-    def save(self, st):
-        if not dist.is_root():
-            return
+    def _checkpoint(self, st) -> dict:
         a = self.args
-        ckpt = dict(format=CHECKPOINT_FORMAT, config=model_config(a, self.num_classes), epoch=st.epoch,
+        return dict(format=CHECKPOINT_FORMAT, config=model_config(a, self.num_classes), epoch=st.epoch,
                     model=self.model.state_dict(), w_opt=self.w_opt.state_dict(), a_opt=self.a_opt.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
                     arch_pass=st.arch_pass, arch_pos=st.arch_sample // a.batch_size, arch_sample=st.arch_sample,
                     global_step=st.global_step, rng_torch=torch.get_rng_state(), world_size=self.world,
                     args=_jsonable(vars(a)))
-        atomic_save(ckpt, os.path.join(a.output_dir, "checkpoint.pt"))
 
     def _write_epoch(self, out, rec: dict, st) -> None:
         """Rank 0's writes at an epoch's end: the metrics row, genotype.json, checkpoint.pt."""
         out.metrics(rec)
         self.write_genotype()
-        self.save(st)
+        self._save(st)
 
     def write_genotype(self):
         if not dist.is_root():
@@ -500,9 +496,6 @@ class Searcher(RunLoop):
     def _begin(self, st):
         self._arch_iter = None  # a (re)started loop: the arch iterator follows the synced position
         super()._begin(st)
-
-    def _consistency(self, where: str) -> dict:
-        return self.checksums(where)
 
     def _output_args(self) -> dict:
         return _jsonable(vars(self.args)) | {"world_size": self.world}
@@ -529,7 +522,7 @@ class Searcher(RunLoop):
             dist.average_buffers(self.model)  # identical BN statistics everywhere before evaluating/saving
             v_loss, v_acc = self.validate()
             check_finite(math.isfinite(v_loss), "valid", epoch, self.steps_per_epoch)
-            self.checksums(f"end of epoch {epoch}")
+            self._consistency(f"end of epoch {epoch}")
             s_loss, s_correct, s_count, s_arch = st.sums
             geno = self.model.genotype()
             rec = dict(epoch=epoch, lr=lr, train_loss=s_loss / max(s_count, 1),
@@ -544,7 +537,9 @@ class Searcher(RunLoop):
             st.epoch, st.step, st.pos, st.sums, st.train_time = epoch + 1, 0, 0, [0.0, 0.0, 0.0, 0.0], 0.0
             self._write_outputs(self._write_epoch, out, rec, st)
             st.commit()
-        final = self.checksums("end of search")
+            if st.epoch < a.epochs and self._stop_due(st):
+                self._stop(st)
+        final = self._consistency("end of search")
         self._write_outputs(self.write_genotype)
         geno = self.model.genotype()
         if dist.is_root():

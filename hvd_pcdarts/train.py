@@ -50,6 +50,7 @@ from .elastic import (
 from .errors import UsageError
 from .genotypes import from_dict, load_genotype, to_dict
 from .models import NetworkCIFAR, NetworkImageNet, count_parameters
+from .preemption import add_preemption_args
 from .runtime import (
     Progress,
     accuracy_counts,
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_args(p, "train")
     add_quick_run_args(p)
     add_elastic_args(p)
+    add_preemption_args(p)
     return p
 
 
@@ -232,8 +234,7 @@ class Trainer(RunLoop):
         self.start = dict(epoch=0, best_top1=-1.0, global_step=0)
         self._resume()
         if not self.elastic:
-            dist.broadcast_parameters(self.model, 0)
-            dist.broadcast_optimizer(self.opt, 0, name="opt")
+            self._sync_start()
         self._build_loaders()
 
     def _build_loaders(self):
@@ -277,10 +278,9 @@ class Trainer(RunLoop):
     def _write_epoch(self, out, rec: dict, st, improved: bool) -> None:
         """Rank 0's writes at an epoch's end: the metrics row, best.pt when the test top-1 improved, checkpoint.pt."""
         out.metrics(rec)
-        ckpt = self._checkpoint(st)
         if improved:
-            atomic_save(ckpt, os.path.join(self.args.output_dir, "best.pt"))
-        atomic_save(ckpt, os.path.join(self.args.output_dir, "checkpoint.pt"))
+            atomic_save(self._checkpoint(st), os.path.join(self.args.output_dir, "best.pt"))
+        self._save(st)
 
     def _seed_step(self, epoch: int, step: int) -> None:
         """Drop-path masks from (seed, epoch, step, rank): different on each rank (the same masks would correlate
@@ -329,6 +329,9 @@ class Trainer(RunLoop):
                 sums = self._flush(st, sums, time.time() - t0)
                 t0 = time.time()
                 st.commit()
+            if self._stop_due(st):
+                self._flush(st, sums, time.time() - t0)
+                self._stop(st)
         progress.close()
         self._flush(st, sums, time.time() - t0)
         return lr
@@ -382,10 +385,8 @@ class Trainer(RunLoop):
     def _stateful(self) -> dict:
         return {"model": self.model, "opt": self.opt} | ({"scaler": self.scaler} if self.scaler is not None else {})
 
-    def _consistency(self, where: str) -> dict:
-        return dist.check_consistency({"weights": list(self.model.parameters()),
-                                       "bn_stats": [b for b in self.model.buffers() if b.is_floating_point()]},
-                                      where)
+    def _checked_tensors(self) -> dict:
+        return {"weights": list(self.model.parameters())}
 
     def _output_args(self) -> dict:
         return _jsonable(vars(self.args)) | {"world_size": self.world, "genotype_resolved": to_dict(self.genotype)}
@@ -427,6 +428,8 @@ class Trainer(RunLoop):
             st.epoch, st.step, st.pos, st.sums, st.train_time = epoch + 1, 0, 0, [0.0, 0.0, 0.0, 0.0], 0.0
             self._write_outputs(self._write_epoch, out, rec, st, improved)
             st.commit()
+            if st.epoch < a.epochs and self._stop_due(st):
+                self._stop(st)
         final = self._consistency("end of training")
         out.info(f"best test top1 {st.best_top1:.2f}; checkpoints in {a.output_dir}")
         out.info(f"all {self.world} rank(s) hold identical parameters (crc32 weights {final['weights']:08x})"

@@ -1,6 +1,7 @@
-"""Faults: every process of a 2-rank search or retraining SIGKILLed part way, then `--resume auto` finishes it
-with exactly the uninterrupted run's result; a kill during a checkpoint write, or a full disk, leaves the previous
-one intact; a rerun never overwrites a finished run unless asked to."""
+"""Faults: every process of a 2-rank search or retraining SIGKILLed part way, or stopped by SIGTERM/SIGUSR1
+mid-epoch, then `--resume auto` finishes it with exactly the uninterrupted run's result; a kill during a
+checkpoint write, or a full disk, leaves the previous one intact; a rerun never overwrites a finished run unless
+asked to."""
 
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ import time
 
 import pytest
 import torch
-from helpers import REPO_ROOT, describe, horovodrun_cmd, kill_all, launch, launch_env, python_exe, start
+from helpers import (
+    REPO_ROOT,
+    describe,
+    horovodrun_cmd,
+    kill_all,
+    launch,
+    launch_env,
+    mpirun_cmd,
+    python_exe,
+    start,
+)
 
 SEARCH = str(REPO_ROOT / "bin" / "train_search.py")
 TRAIN = str(REPO_ROOT / "bin" / "train.py")
@@ -85,7 +96,7 @@ def _one_line_per_rank(res, ranks: int, status: int = 2) -> str:
     assert not [ln for ln in res.stderr.splitlines() if ln.startswith("[") and "Traceback" in ln], describe(res)
     lines = {}
     for raw in res.stderr.splitlines():
-        m = re.match(r"^\[(\d+)\]<stderr>:(.*)$", raw)
+        m = re.match(r"^\[(?:\d+,)?(\d+)\]<stderr>:(.*)$", raw)  # horovodrun's tags, or mpirun --tag-output's
         if m and m.group(2).strip():
             lines.setdefault(int(m.group(1)), []).append(m.group(2).strip())
     assert sorted(lines) == list(range(ranks)) and all(len(v) == 1 for v in lines.values()), describe(res)
@@ -213,3 +224,81 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
 
     remove_stale_temporaries(str(tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def _stopped_from_outside(cmd, out, sig, tmp_path) -> subprocess.CompletedProcess:
+    """Start `cmd`; once the first epoch's checkpoint exists, send `sig` to the launched process (one rank's own
+    process, or mpirun, which forwards SIGUSR1 to every rank); its result once it ends."""
+    files = [open(tmp_path / name, "w+") for name in ("stop.out", "stop.err")]
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=files[0], stderr=files[1], stdin=subprocess.DEVNULL,
+                            env=launch_env(), cwd=str(REPO_ROOT), start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        proc.wait(timeout=600)
+    finally:
+        kill_all(str(out), proc)
+    texts = []
+    for f in files:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    return subprocess.CompletedProcess(cmd, proc.returncode, *texts)
+
+
+# How the stop signal comes: NAME@STEP[:RANK] = the testing aid --raise-signal (that rank, or every rank, sends
+# itself SIGNAME after global step STEP: a fixed step mid-epoch), else from outside once the first epoch is saved.
+STOPS = [
+    pytest.param("search", 2, "USR1@5:1", marks=pytest.mark.ranks, id="search-2ranks-one-rank-signalled"),
+    pytest.param("train", 2, "mpirun-USR1", marks=pytest.mark.ranks, id="train-2ranks-usr1-to-mpirun"),
+    pytest.param("search", 1, "TERM@4", id="search-1rank"),
+    pytest.param("train", 1, "outside-TERM", id="train-1rank-sigterm"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,ranks,how", STOPS)
+def test_a_stop_signal_checkpoints_the_step_and_resume_equals_uninterrupted(kind, ranks, how, finished, tmp_path):
+    """SIGTERM or SIGUSR1, to every rank or to one: every rank stops after the step in progress with one line
+    `stopped by SIG... at epoch E step S` and status 75, rank 0's checkpoint holds that step (and each rank's BN
+    statistics); `--resume auto` continues there (`resumed from ... at epoch E step S`) and ends equal to the
+    uninterrupted run: parameters, BN statistics, genotype and every epoch's metrics to 1e-6."""
+    full, part = finished(kind, ranks), tmp_path / "part"
+    if "@" in how:
+        res = launch(_cmd(kind, "--output-dir", part, "--raise-signal", how, ranks=ranks), timeout=600)
+    elif how == "mpirun-USR1":
+        cmd = mpirun_cmd(2, [*ARGS[kind], "--output-dir", part])
+        res = _stopped_from_outside([cmd[0], "--tag-output", *cmd[1:]], part, signal.SIGUSR1, tmp_path)
+        assert res.returncode == 75, describe(res)  # mpirun passes the ranks' status on
+    else:
+        res = _stopped_from_outside(_cmd(kind, "--output-dir", part, ranks=1), part, signal.SIGTERM, tmp_path)
+    line = _one_line_per_rank(res, ranks, status=75)
+    m = re.match(r"^train(?:_search)?\.py: stopped by (SIGTERM|SIGUSR1) (at epoch (\d) step (\d)|after epoch \d): "
+                 r"checkpoint\.pt written; continue with --resume auto$", line)
+    assert m, line
+    assert m.group(1) == ("SIGTERM" if "TERM" in how else "SIGUSR1")
+    ckpt = torch.load(part / "checkpoint.pt", weights_only=True)
+    if "@" in how:  # 3 steps per epoch
+        assert (m.group(3), m.group(4)) == {"USR1@5:1": ("2", "2"), "TERM@4": ("2", "1")}[how], line
+    if m.group(3):
+        assert (ckpt["epoch"] + 1, ckpt["step"]) == (int(m.group(3)), int(m.group(4)))
+        assert len(ckpt["rank_buffers"]) == ranks
+    assert line.split(": ", 1)[1] in (part / "log.txt").read_text()
+
+    res = launch(_cmd(kind, "--output-dir", part, "--resume", "auto", ranks=ranks), timeout=600)
+    assert res.returncode == 0, describe(res)
+    if m.group(3):
+        assert f"resumed from {part / 'checkpoint.pt'} at epoch {m.group(3)} step {m.group(4)}" in res.stdout
+    a, b = _model(full), _model(part)
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+    assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, part)]
+    assert [r["epoch"] for r in rows[1]] == [0, 1, 2, 3]
+    for ra, rb in zip(*rows):
+        for key in ra:
+            if key.endswith(("loss", "acc", "top1", "top5")):
+                assert abs(ra[key] - rb[key]) <= 1e-6 * max(1.0, abs(ra[key])), (key, ra, rb)
+    if kind == "search":
+        assert [r["genotype"] for r in rows[0]] == [r["genotype"] for r in rows[1]]

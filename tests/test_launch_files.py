@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -129,7 +131,7 @@ def test_sbatch_host_list_logic(tmp_path):
     launches = [line for line in r.stdout.splitlines() if line.startswith("mpirun")]
     assert len(launches) == 2
     assert all("-np 8 -H gpu07:4,gpu08:4" in line for line in launches)
-    assert launches[1].endswith(f"--output-dir {ROOT}/runs/search-42 --epochs 1")
+    assert launches[1].endswith(f"--output-dir {ROOT}/runs/search-42 --resume auto --epochs 1")
     env.pop("SLURM_NTASKS_PER_NODE")
     env["SLURM_GPUS_ON_NODE"] = "2"
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm", "train.sbatch")],
@@ -169,3 +171,48 @@ def test_docs_name_existing_files():
         assert topic in text, topic
 
 
+
+
+FAKE_SCONTROL = """#!/bin/bash
+if [ "$1" = show ]; then printf 'gpu07\\n'; else echo "scontrol $*" >> "$LOG"; fi
+"""
+# the doctor's line returns at once; the training's line (FAKE_RC unset) runs until SIGUSR1 and exits 75 on it,
+# as the ranks do after writing their checkpoint
+FAKE_MPIRUN = """#!/bin/bash
+case "$*" in *doctor*) exit 0;; esac
+echo "mpirun $*" >> "$LOG"
+[ -n "${FAKE_RC:-}" ] && exit "$FAKE_RC"
+trap 'echo "got USR1" >> "$LOG"; exit 75' USR1
+touch "$LOG.ready"
+while :; do sleep 0.1; done
+"""
+
+
+@pytest.mark.parametrize("name", ["search.sbatch", "train.sbatch"])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_sbatch_passes_the_stop_signal_on_and_requeues(name, sig, tmp_path):
+    """Slurm's `--signal=B:USR1@300` (or a SIGTERM) to the batch shell reaches the training's mpirun as SIGUSR1
+    (mpirun forwards that one to every rank); the ranks' exit status 75 requeues the job, which resumes."""
+    fake, log = tmp_path / "bin", tmp_path / "calls.log"
+    fake.mkdir()
+    for f, text in (("scontrol", FAKE_SCONTROL), ("mpirun", FAKE_MPIRUN)):
+        (fake / f).write_text(text)
+        os.chmod(fake / f, 0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu07", LOG=str(log),
+               SLURM_NTASKS_PER_NODE="2", SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_ID="42", VENV=str(tmp_path / "venv"))
+    script = os.path.join(ROOT, "scripts", "slurm", name)
+    proc = subprocess.Popen(["bash", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 30
+    while not os.path.exists(f"{log}.ready") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("mpirun -np 2 -H gpu07:2") and calls[0].endswith("--resume auto"), calls
+    assert calls[1:] == ["got USR1", "scontrol requeue 42"], calls
+    assert "requeueing job 42" in out
+    # any other exit status ends the job with it, without a requeue
+    log.unlink()
+    res = subprocess.run(["bash", script], capture_output=True, text=True, timeout=30, env=env | {"FAKE_RC": "3"})
+    assert res.returncode == 3 and "scontrol" not in log.read_text(), res.stderr

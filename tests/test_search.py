@@ -43,28 +43,44 @@ def one_rank_equiv(tmp_path_factory):
     return _state(out)
 
 
+@pytest.fixture(scope="module")
+def two_rank_equiv(tmp_path_factory):
+    """`two_rank_equiv(launcher)`: the output folder of a 2-rank EQUIV run under `launcher` (once per module).
+    -overlap: the weight gradients averaged by hvd.DistributedOptimizer's hooks (the GPU default) instead of one
+    flat allreduce after backward (the CPU default)."""
+    runs = {}
+
+    def get(launcher):
+        if launcher not in runs:
+            out = tmp_path_factory.mktemp("eq2")
+            args = [SCRIPT, *EQUIV, "--output-dir", out]
+            name = launcher
+            if name.endswith("-overlap"):
+                args += ["--grad-allreduce", "overlap"]
+                name = name[: -len("-overlap")]
+            if name == "mpirun":
+                cmd = mpirun_cmd(2, args)
+            elif name == "horovodrun-hostfile":
+                cmd = horovodrun_cmd(2, args)
+                i = cmd.index("-H")
+                cmd[i:i + 2] = ["--hostfile", str(REPO_ROOT / "hostfiles" / "localhost")]
+            else:
+                cmd = horovodrun_cmd(2, args, controller=name.split("-")[1])
+            res = launch(cmd, timeout=600)
+            assert res.returncode == 0, describe(res)
+            assert f"{'overlap' if launcher.endswith('-overlap') else 'flat'} gradient allreduce" in res.stdout
+            runs[launcher] = out
+        return runs[launcher]
+
+    return get
+
+
 @pytest.mark.ranks
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["horovodrun-gloo", "horovodrun-gloo-overlap", "horovodrun-mpi",
                                       "horovodrun-hostfile", "mpirun"])
-def test_two_ranks_equal_one_rank(launcher, one_rank_equiv, tmp_path):
-    """-overlap: the weight gradients averaged by hvd.DistributedOptimizer's hooks (the GPU default) instead of
-    one flat allreduce after backward (the CPU default)."""
-    out = tmp_path / "eq2"
-    args = [SCRIPT, *EQUIV, "--output-dir", out]
-    if launcher.endswith("-overlap"):
-        args += ["--grad-allreduce", "overlap"]
-        launcher = launcher[: -len("-overlap")]
-    if launcher == "mpirun":
-        cmd = mpirun_cmd(2, args)
-    elif launcher == "horovodrun-hostfile":
-        cmd = horovodrun_cmd(2, args)
-        i = cmd.index("-H")
-        cmd[i:i + 2] = ["--hostfile", str(REPO_ROOT / "hostfiles" / "localhost")]
-    else:
-        cmd = horovodrun_cmd(2, args, controller=launcher.split("-")[1])
-    res = launch(cmd, timeout=600)
-    assert res.returncode == 0, describe(res)
+def test_two_ranks_equal_one_rank(launcher, one_rank_equiv, two_rank_equiv):
+    out = two_rank_equiv(launcher)
     two = _state(out)
     arch, weights = _max_diffs(one_rank_equiv, two)
     # the arch parameters must have moved (so the comparison is not vacuous) ...
@@ -81,19 +97,24 @@ def test_two_ranks_equal_one_rank(launcher, one_rank_equiv, tmp_path):
 
 @pytest.mark.ranks
 @pytest.mark.parametrize("extra", [[], ["--fp16-allreduce"]], ids=["fp32", "fp16-allreduce"])
-def test_flat_and_overlap_gradient_allreduce_give_the_same_run(tmp_path, extra):
+def test_flat_and_overlap_gradient_allreduce_give_the_same_run(tmp_path, extra, two_rank_equiv):
     """2 real ranks: averaging every weight gradient as one flat tensor after backward (--grad-allreduce flat)
     and one allreduce per tensor from backward hooks (overlap, hvd.DistributedOptimizer) are the same
-    elementwise averages: the same final parameters and metrics, and identical parameters on every rank."""
+    elementwise averages: the same final parameters and metrics, and identical parameters on every rank (fp32:
+    the equivalence runs of both modes; fp16: two runs of their own, without --sync-bn)."""
     runs = {}
     for mode in ("overlap", "flat"):
-        out = tmp_path / mode
-        args = [SCRIPT, *TINY, "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch",
-                "2", "--no-augment", "--fp64", "--seed", "3", "--grad-allreduce", mode, *extra, "--output-dir", out]
-        res = launch(horovodrun_cmd(2, args), timeout=600)
-        assert res.returncode == 0, describe(res)
-        assert f"{mode} gradient allreduce" in res.stdout, describe(res)
-        assert "all 2 rank(s) hold identical parameters" in res.stdout, describe(res)
+        if not extra:
+            out = two_rank_equiv("horovodrun-gloo" + ("-overlap" if mode == "overlap" else ""))
+        else:
+            out = tmp_path / mode
+            args = [SCRIPT, *TINY, "--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32",
+                    "--steps-per-epoch", "2", "--no-augment", "--fp64", "--seed", "3", "--grad-allreduce", mode,
+                    *extra, "--output-dir", out]
+            res = launch(horovodrun_cmd(2, args), timeout=600)
+            assert res.returncode == 0, describe(res)
+            assert f"{mode} gradient allreduce" in res.stdout, describe(res)
+        assert "all 2 rank(s) hold identical parameters" in (out / "log.txt").read_text()
         runs[mode] = (_state(out), (out / "metrics.jsonl").read_text())
     (a, ma), (b, mb) = runs["overlap"], runs["flat"]
     arch, weights = _max_diffs(a, b)
