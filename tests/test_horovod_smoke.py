@@ -182,3 +182,39 @@ def test_global_batchnorm_matches_global_batch(tmp_path, horovodrun_exe):
         assert set(diffs) == {"OUT", "GRAD", "WGRAD", "BGRAD", "RMEAN", "RVAR", "NBT", "GRADNORM", "LOCALBN"}
         assert diffs["GRADNORM"] > 1e-2, describe(res)
         assert diffs["LOCALBN"] > 1e-3, describe(res)
+
+
+WAIT_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time
+
+    import torch
+    from hvd_pcdarts import distributed as dist
+
+    dist.init()
+    t = torch.ones(4)
+    dist.allreduce(t, name="warm")
+    if dist.rank() == 1:
+        time.sleep(2.0)  # rank 0 waits for it in the next allreduce
+    cpu, wall = time.process_time(), time.time()
+    dist.allreduce(t, name="late")
+    with open(os.path.join(sys.argv[1], f"rank{dist.rank()}.json"), "w") as f:
+        json.dump({"cpu": time.process_time() - cpu, "wall": time.time() - wall}, f)
+""")
+
+
+@pytest.mark.ranks
+def test_a_rank_waiting_in_a_collective_leaves_the_core_free(tmp_path):
+    """The installed Horovod carries the WaitAndClear patch (scripts/install_horovod.sh): a rank that waits 2 s
+    for its peer uses a small part of a core meanwhile (measured 0.18 s of CPU; unpatched, its loop of
+    sched_yield used all 2 s, and slowed the peers it waited for whenever ranks share cores). Gloo, horovodrun's
+    default: under MPI, Open MPI's own progress loop polls in Horovod's background thread (yielding, see
+    distributed.init), so a waiting rank still shows a busy core there."""
+    script, reports = tmp_path / "wait.py", tmp_path / "reports"
+    script.write_text(WAIT_SCRIPT)
+    reports.mkdir()
+    res = launch(horovodrun_cmd(2, [script, reports]), timeout=TIMEOUT)
+    assert res.returncode == 0, describe(res)
+    waited = rank_reports(reports)[0]
+    assert waited["wall"] > 1.5, waited
+    assert waited["cpu"] < 0.25 * waited["wall"], \
+        f"rank 0 used {waited['cpu']:.2f} s of CPU in a {waited['wall']:.2f} s wait"
