@@ -52,9 +52,9 @@ def init(cpu_tuning: bool = False) -> None:
         # Open MPI (horovodrun --mpi, mpirun) busy-polls while a rank waits in a collective unless it was told the
         # node is oversubscribed: ranks spin on the cores their own and their peers' compute threads need. With
         # yielding, a 2-rank --sync-bn search under --mpi beside one busy process took 56 s instead of 219 s
-        # (benchmarks/RESULTS.md, fourteenth session); yielding costs a waiting rank a system call per poll, not
-        # a cycle's wait, so synchronized BN gets it too. Read by MPI_Init, i.e. by hvd.init() below; the
-        # environment's value wins; Gloo runs ignore it.
+        # (benchmarks/RESULTS.md, "Open MPI busy-polls while a rank waits"); yielding costs a waiting rank a
+        # system call per poll, not a cycle's wait, so synchronized BN gets it too. Read by MPI_Init, i.e. by
+        # hvd.init() below; the environment's value wins; Gloo runs ignore it.
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     h = _hvd()
     if not h.is_initialized():

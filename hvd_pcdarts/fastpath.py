@@ -1,4 +1,4 @@
-"""Fast paths for the search and retraining steps (issue 7). The eager code stays the reference; each fast path
+"""Fast paths for the search and retraining steps. The eager code stays the reference; each fast path
 here computes the same thing and is checked against it (tests/test_fastpath.py on the CPU, the CUDA-graph one in
 benchmarks/run_device.sh on a GPU).
 
@@ -220,7 +220,7 @@ class CompositeBatchNorm2d(nn.BatchNorm2d):
     variance, momentum or cumulative average); evaluation mode is nn.BatchNorm2d's.
 
     Why: the search net's partial-channel ops normalize 4 to 16 channels over N*H*W up to 262,144 values each;
-    the library BN kernels parallelize over channels and were 54% of the GPU time of a step (issue 7's profile),
+    the library BN kernels parallelize over channels and were 54% of the GPU time of a step (H100 profile,
     while a generic reduction splits each channel over many blocks. More kernels per BN, which a CUDA graph
     makes cheap; more saved activations (x - mean), which costs memory."""
 

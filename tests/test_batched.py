@@ -271,7 +271,7 @@ class _BNGradLayouts(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("cl_grads", [True, False])
 def test_channels_last_batched_backward_hands_batch_norm_channels_last_gradients(cl_grads, be_options):
     """A BN backward with a channels_last input and an NCHW gradient runs torch's strided CUDA kernel: 12 ms of the
-    H100's 180 ms step at B=256 in session 6's profile (153 such calls per step). OPTIONS["cl_grads"] hands every
+    H100's 180 ms step at B=256 in its profile (153 such calls per step). OPTIONS["cl_grads"] hands every
     group's ops channels_last gradients; without it the node sums' backward gives NCHW ones."""
     be_options["cl_grads"] = cl_grads
     _, new = _pair(8, 5, 4)

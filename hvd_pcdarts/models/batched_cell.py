@@ -1,4 +1,4 @@
-"""The batched mixed op (`--batched-edges`, issue 7): a search cell's forward with the edges that are ready at the
+"""The batched mixed op (`--batched-edges`): a search cell's forward with the edges that are ready at the
 same time computed together, as grouped convolutions over their stacked partial channels.
 
 Same module, same parameters, same state_dict as the reference `SearchCell.forward` (so checkpoints, optimizers,
@@ -23,7 +23,7 @@ Horovod hooks and the elastic state are untouched); only the order of the arithm
 - Weights: each group's stacked (or block-diagonal) conv weights are views of one tensor per cell and forward
   (`weight_pack`: one cat, one cast under autocast, one gather), each weight's gradient a slice of its gradient.
 
-About 2.3x fewer kernels per cell than the per-edge forward, and since session 9 another 22-30% fewer ops in a search
+About 2.3x fewer kernels per cell than the per-edge forward, and 22-30% fewer ops again in a search
 step's graph (weight pack, `_WeightedSum`, repeated inputs as one copy); tests/test_batched.py checks equality in
 float64, benchmarks/search_step.py measures the speed, benchmarks/step_traffic.py counts the ops and bytes.
 """
@@ -55,7 +55,7 @@ OPTIONS = {
     "cl_grads": True,
     # the independent ops of a group (pools, skip, separable and dilated convs) on CUDA side streams, forked from
     # and joined back to the current stream: "capture" = only while a CUDA graph is captured (the graph then holds
-    # parallel branches, their backward runs on the same streams; H100, session 6: B=256 143.8 -> 129.5 ms,
+    # parallel branches, their backward runs on the same streams; H100: B=256 143.8 -> 129.5 ms,
     # B=32 44.8 -> 34.0 ms, bit-identical results), "on" = eager too (launch-bound there: no gain expected), "off"
     "streams": "capture",
     # edges of a group that read the same state (group 0: 8 edges over the 2 cell inputs; later groups: all edges
@@ -65,7 +65,7 @@ OPTIONS = {
     "dedup": False,
     # dilated depthwise convs as ordinary depthwise convs with zeros between the taps (3x3 dilation 2 -> 5x5,
     # 5x5 dilation 2 -> 9x9): on the H100 in NHWC, cuDNN ran the dilated ones in a direct kernel ~6x slower per
-    # call than the 5x5 of sep_conv_5x5 (session 6 profile). "native" (off), "3x3" (dil_conv_3x3 only), "all".
+    # call than the 5x5 of sep_conv_5x5 (H100 profile). "native" (off), "3x3" (dil_conv_3x3 only), "all".
     # Not yet timed on a GPU
     "dilated": "native",
     # the convolution ops of a group as one chain: "5x5" = the first depthwise convs of sep_conv_3x3, sep_conv_5x5
@@ -83,25 +83,25 @@ OPTIONS = {
     "depthwise": "cudnn",
     # the pools (max_pool_3x3, avg_pool_3x3, and the reduction cells' 2x2 max pool of the bypassed channels) of
     # channels_last runs: "torch" or "triton" (models/pooling.py: forward and gradient as Triton kernels; torch's
-    # NHWC pooling kernels ran 10-15x above their bytes' time on the H100, session 6). Not yet timed on a GPU
+    # NHWC pooling kernels ran 10-15x above their bytes' time on the H100). Not yet timed on a GPU
     "pool": "torch",
     # the convolution weights of a cell as one tensor (weight_pack): every edge's conv weights concatenated once per
     # forward (one cat, plus under autocast one cast to its dtype), each group's stacked weight a view of it, and
     # the block-diagonal 1x1 weights of "pointwise" dense gathered from it (one more kernel). False: a cat per
     # grouped conv, a multiply by eye(E) per block-diagonal weight (a multiply + sum in its backward) and, under
     # autocast, a cast per conv forward and per weight gradient: one search step's ops in the graph, counted on the
-    # CPU with CUDA's choices (session 9): 8,381 -> 7,253 in float32, 9,766 -> 7,498 in bf16. Bit-identical.
-    # Not yet timed on a GPU (benchmarks/RESULTS.md, ninth session)
+    # CPU with CUDA's choices: 8,381 -> 7,253 in float32, 9,766 -> 7,498 in bf16. Bit-identical.
+    # Not yet timed on a GPU (benchmarks/RESULTS.md)
     "pack": True,
     # the sums of several same-shape tensors: a group's primitive outputs (a node's parts too where they are dense;
     # in these cells they are channel views), and the gradients of a group's input and of its ReLU (each read by
     # several ops): "torch" (chains of adds, and autograd's pairwise
     # accumulation) or "triton" (models/sums.py: one pass each, in float32; where it cannot run, torch's adds).
     # Also the gradients of each state's bypassed channels from the nodes that read them: sum_i beta_i * g_i in one
-    # kernel over the nodes' gradients in place (sums.scaled_fan_out; session 12), and each node's betas'
+    # kernel over the nodes' gradients in place (sums.scaled_fan_out), and each node's betas'
     # gradients sum(g * rest_j) in one kernel reading g once (sums.dots). Counted on the CPU, a B=64 bf16 step:
-    # 16.28 -> 15.01 GiB in 12,406 -> 11,760 ops (session 11), -> 14.12 GiB in 11,311 ops (session 12). Not yet
-    # timed on a GPU
+    # 16.28 -> 15.01 GiB in 12,406 -> 11,760 ops (one-pass sums), -> 14.12 GiB in 11,311 ops (with the
+    # bypassed channels' sums). Not yet timed on a GPU
     "sums": "torch",
 }
 _SIDE_STREAMS = {}  # device index -> [torch.cuda.Stream]

@@ -1,7 +1,7 @@
 """Depthwise convolution (groups == channels, one filter per channel) as Triton kernels for channels_last tensors:
 forward, input gradient and weight gradient (batched_cell.OPTIONS["depthwise"] = "triton", search_step.py +tdw).
 
-Why: in the H100 profile of the batched search step (RESULTS.md, sixth session) cuDNN ran the search cells'
+Why: in the H100 profile of the batched search step (benchmarks/RESULTS.md) cuDNN ran the search cells'
 depthwise convolutions far from the memory bandwidth they need: the dilated ones' forward in a direct kernel ~6x
 slower per call than the undilated 5x5 (plus NHWC<->NCHW conversions around it), the weight gradients 3-4x above
 their bytes' time. These kernels read each operand once per tile and take every tap from the tile's neighbourhood
@@ -286,7 +286,7 @@ def _one(v, name):
 
 
 # "triton": forward and both gradients as Triton kernels; "hybrid": the dilated convolutions and every weight
-# gradient (cuDNN's weakest, session 6's profile), cuDNN's undilated forward and input gradient (near the bytes'
+# gradient (cuDNN's weakest in the H100 profile), cuDNN's undilated forward and input gradient (near the bytes'
 # time already there)
 MODES = ("triton", "hybrid")
 

@@ -4,7 +4,7 @@ search_step.py +tsm): each input read once, the output written once, accumulated
 Why: the batched search cell sums a group's seven primitive outputs with a chain of adds (6 adds read 2 and write 1
 tensor each: 18 tensor passes where one kernel needs 8), and autograd sums the gradients of a tensor read by several
 ops the same way (a group's input: its ReLU, both pools and the skip; the ReLU'd input: every convolution op; a
-state's bypassed channels: every node after it). Counted on the CPU (session 11, B=64 bf16, RESULTS.md), a step's
+state's bypassed channels: every node after it). Counted on the CPU (B=64 bf16, benchmarks/RESULTS.md), a step's
 adds moved 3.2 GiB of its 16.3 GiB; with these sums it moves 15.0 GiB.
 
 - add_all(xs): xs[0] + xs[1] + ... in one kernel (its backward hands each input the output gradient, as add's does).
