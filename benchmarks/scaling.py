@@ -45,13 +45,16 @@ def worker(args):
     torch.set_num_threads(args.threads)
     model, arch, weights, a_opt, w_opt = fp.build_search(args.C, args.layers, args.K, seed=2,
                                                          batched_edges=args.batched_edges)
-    # hooks / flat: the library's weight optimizer (train_search.py --grad-allreduce overlap / flat; auto = flat on
-    # the CPU); grouped: one grouped allreduce of the separate tensors after backward (the --cuda-graph path)
-    comm = dist.grad_allreduce_mode("auto", torch.device("cpu")) if args.weight_comm == "auto" else args.weight_comm
-    hooks = not args.no_comm and comm in ("hooks", "flat")
-    if hooks:
-        w_opt = dist.weight_optimizer(w_opt, model.named_weight_parameters(), "overlap" if comm == "hooks" else "flat",
-                                      name="w_grads")
+    # overlap / flat: the library's weight optimizer (train_search.py --grad-allreduce overlap / flat); groups=K:
+    # hvd.DistributedOptimizer(groups=K); grouped: one grouped allreduce of the separate tensors after backward
+    # (the --cuda-graph path)
+    comm = args.weight_comm[0]  # a worker runs one variant
+    hooks = not args.no_comm and comm != "grouped"
+    if hooks and comm.startswith("groups="):
+        w_opt = dist.hvd().DistributedOptimizer(w_opt, named_parameters=model.named_weight_parameters(),
+                                                groups=int(comm.split("=")[1]))
+    elif hooks:
+        w_opt = dist.weight_optimizer(w_opt, model.named_weight_parameters(), comm, name="w_grads")
     dist.broadcast_parameters(model, 0)
     crit = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(100 + rank)
@@ -120,16 +123,18 @@ def launcher(args):
         env["HOROVOD_CYCLE_TIME"] = str(args.cycle_time)
     results = {}
     tmp = tempfile.mkdtemp(prefix="scaling-")
-    runs = [(n, False) for n in args.ranks] + [(n, True) for n in args.ranks if n > 1 and args.decompose]
+    runs = [(n, None, False) for n in args.ranks if n == 1]  # one process: no averaging, the same for all
+    runs += [(n, comm, False) for n in args.ranks if n > 1 for comm in args.weight_comm]
+    runs += [(n, None, True) for n in args.ranks if n > 1 and args.decompose]
     runs = runs * args.repeat  # interleaved: load from other users hits every configuration alike
-    for n, no_comm in runs:
-        key = f"{n}" + (" (no collectives)" if no_comm else "")
-        out = os.path.join(tmp, f"r{n}{'nc' if no_comm else ''}.json")
+    for n, comm, no_comm in runs:
+        key = f"{n}" + (f" {comm}" if comm else "") + (" (no collectives)" if no_comm else "")
+        out = os.path.join(tmp, f"r{n}{comm or ''}{'nc' if no_comm else ''}.json")
         cmd = [hvdrun, f"--{args.controller}", "-np", str(n), "-H", f"localhost:{n}", sys.executable,
                os.path.abspath(__file__),
                "--worker", "--out", out, "--batch", str(args.batch), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--C", str(args.C),
-               "--layers", str(args.layers), "--K", str(args.K), "--weight-comm", args.weight_comm,
+               "--layers", str(args.layers), "--K", str(args.K), "--weight-comm", comm or "overlap",
                "--controller", args.controller] + (["--no-comm"] if no_comm else []) + \
             (["--batched-edges"] if args.batched_edges else [])
         load0 = os.getloadavg()[0]
@@ -137,7 +142,7 @@ def launcher(args):
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         if p.returncode != 0:
             sys.stderr.write(p.stdout[-3000:] + p.stderr[-3000:])
-            raise SystemExit(f"{n}-rank run failed ({p.returncode})")
+            raise SystemExit(f"{key}-rank run failed ({p.returncode})")
         with open(out) as f:
             recs = json.load(f)
         step = max(r["step_s"] for r in recs)  # the step ends when the slowest rank ends
@@ -146,7 +151,7 @@ def launcher(args):
             print(f"  {key}: {step:.3f} s (repeat; best so far {results[key]['step_s']:.3f} s)", flush=True)
             continue
         repeats = results[key]["step_s_repeats"] if key in results else []
-        results[key] = dict(step_s_repeats=repeats + [round(step, 3)], ranks=n, no_comm=no_comm,
+        results[key] = dict(step_s_repeats=repeats + [round(step, 3)], ranks=n, weight_comm=comm, no_comm=no_comm,
                             per_rank_batch=args.batch, step_s=step,
                             images_per_s=n * 2 * args.batch / step,
                             coll_share_per_rank=[round(r["coll_share"], 3) for r in recs],
@@ -154,12 +159,12 @@ def launcher(args):
                             load_after=os.getloadavg()[0], wall_s=time.time() - t0)
         print(f"  {results[key]}", flush=True)
     base = results.get("1")
-    print(f"\n# scaling (CPU, Horovod {args.controller} on loopback, weight gradients: {args.weight_comm}, "
+    print(f"\n# scaling (CPU, Horovod {args.controller} on loopback, "
           f"HOROVOD_CYCLE_TIME={env.get('HOROVOD_CYCLE_TIME', 'default')}): "
           f"C={args.C} layers={args.layers} K={args.K}, per-rank batch {args.batch} (arch + weight halves), "
-          f"{args.threads} thread(s)/rank, {os.cpu_count()} CPUs")
-    print("| ranks | step s (median, slowest rank) | images/s | efficiency | collective share per rank | "
-          "load avg before/after |")
+          f"{args.threads} thread(s)/rank, {os.cpu_count()} CPUs, best of {args.repeat}")
+    print("| ranks, weight gradients | step s (median, slowest rank) | images/s | efficiency | "
+          "collective share per rank | load avg before/after |")
     print("|---|---|---|---|---|---|")
     for key, r in results.items():
         n = r["ranks"]
@@ -171,10 +176,16 @@ def launcher(args):
         with open(args.json, "a") as f:
             for r in results.values():
                 f.write(json.dumps(dict(kind="scaling", cycle_time=env.get("HOROVOD_CYCLE_TIME"),
-                                        weight_comm=args.weight_comm, controller=args.controller,
-                                        threads=args.threads, C=args.C, layers=args.layers, K=args.K, **r)) + "\n")
+                                        controller=args.controller, threads=args.threads, C=args.C,
+                                        layers=args.layers, K=args.K, **r)) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def weight_comm(s: str) -> str:
+    if s in ("overlap", "flat", "grouped") or (s.startswith("groups=") and s[7:].isdigit()):
+        return s
+    raise argparse.ArgumentTypeError(f"overlap, flat, grouped or groups=K, got {s!r}")
 
 
 def main(argv=None):
@@ -194,11 +205,12 @@ def main(argv=None):
     p.add_argument("--no-decompose", dest="decompose", action="store_false",
                    help="skip the N-rank run without collectives (it separates the cost of the collectives from "
                         "that of N processes sharing the machine's cores and memory)")
-    p.add_argument("--weight-comm", choices=["auto", "hooks", "grouped", "flat"], default="auto",
-                   help="hooks: hvd.DistributedOptimizer, allreduces started during backward (--grad-allreduce "
-                        "overlap); flat: all weight gradients as one tensor after backward (--grad-allreduce flat); "
-                        "grouped: one grouped allreduce of the separate tensors after backward (the --cuda-graph "
-                        "path); auto: what train_search.py does by default here (flat on the CPU)")
+    p.add_argument("--weight-comm", type=weight_comm, nargs="+", default=["overlap", "flat"],
+                   help="how the N-rank runs average the weight gradients, each variant timed in the same run: "
+                        "overlap = hvd.DistributedOptimizer, an allreduce per tensor started during backward "
+                        "(--grad-allreduce overlap); flat = --grad-allreduce flat; groups=K = "
+                        "hvd.DistributedOptimizer(groups=K); grouped = one grouped allreduce of the tensors after "
+                        "backward (the --cuda-graph path)")
     p.add_argument("--controller", choices=["gloo", "mpi"], default="gloo")
     p.add_argument("--batched-edges", action="store_true", help="the batched mixed op (train_search.py's flag)")
     p.add_argument("--cycle-time", type=float, default=None,

@@ -10,7 +10,7 @@ A variant is MODE[+cl][+bf16]: MODE is eager (the reference: search.Searcher's s
 (forward+backward of each half captured as a CUDA graph, optimizers outside: fastpath.GraphedSearchStep) or
 compile (= eager+compile); +compile = torch.compile of each cell (fastpath.compile_cells, as --compile; needs
 +be; the arch step freezes the weights); +cl = channels_last; +bf16 = bf16 autocast; +bnc = batch
-norm as plain reductions (fastpath.CompositeBatchNorm2d); +be = the batched mixed op (--batched-edges:
+norm as plain reductions (experimental/composite_bn.py); +be = the batched mixed op (--batched-edges:
 models/batched_cell.py, each cell's ready edges as grouped convolutions), with its implementation choices
 (batched_cell.OPTIONS) for A/B timings: +pwg / +pwd = 1x1 convolutions grouped / block-diagonal dense (default:
 dense on CUDA), +nclg = without making the gradients channels_last (the behaviour before session 6), +msc / +mse /
@@ -54,7 +54,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from hvd_pcdarts import fastpath as fp  # noqa: E402
+from hvd_pcdarts.experimental.composite_bn import use_composite_bn  # noqa: E402
 from hvd_pcdarts.models import batched_cell  # noqa: E402
+from hvd_pcdarts.steps import SearchStep  # noqa: E402
 
 DEFAULT_BE_OPTIONS = dict(batched_cell.OPTIONS)
 
@@ -108,13 +110,13 @@ def build_step(v: Variant, args, device):
     model, arch, weights, a_opt, w_opt = fp.build_search(args.C, args.layers, args.K, seed=args.seed, device=device,
                                                          channels_last=v.cl, batched_edges=v.be)
     if v.bnc:
-        fp.use_composite_bn(model)
+        use_composite_bn(model)
     if v.tc:
         fp.compile_cells(model, backend=args.compile_backend)
     model.train()
     crit = nn.CrossEntropyLoss()
     dt = torch.bfloat16 if v.bf16 else None
-    cls = fp.GraphedSearchStep if v.mode == "graph" else fp.EagerSearchStep
+    cls = fp.GraphedSearchStep if v.mode == "graph" else SearchStep
     step = cls(model, crit, arch, weights, a_opt, w_opt, grad_clip=5.0, autocast_dtype=dt, channels_last=v.cl,
                freeze_weights=v.tc)
     return model, step

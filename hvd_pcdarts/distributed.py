@@ -210,22 +210,26 @@ GRAD_ALLREDUCE_MODES = ("auto", "overlap", "flat")
 
 
 def grad_allreduce_mode(requested: str, device: torch.device) -> str:
-    """`--grad-allreduce auto`: `flat` on the CPU, `overlap` on GPUs. On a CPU every core already computes, so
-    there is nothing for the per-tensor allreduces of `overlap` to hide behind, and Horovod's handling of ~1,400
-    separate gradient tensors per step costs the compute threads CPU time: on 2 ranks over 2 cores the scaling
-    efficiency was 0.81 with `overlap` and 0.94 with `flat` (benchmarks/RESULTS.md)."""
+    """`--grad-allreduce auto`: `flat` on the CPU, `overlap` on GPUs (see weight_optimizer)."""
     if requested == "auto":
         return "flat" if device.type == "cpu" else "overlap"
     return requested
 
 
 def weight_optimizer(optimizer, named_parameters, mode: str, fp16_allreduce: bool = False, name: str = "grads"):
-    """The optimizer of the weights with its gradient averaging over the ranks.
+    """The optimizer of the weights with its gradient averaging over the ranks; both modes offer
+    hvd.DistributedOptimizer's interface (`synchronize()`, `skip_synchronize()`, `step()`), used by
+    steps.weight_update.
 
     - `overlap`: hvd.DistributedOptimizer: one allreduce per gradient tensor, started by backward hooks while
       backward still runs (overlaps communication with computation on GPUs).
     - `flat`: after backward, every gradient averaged as ONE flat tensor (one collective a step), see
-      FlatAveraging. Same interface (`synchronize()`, `skip_synchronize()`), same numbers up to summation order.
+      FlatAveraging. On a CPU there is no idle device for the hooks' allreduces to hide behind, and Horovod's
+      handling of the search net's ~1,400 gradient tensors costs the compute threads CPU time; none of
+      hvd.DistributedOptimizer's own settings closes that: 2-rank scaling efficiency on 2 cores, measured in one
+      run of benchmarks/scaling.py (benchmarks/RESULTS.md, "DistributedOptimizer settings on the CPU"):
+      overlap 0.89-0.91, `groups=1` (one grouped allreduce after backward) 0.84-0.88 (0.68 / 0.84 with a 1 / 5
+      ms cycle time), flat 0.92-1.0. Same numbers as overlap up to summation order.
     """
     if mode == "overlap":
         return distributed_optimizer(optimizer, named_parameters, fp16_allreduce)

@@ -287,3 +287,8 @@ def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)):
     pred = logits.topk(maxk, dim=1).indices
     hit = pred.eq(target[:, None])
     return [float(hit[:, :min(k, maxk)].any(dim=1).sum()) for k in topk]
+
+
+def jsonable(d: dict) -> dict:
+    """`d` with every value JSON can hold (others as their str), for args.json and checkpoints."""
+    return json.loads(json.dumps(d, default=str))

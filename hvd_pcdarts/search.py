@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
-import time
 
 import torch
 import torch.nn as nn
 
 from . import distributed as dist
 from . import fastpath
-from .checkpoint import check_config, load_checkpoint
 from .cli import (
     ArgParser,
-    add_output_args,
-    add_quick_run_args,
     apply_preset,
     eval_count,
     fraction,
@@ -34,38 +29,27 @@ from .cli import (
     positive_int,
 )
 from .data import (
-    DATASETS,
     EvalShardSampler,
-    GlobalBatchSampler,
     SeededView,
     class_sample_split,
     load_dataset,
-    make_batch_loader,
     make_loader,
     make_transform,
     search_split,
 )
-from .elastic import (
-    RunLoop,
-    add_elastic_args,
-    check_elastic_args,
-    local_checks_only,
-    per_rank_batch,
-)
+from .elastic import check_elastic_args
 from .errors import UsageError
+from .flags import add_run_args
 from .genotypes import save_genotype, to_dict
+from .loop import RunLoop
 from .models import SearchNetwork
-from .preemption import add_preemption_args
 from .runtime import (
-    Progress,
     accuracy_counts,
     check_finite,
-    default_output_dir,
-    lr_at,
-    pick_device,
-    progress_mode,
+    jsonable,
     step_values,
 )
+from .steps import SearchStep, autocast, search_optimizers
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-search-v1"
 
@@ -80,66 +64,28 @@ SEARCH_PRESETS = {
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(prog="train_search.py", description="Distributed PC-DARTS architecture search (Horovod). "
                   "Defaults are the PC-DARTS CIFAR-10 recipe; learning rates are for the global batch.")
-    a = p.add_argument
-    a("--preset", choices=sorted(SEARCH_PRESETS), default=None,
-      help="recipe defaults: cifar10 (the defaults below) or imagenet (K=2, 224-px stem, per-class sample)")
-    a("--dataset", choices=DATASETS, default="cifar10")
-    a("--data-dir", default="./data")
-    a("--download", action="store_true", help="download CIFAR if missing (one process per node)")
-    a("--image-size", type=positive_int, default=None, help="imagefolder/synthetic image size")
-    a("--synthetic-size", type=positive_int, default=2048, help="synthetic: number of training images")
-    a("--batch-size", type=positive_int, default=256, help="GLOBAL batch, split evenly over the ranks")
-    a("--lr", type=positive_float, default=0.1)
-    a("--lr-min", type=nonneg_float, default=0.0)
-    a("--lr-schedule", choices=["cosine", "linear", "step"], default="cosine")
-    a("--lr-per-step", action="store_true", help="update the learning rate every step (default: every epoch)")
-    a("--momentum", type=nonneg_float, default=0.9)
-    a("--weight-decay", type=nonneg_float, default=3e-4)
-    a("--epochs", type=positive_int, default=50)
-    a("--warmup-epochs", type=nonneg_float, default=0.0)
+    p.add_argument("--preset", choices=sorted(SEARCH_PRESETS), default=None,
+                   help="recipe defaults: cifar10 (the defaults below) or imagenet (K=2, 224-px stem, per-class "
+                        "sample)")
+    groups = add_run_args(p, "search", "search")
+    p.set_defaults(batch_size=256, lr=0.1, epochs=50, init_channels=16, layers=8, seed=2)
+    g = p.add_argument_group("architecture search (PC-DARTS)")
+    a = g.add_argument
     a("--arch-lr", type=positive_float, default=6e-4)
     a("--arch-weight-decay", type=nonneg_float, default=1e-3)
     a("--arch-start-epoch", type=nonneg_int, default=15)
     a("--train-portion", type=fraction, default=0.5)
     a("--class-sample-fractions", type=fraction, nargs=2, metavar=("WEIGHTS", "ARCH"), default=None,
       help="per-class sample of the training set instead of the portion split (ImageNet recipe: 0.1 0.025)")
-    a("--init-channels", type=positive_int, default=16)
-    a("--layers", type=positive_int, default=8)
     a("--partial-k", type=positive_int, default=4)
     a("--stem", choices=["cifar", "imagenet"], default="cifar")
-    a("--grad-clip", type=nonneg_float, default=5.0, help="0 disables clipping")
-    a("--seed", type=nonneg_int, default=2)
-    a("--workers", type=nonneg_int, default=2, help="data loader processes per rank")
-    a("--sync-bn", action="store_true", help="batch norm statistics of the global batch")
-    a("--fp16-allreduce", action="store_true", help="compress weight gradients to fp16 for the allreduce")
-    a("--amp", action="store_true", help="mixed precision (CUDA only)")
-    a("--bf16", action="store_true", help="bfloat16 autocast of the forward passes (weights, gradients and "
-      "optimizers stay float32; no loss scaling); works with --cuda-graph, also on the CPU")
-    a("--cuda-graph", action="store_true", help="fast path (CUDA only): replay the forward+backward of the arch "
-      "and weight steps as CUDA graphs; gradient averaging and optimizer steps stay outside (benchmarks/)")
-    a("--channels-last", action="store_true", help="fast path: NHWC memory format for weights and images")
-    a("--batched-edges", action="store_true", help="fast path: compute the edges of a cell that read states "
-      "ready at the same time as one set of grouped convolutions (same parameters and results, fewer kernels)")
-    a("--compile", action="store_true", help="fast path (with --batched-edges): torch.compile each search cell "
-      "(fused batch norm and elementwise kernels); compiles every distinct cell once during the first steps; "
-      "composes with --cuda-graph and --channels-last")
-    a("--gpu-data", action="store_true", help="fast path: keep both halves of the training set on the device as "
-      "uint8 and augment a batch there (the same crops and flips as the loader; tensor datasets only)")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    a("--grad-allreduce", choices=dist.GRAD_ALLREDUCE_MODES, default="auto",
-      help="how the weight gradients are averaged over the ranks: overlap = one allreduce per tensor started during "
-           "backward (hvd.DistributedOptimizer), flat = all of them as one tensor after backward; auto = flat on "
-           "the CPU (nothing to overlap with there; 0.81 -> 0.94 scaling efficiency on 2 ranks), overlap on GPUs")
-    a("--fp64", action="store_true",
-      help="verification mode: compute in float64 (slow); rank-count equivalence checks use it so that float32 "
-           "rounding, amplified by BN on near-constant channels, cannot hide or fake a difference")
-    a("--no-augment", action="store_true")
-    add_output_args(p, "search")
-    a("--trace-indices", default=None, help=argparse.SUPPRESS)  # testing aid: per-rank sample indices
-    a("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # testing aid: aot_eager compiles quickly
-    add_quick_run_args(p)
-    add_elastic_args(p)
-    add_preemption_args(p)
+    fast = groups["fast"].add_argument
+    fast("--batched-edges", action="store_true", help="compute the edges of a cell that read states ready at the "
+         "same time as one set of grouped convolutions (same parameters and results, fewer kernels)")
+    fast("--fp64", action="store_true",
+         help="verification mode: compute in float64 (slow); rank-count equivalence checks use it so that float32 "
+              "rounding, amplified by BN on near-constant channels, cannot hide or fake a difference")
+    p.add_argument("--trace-indices", default=None, help=argparse.SUPPRESS)  # testing aid: per-rank sample indices
     return p
 
 
@@ -170,20 +116,11 @@ def model_config(args, num_classes: int) -> dict:
 class Searcher(RunLoop):
     """Holds the model, optimizers and data pipeline of one rank; `run()` executes the whole search."""
 
+    CHECKPOINT_FORMAT = CHECKPOINT_FORMAT
+
     def __init__(self, args):
-        self.args = args
+        self._setup(args, "search", "search")
         a = args
-        dist.init(cpu_tuning=not a.sync_bn)
-        self.world, self.rank = dist.size(), dist.rank()
-        self.local_batch, _ = per_rank_batch(a.batch_size, self.world, strict=True)
-        if a.amp and a.bf16:
-            raise UsageError("--amp (float16 with loss scaling) and --bf16 exclude each other: pick one")
-        self.device = pick_device(a)
-        if a.output_dir is None:
-            a.output_dir = default_output_dir("search")
-        # elastic: no collective before the elastic loop (a worker joining later would meet it alone); the
-        # loop's first sync makes every rank equal to rank 0
-        self.elastic = bool(a.elastic)
         self._prepare_data()
         torch.manual_seed(a.seed)
         random.seed(a.seed)
@@ -191,45 +128,32 @@ class Searcher(RunLoop):
                                    stem=a.stem, batched_edges=a.batched_edges).to(self.device)
         self.dtype = torch.float64 if a.fp64 else torch.float32
         if a.fp64:
-            for flag in ("amp", "bf16"):
-                if getattr(a, flag):
-                    raise UsageError(f"--fp64 and --{flag} exclude each other")
             self.model.double()
-
-        if a.sync_bn and self.world > 1:
-            dist.convert_sync_batchnorm(self.model)
-        fastpath.check_fast_flags(a, self.device, self.world)
-        if a.channels_last:
-            fastpath.to_channels_last(self.model)
-        if a.compile:
-            fastpath.compile_cells(self.model, backend=a.compile_backend)
-        self.graphed = None  # --cuda-graph: fastpath.GraphedSearchStep, captured at the first step
+        self._fast_model(fastpath.compile_cells)
         self.criterion = nn.CrossEntropyLoss()
         self.arch_params = self.model.arch_parameters()
         self.weights = list(self.model.weight_parameters())
-        w_opt = torch.optim.SGD(self.weights, lr=a.lr, momentum=a.momentum,
-                                weight_decay=a.weight_decay)
-        # --cuda-graph: a plain SGD; the graphed step averages the gradients itself (hooks do not replay in a graph)
-        self.grad_allreduce = dist.grad_allreduce_mode(a.grad_allreduce, self.device)
-        self.w_opt = w_opt if a.cuda_graph else dist.weight_optimizer(
-            w_opt, self.model.named_weight_parameters(), self.grad_allreduce, a.fp16_allreduce, name="w_grads")
-        self.a_opt = torch.optim.Adam(self.arch_params, lr=a.arch_lr, betas=(0.5, 0.999),
-                                      weight_decay=a.arch_weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda") if a.amp else None
+        w_opt, self.a_opt = search_optimizers(self.model, a.lr, a.momentum, a.weight_decay, a.arch_lr,
+                                              a.arch_weight_decay)
+        self.w_opt = self._weight_optimizer(w_opt, self.model.named_weight_parameters(), "w_grads")
+        average_arch = lambda g: dist.grouped_average(g, name="arch_grads")  # noqa: E731
+        if a.cuda_graph:
+            self.step = fastpath.GraphedSearchStep(
+                self.model, self.criterion, self.arch_params, self.weights, self.a_opt, self.w_opt, a.grad_clip,
+                average_arch, lambda g: dist.grouped_average(g, name="w_grads"), self.autocast_dtype,
+                a.channels_last, freeze_weights=a.compile)
+        else:
+            self.step = SearchStep(self.model, self.criterion, self.arch_params, self.weights, self.a_opt,
+                                   self.w_opt, a.grad_clip, average_arch, self.autocast_dtype, self.scaler,
+                                   freeze_weights=a.compile, channels_last=a.channels_last)
         self.start = dict(epoch=0, arch_pass=0, arch_sample=0, global_step=0)
-        self._resume()
-        if not self.elastic:
-            self._sync_start()
-        self._build_loaders()
+        self._start()
 
     # --- setup ----------------------------------------------------------------------------------------------
     def _prepare_data(self):
         a = self.args
-        sync = local_checks_only() if a.elastic else dict(
-            is_local_root=dist.local_rank() == 0, barrier=dist.barrier,
-            agree=lambda ok: all(dist.allgather_object(bool(ok))))
         bundle = load_dataset(a.dataset, a.data_dir, download=a.download, image_size=a.image_size,
-                              need_test=False, seed=a.seed, synthetic_size=a.synthetic_size, **sync)
+                              need_test=False, seed=a.seed, synthetic_size=a.synthetic_size, **self._data_sync())
         self.num_classes = bundle.num_classes
         n = len(bundle.train)
         if a.class_sample_fractions:
@@ -255,15 +179,8 @@ class Searcher(RunLoop):
                                   for v in (self.weight_set, self.arch_set)}
         self.image_size = bundle.image_size
 
-    def _read_checkpoint(self, path: str) -> dict:
-        a = self.args
-        ckpt = load_checkpoint(path)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise UsageError(f"checkpoint {path} is not a search checkpoint ({ckpt.get('format')!r})")
-        check_config(ckpt["config"], model_config(a, self.num_classes), path)
-        if ckpt["epoch"] > a.epochs:
-            raise UsageError(f"checkpoint {path} is at epoch {ckpt['epoch']}, past --epochs {a.epochs}")
-        return ckpt
+    def _config(self) -> dict:
+        return model_config(self.args, self.num_classes)
 
     def _load(self, ckpt: dict, path: str) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -280,31 +197,22 @@ class Searcher(RunLoop):
     def _build_loaders(self):
         """Everything that depends on the number of ranks (rebuilt after an elastic reset)."""
         a = self.args
-        self.loader_kw = dict(workers=a.workers, pin=self.device.type == "cuda")
-        self.steps_per_epoch = len(self.weight_set) // (self.local_batch * self.world)
-        if a.steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, a.steps_per_epoch)
+        self.steps_per_epoch = self._steps_per_epoch(len(self.weight_set))
         self._arch_iter = None
         n_valid = eval_count(len(self.valid_set), a.batch_size, a.eval_steps)
-        self.v_sampler = EvalShardSampler(n_valid, self.world, self.rank)
-        self.v_loader = make_loader(self.valid_set, self.local_batch, self.v_sampler, drop_last=False,
-                                    **self.loader_kw)
+        self.v_loader = make_loader(self.valid_set, self.local_batch, EvalShardSampler(n_valid, self.world, self.rank),
+                                    a.workers, drop_last=False, pin=self.device.type == "cuda")
 
-    def _batches(self, dataset, seed: int, epoch: int, start: int):
-        """Loader of the global batches of one pass from global sample position `start` (GlobalBatchSampler:
-        the same global batches for any number of ranks, resumable anywhere)."""
-        sampler = GlobalBatchSampler(len(dataset), seed, epoch, self.world, self.rank, self.local_batch, start)
-        if self.device_images is not None:
-            return fastpath.DeviceLoader(self.device_images[id(dataset)], batch_sampler=sampler)
-        return make_batch_loader(dataset, sampler, self.loader_kw["workers"], self.loader_kw["pin"])
+    def _half(self, dataset, seed: int, epoch: int, start: int):
+        images = self.device_images[id(dataset)] if self.device_images is not None else None
+        return self._batches(dataset, seed, epoch, start, images)
 
     def _arch_batch(self, st):
         """Next batch of the architecture half from a persistent iterator; a new shuffled pass when it ends."""
         while True:
             if self._arch_iter is None:
                 self.arch_set.set_epoch(st.arch_pass)
-                self._arch_iter = iter(self._batches(self.arch_set, self.args.seed + 1, st.arch_pass,
-                                                     st.arch_sample))
+                self._arch_iter = iter(self._half(self.arch_set, self.args.seed + 1, st.arch_pass, st.arch_sample))
             try:
                 batch = next(self._arch_iter)
                 st.arch_sample += self.local_batch * self.world
@@ -314,88 +222,22 @@ class Searcher(RunLoop):
                 st.arch_pass += 1
                 st.arch_sample = 0
 
-    # --- one step -------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.args.bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        if self.scaler is None:
-            return torch.autocast("cpu", enabled=False)
-        return torch.autocast("cuda", dtype=torch.float16)
-
-    def _graphed_step(self):
-        if self.graphed is None:
-            self.graphed = fastpath.GraphedSearchStep(
-                self.model, self.criterion, self.arch_params, self.weights, self.a_opt, self.w_opt,
-                self.args.grad_clip, average_arch=lambda g: dist.grouped_average(g, name="arch_grads"),
-                average_weights=lambda g: dist.grouped_average(g, name="w_grads"),
-                channels_last=self.args.channels_last, freeze_weights=self.args.compile,
-                autocast_dtype=torch.bfloat16 if self.args.bf16 else None)
-        return self.graphed
-
-    def arch_step(self, x, y):
-        if self.args.cuda_graph:
-            return float(self._graphed_step().arch_step(x, y))
-        self.a_opt.zero_grad(set_to_none=True)
-        scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
-        # compiled cells: weights frozen, else the compiled backward would compute their gradients too
-        with fastpath.frozen(self.weights if self.args.compile else []):
-            with self._autocast():
-                loss = self.criterion(self.model(x), y)
-            grads = torch.autograd.grad(loss * scale, self.arch_params)
-        grads = dist.grouped_average([g / scale for g in grads], name="arch_grads")
-        if self.scaler is not None and not all(torch.isfinite(g).all() for g in grads):
-            return float(loss.detach())  # overflow: skip, on every rank alike (the grads were averaged)
-        for p, g in zip(self.arch_params, grads):
-            p.grad = g
-        self.a_opt.step()
-        return float(loss.detach())
-
-    def weight_step(self, x, y):
-        a = self.args
-        if a.cuda_graph:
-            return self._graphed_step().weight_step(x, y)
-        self.w_opt.zero_grad()
-        with self._autocast():
-            logits = self.model(x)
-            loss = self.criterion(logits, y)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.w_opt.synchronize()
-            self.scaler.unscale_(self.w_opt)
-        else:
-            loss.backward()
-            self.w_opt.synchronize()
-        norm = fastpath.clip_gradients(self.weights, a.grad_clip)
-        with self.w_opt.skip_synchronize():
-            if self.scaler is not None:
-                self.scaler.step(self.w_opt)
-                self.scaler.update()
-            else:
-                self.w_opt.step()
-        return logits.detach(), loss.detach(), norm
-
-    def set_lr(self, epoch_pos: float):
-        a = self.args
-        lr = lr_at(epoch_pos, a.lr, a.lr_min, a.epochs, a.warmup_epochs, a.lr_schedule)
-        for g in self.w_opt.param_groups:
-            g["lr"] = lr
-        return lr
-
     # --- epochs ---------------------------------------------------------------------------------------------
     def train_epoch(self, st):
-        """Train the rest of epoch `st.epoch` from step `st.step` (an elastic restart continues mid-epoch)."""
+        """Train the rest of epoch `st.epoch` from step `st.step` (an elastic restart continues mid-epoch): per
+        step, from `--arch-start-epoch` on, an architecture step, then a weight step."""
         a = self.args
         self.model.train()
         epoch = st.epoch
         self.weight_set.set_epoch(epoch)
-        loader = self._batches(self.weight_set, a.seed, epoch, st.pos)
+        loader = self._half(self.weight_set, a.seed, epoch, st.pos)
         arch_on = epoch >= a.arch_start_epoch
-        sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, correct, images, arch images - of this rank since the last flush
-        lr = self.set_lr(epoch)
         trace = [] if a.trace_indices else None
-        progress = Progress(progress_mode(a.progress), epoch, a.epochs, self.steps_per_epoch, st.step)
+        # loss sum, correct, images, arch images: of this rank since the last flush
+        self._epoch_begins(4, on_flush=lambda: self._write_trace(trace))
+        lr = self.set_lr(epoch)
+        progress = self._progress(st)
         step_images = self.local_batch * self.world * (2 if arch_on else 1)
-        t0 = time.time()
         for x, y, idx in loader:
             if st.step >= self.steps_per_epoch:
                 break
@@ -404,11 +246,12 @@ class Searcher(RunLoop):
             x, y = x.to(self.device, self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
             if arch_on:
                 xa, ya, ia = self._arch_batch(st)
-                self.arch_step(xa.to(self.device, self.dtype, non_blocking=True), ya.to(self.device, non_blocking=True))
-                sums[3] += len(ya)
+                self.step.arch_step(xa.to(self.device, self.dtype, non_blocking=True),
+                                    ya.to(self.device, non_blocking=True))
+                self.sums[3] += len(ya)
                 if trace is not None:
                     trace.append({"epoch": epoch, "step": st.step, "kind": "arch", "idx": ia.tolist()})
-            logits, loss, norm = self.weight_step(x, y)
+            logits, loss, norm = self.step.weight_step(x, y)
             if trace is not None:
                 trace.append({"epoch": epoch, "step": st.step, "kind": "weight", "idx": idx.tolist()})
             loss_v, correct, w_ok, *a_ok = step_values([loss, (logits.argmax(1) == y).sum(), norm.isfinite()],
@@ -416,27 +259,12 @@ class Searcher(RunLoop):
             check_finite(all(a_ok), "arch", epoch, st.step + 1)
             # under --amp a non-finite norm is an overflow step that the loss scaler skips, not divergence
             check_finite(w_ok or self.scaler is not None, "train", epoch, st.step + 1)
-            n = len(y)
-            sums[0] += loss_v * n
-            sums[1] += correct
-            sums[2] += n
-            st.step += 1
-            st.pos += self.local_batch * self.world
-            st.global_step += 1
-            self.live_steps += 1
-            progress.update(loss_v, step_images, lr)
-            if self._commit_due(st):
-                sums = self._flush(st, sums, time.time() - t0)
-                t0 = time.time()
-                self._write_trace(trace)
-                st.commit()
-            if self._stop_due(st):
-                self._flush(st, sums, time.time() - t0)
-                self._write_trace(trace)
-                self._stop(st)
+            self.sums[0] += loss_v * len(y)
+            self.sums[1] += correct
+            self.sums[2] += len(y)
+            self._step_done(st, progress, loss_v, step_images, lr)
         progress.close()
-        self._flush(st, sums, time.time() - t0)
-        self._write_trace(trace)
+        self._flush(st)
         return lr
 
     def _write_trace(self, trace):
@@ -455,7 +283,8 @@ class Searcher(RunLoop):
         for x, y, _ in self.v_loader:
             x, y = x.to(self.device, self.dtype), y.to(self.device)
             # --compile: a last batch of another size runs eagerly rather than compiling every cell again
-            with self._autocast(), fastpath.uncompiled(self.args.compile and len(x) != self.local_batch):
+            with autocast(self.device.type, self.step.autocast_dtype), \
+                    fastpath.uncompiled(self.args.compile and len(x) != self.local_batch):
                 logits = self.model(x)
             loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
             correct += accuracy_counts(logits, y, (1,))[0]
@@ -473,7 +302,7 @@ class Searcher(RunLoop):
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
                     arch_pass=st.arch_pass, arch_pos=st.arch_sample // a.batch_size, arch_sample=st.arch_sample,
                     global_step=st.global_step, rng_torch=torch.get_rng_state(), world_size=self.world,
-                    args=_jsonable(vars(a)))
+                    args=jsonable(vars(a)))
 
     def _write_epoch(self, out, rec: dict, st) -> None:
         """Rank 0's writes at an epoch's end: the metrics row, genotype.json, checkpoint.pt."""
@@ -488,7 +317,7 @@ class Searcher(RunLoop):
         save_genotype(geno, os.path.join(self.args.output_dir, "genotype.json"), extra=self.model.arch_state())
         return geno
 
-    # --- the whole search (the loop's frame: elastic.RunLoop) ---------------------------------------------
+    # --- the whole search (the loop's frame: loop.RunLoop) ------------------------------------------------
     def _stateful(self) -> dict:
         d = {"model": self.model, "w_opt": self.w_opt, "a_opt": self.a_opt}
         return d | ({"scaler": self.scaler} if self.scaler is not None else {})
@@ -498,7 +327,7 @@ class Searcher(RunLoop):
         super()._begin(st)
 
     def _output_args(self) -> dict:
-        return _jsonable(vars(self.args)) | {"world_size": self.world}
+        return jsonable(vars(self.args)) | {"world_size": self.world}
 
     def _start_line(self) -> str:
         a = self.args
@@ -506,40 +335,29 @@ class Searcher(RunLoop):
         return (f"search: {self.world} rank(s) on {self.device.type}, global batch {a.batch_size} "
                 f"({self.local_batch}/rank), {self.steps_per_epoch} steps/epoch, {n_w} weights, "
                 f"weight/arch images {len(self.weight_set)}/{len(self.arch_set)}, "
-                f"{'graphed' if a.cuda_graph else self.grad_allreduce} gradient allreduce, "
+                f"{self.grad_allreduce} gradient allreduce, "
                 f"{'bf16 autocast, ' if a.bf16 else ''}{self._compile_note()}output {a.output_dir}")
 
     def _compile_note(self) -> str:
         return fastpath.compile_note(self.args.compile_backend if self.args.compile else None, self.device, "cells")
 
-    def _epochs(self, st):
-        a = self.args
-        out = self.out
-        while st.epoch < a.epochs:
-            epoch = st.epoch
-            t0 = time.time()
-            lr = self.train_epoch(st)
-            dist.average_buffers(self.model)  # identical BN statistics everywhere before evaluating/saving
-            v_loss, v_acc = self.validate()
-            check_finite(math.isfinite(v_loss), "valid", epoch, self.steps_per_epoch)
-            self._consistency(f"end of epoch {epoch}")
-            s_loss, s_correct, s_count, s_arch = st.sums
-            geno = self.model.genotype()
-            rec = dict(epoch=epoch, lr=lr, train_loss=s_loss / max(s_count, 1),
-                       train_acc=100.0 * s_correct / max(s_count, 1), valid_loss=v_loss, valid_acc=v_acc,
-                       epoch_time_s=time.time() - t0, images_per_s=(s_count + s_arch) / max(st.train_time, 1e-9),
-                       world_size=self.world, genotype=to_dict(geno), arch=self.model.arch_state())
-            if self.elastic:
-                rec.update(resets=st.resets, steps_redone=st.steps_redone)
-            out.info(f"epoch {epoch + 1}/{a.epochs} lr {lr:.5f} train loss {rec['train_loss']:.4f} "
-                     f"acc {rec['train_acc']:.2f} | search-valid loss {v_loss:.4f} acc {v_acc:.2f} | "
-                     f"{rec['epoch_time_s']:.1f}s, {rec['images_per_s']:.0f} img/s")
-            st.epoch, st.step, st.pos, st.sums, st.train_time = epoch + 1, 0, 0, [0.0, 0.0, 0.0, 0.0], 0.0
-            self._write_outputs(self._write_epoch, out, rec, st)
-            st.commit()
-            if st.epoch < a.epochs and self._stop_due(st):
-                self._stop(st)
-        final = self._consistency("end of search")
+    def _end_epoch(self, st, epoch: int, lr: float) -> dict:
+        """Search-validation, the checks, and the epoch's metrics row."""
+        v_loss, v_acc = self.validate()
+        self._evaluated(st, epoch, v_loss)
+        s_loss, s_correct, s_count, s_arch = st.sums
+        return dict(epoch=epoch, lr=lr, train_loss=s_loss / max(s_count, 1),
+                    train_acc=100.0 * s_correct / max(s_count, 1), valid_loss=v_loss, valid_acc=v_acc,
+                    images_per_s=(s_count + s_arch) / max(st.train_time, 1e-9),
+                    genotype=to_dict(self.model.genotype()), arch=self.model.arch_state())
+
+    def _epoch_line(self, rec: dict) -> str:
+        return (f"epoch {rec['epoch'] + 1}/{self.args.epochs} lr {rec['lr']:.5f} train loss {rec['train_loss']:.4f} "
+                f"acc {rec['train_acc']:.2f} | search-valid loss {rec['valid_loss']:.4f} acc {rec['valid_acc']:.2f} | "
+                f"{rec['epoch_time_s']:.1f}s, {rec['images_per_s']:.0f} img/s")
+
+    def _finish(self, st, final: dict) -> None:
+        a, out = self.args, self.out
         self._write_outputs(self.write_genotype)
         geno = self.model.genotype()
         if dist.is_root():
@@ -550,9 +368,6 @@ class Searcher(RunLoop):
                 out.info(f"elastic: {st.resets} reset(s), {st.steps_redone} step(s) redone")
             out.info(f"wrote {os.path.join(a.output_dir, 'genotype.json')}, metrics.jsonl, checkpoint.pt")
             _render_pictures(geno, a.output_dir, out)
-        out.close()
-        dist.barrier()
-        return 0
 
 
 def _render_pictures(geno, out_dir, out):
@@ -566,10 +381,6 @@ def _render_pictures(geno, out_dir, out):
             out.info(f"cell pictures: {', '.join(files)}")
         except Exception as e:  # a picture must never cost a search result
             out.info(f"cell pictures skipped ({type(e).__name__}: {e})")
-
-
-def _jsonable(d: dict) -> dict:
-    return json.loads(json.dumps(d, default=str))
 
 
 def main(argv=None) -> int:

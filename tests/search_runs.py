@@ -40,10 +40,11 @@ def cuda_search_steps(mode: str, batched: bool = False, channels_last: bool = Fa
     import torch.nn as nn
 
     from hvd_pcdarts import fastpath as fp
+    from hvd_pcdarts.steps import SearchStep
 
     model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, device="cuda", channels_last=channels_last,
                                                          batched_edges=batched)
-    cls = fp.GraphedSearchStep if mode == "graph" else fp.EagerSearchStep
+    cls = fp.GraphedSearchStep if mode == "graph" else SearchStep
     step = cls(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0, channels_last=channels_last)
     g = torch.Generator().manual_seed(9)
     losses = []

@@ -18,6 +18,7 @@ from search_runs import HOOKED_FP64, assert_same_runs, cuda_search_steps, final_
 from hvd_pcdarts import fastpath as fp
 from hvd_pcdarts.models import SearchNetwork, batched_cell
 from hvd_pcdarts.models.batched_cell import plan
+from hvd_pcdarts.steps import SearchStep
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -142,7 +143,7 @@ def test_shared_bn_buffers_survive_to_and_load_state_dict():
 def _search_steps(batched: bool, steps: int = 2):
     model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, batched_edges=batched)
     model.double()
-    step = fp.EagerSearchStep(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0)
+    step = SearchStep(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0)
     g = torch.Generator().manual_seed(9)
     losses = []
     for _ in range(steps):

@@ -16,6 +16,7 @@ from helpers import REPO_ROOT, describe, horovodrun_cmd, launch, python_exe
 from search_runs import HOOKED_FP64, assert_same_runs, final_state
 
 from hvd_pcdarts import fastpath as fp
+from hvd_pcdarts.steps import SearchStep, TrainStep, frozen
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -34,7 +35,7 @@ def _search(backend=None, freeze=False, steps=2, device="cpu", dtype=torch.float
     model.to(dtype)
     if backend:
         fp.compile_cells(model, backend=backend)
-    cls = fp.GraphedSearchStep if graph else fp.EagerSearchStep
+    cls = fp.GraphedSearchStep if graph else SearchStep
     step = cls(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0, freeze_weights=freeze,
                channels_last=cl)
     g = torch.Generator().manual_seed(9)
@@ -69,7 +70,7 @@ def test_frozen_restores_requires_grad_after_an_error():
     params = [nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))]
     params[1].requires_grad_(False)
     with pytest.raises(RuntimeError):
-        with fp.frozen(params):
+        with frozen(params):
             assert not any(p.requires_grad for p in params)
             raise RuntimeError("boom")
     assert [p.requires_grad for p in params] == [True, False]  # only what it froze is unfrozen
@@ -347,7 +348,7 @@ def test_inductor_compiled_ops_train_step_equals_eager_cuda(graph, strict_fp32):
             fp.compile_ops(model, backend="inductor")
         # lr 0.01: at 0.05 float32 rounding differences grow to 3e-4 within 4 steps in this small net (CPU, aot_eager)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=3e-4)
-        cls = fp.GraphedTrainStep if mode == "graph" else fp.EagerTrainStep
+        cls = fp.GraphedTrainStep if mode == "graph" else TrainStep
         step = cls(model, nn.CrossEntropyLoss(), list(model.parameters()), opt, grad_clip=5.0, aux_weight=0.4)
         g = torch.Generator().manual_seed(9)
         losses = []

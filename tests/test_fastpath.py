@@ -1,4 +1,4 @@
-"""Fast paths (hvd_pcdarts/fastpath.py) against the eager reference: device-resident data with batched
+"""Fast paths (hvd_pcdarts/fastpath/) against the eager reference: device-resident data with batched
 augmentation (bit-identical batches), channels_last and batch norm as plain reductions (float64, to 1e-9),
 flags of train_search.py. The CUDA-graph step needs a GPU: its test is skipped on the CPU, and
 benchmarks/run_device.sh runs the same comparison on the GPU (results in benchmarks/RESULTS.md)."""
@@ -16,7 +16,9 @@ from search_runs import cuda_search_steps, rel_diff
 from hvd_pcdarts import fastpath as fp
 from hvd_pcdarts.data import DataBundle, SeededView, ShardSampler, _digits, _synthetic, make_loader, make_transform
 from hvd_pcdarts.errors import UsageError
+from hvd_pcdarts.experimental.composite_bn import CompositeBatchNorm2d, use_composite_bn
 from hvd_pcdarts.ops import channel_shuffle
+from hvd_pcdarts.steps import SearchStep, TrainStep
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -90,8 +92,8 @@ def test_channel_shuffle_channels_last_same_values():
 def test_composite_batchnorm_equals_batchnorm(affine):
     torch.manual_seed(0)
     ref = nn.Sequential(nn.BatchNorm2d(4, affine=affine)).double()
-    new = fp.use_composite_bn(nn.Sequential(nn.BatchNorm2d(4, affine=affine)).double())
-    assert isinstance(new[0], fp.CompositeBatchNorm2d)
+    new = use_composite_bn(nn.Sequential(nn.BatchNorm2d(4, affine=affine)).double())
+    assert isinstance(new[0], CompositeBatchNorm2d)
     if affine:
         with torch.no_grad():
             ref[0].weight.uniform_(0.5, 1.5)
@@ -117,8 +119,8 @@ def _run_steps(variant: str, steps: int = 2):
     model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, channels_last=variant == "cl")
     model.double()
     if variant == "bnc":
-        fp.use_composite_bn(model)
-    step = fp.EagerSearchStep(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0,
+        use_composite_bn(model)
+    step = SearchStep(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0,
                               channels_last=variant == "cl")
     g = torch.Generator().manual_seed(9)
     losses = []
@@ -322,7 +324,7 @@ def _train_steps(mode, seeds, probs):
     model = _tiny_eval_net()
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=3e-4)
-    cls = fp.GraphedTrainStep if mode == "graph" else fp.EagerTrainStep
+    cls = fp.GraphedTrainStep if mode == "graph" else TrainStep
     step = cls(model, nn.CrossEntropyLoss(), list(model.parameters()), opt, grad_clip=5.0, aux_weight=0.4)
     g = torch.Generator().manual_seed(9)
     losses = []

@@ -144,14 +144,14 @@ def test_weight_optimizer_holds_no_arch_parameter_and_arch_step_changes_no_weigh
     st = LocalState(**s._counters())
     xa, ya, _ = s._arch_batch(st)
     assert st.arch_sample == 32
-    s.arch_step(xa, ya)
+    s.step.arch_step(xa, ya)
     assert all(torch.equal(b, p) for b, p in zip(before_w, s.model.weight_parameters()))
     assert all(p.grad is None for p in s.model.weight_parameters())
     assert any(not torch.equal(b, p) for b, p in zip(before_a, s.model.arch_parameters()))
-    x, y, _ = next(iter(s._batches(s.weight_set, 0, 0, 0)))
-    s.weight_step(x, y)
+    x, y, _ = next(iter(s._half(s.weight_set, 0, 0, 0)))
+    s.step.weight_step(x, y)
     after_a = [p.detach().clone() for p in s.model.arch_parameters()]
-    s.weight_step(x, y)  # weight steps never move the architecture
+    s.step.weight_step(x, y)  # weight steps never move the architecture
     assert all(torch.equal(b, p) for b, p in zip(after_a, s.model.arch_parameters()))
 
 
