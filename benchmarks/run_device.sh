@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (issue 7): benchmarks of the search step (eager vs fast paths), the CUDA-graph
+# One call on a lent GPU machine: benchmarks of the search step (eager vs fast paths), the CUDA-graph
 # equivalence check, the data loaders, and - in the background meanwhile - a Horovod 0.28.1 build with NCCL
 # (the recipe of scripts/install_horovod.sh, HVD_PCDARTS_GPU=1 path), then a 1-rank NCCL allreduce and a short
 # train_search.py run with and without the fast-path flags.
@@ -77,18 +77,18 @@ if [ "${1:-all}" = build ]; then build_horovod; exit $?; fi
 #  4. SSCOMPILE256 / SSCOMPILE: torch.compile inside the CUDA graph at B=256 / B=32 (+check); setup_s = capture
 #     + compile time (more than 160 s at B=256 on an H100: run last, with what time is left)
 #  5. the inductor CUDA tests (tests/test_compile.py -k cuda)
-# Defaults: what sessions 6 (H100) and 7-8 (no device) left open: the Triton depthwise kernels against cuDNN per
-# shape (DWBENCH), then the default step (streams, dense 1x1, NHWC gradients) at B=256 in bf16 (profiled) against
-# the untimed options +ud3 (dilated 3x3 depthwise convs undilated), +tdw/+tdh (Triton depthwise kernels: all /
-# dilated ones + weight gradients), +fz5 (a group's conv ops fused into one chain) and +tpl (Triton pooling
-# kernels, session 8), +tsm (one-pass sums, session 11; +uda/+fza, which need 9x9 depthwise kernels from cuDNN,
-# left out for time), the winners together
-# (COMBO, bf16 and fp32), the CUDA tests (incl. the fused and Triton graphs and --bf16 --cuda-graph of both
-# scripts), B=32 with checks (incl. the winners), B=256 fp32 (with +npk: the weight pack of session 9 off), then
-# compile (+dd, pools once per distinct input,
-# dropped from the lists: more kernels, 3% slower on the CPU).
-# Session 6's A/B: SSPROF256="graph+cl+be graph+cl+be+pwg+nclg graph+cl+be+msc" SS32="graph+be graph+be+msc
-# graph+cl+be graph+cl+be+msc" SS256="graph+cl+be+bf16 graph+cl+be+msc+bf16 graph+cl+be+pwg" SSCOMPILE256="".
+# Defaults: the options never timed on a GPU (benchmarks/RESULTS.md, "Experimental GPU options"): the Triton
+# depthwise kernels against cuDNN per shape (DWBENCH), then the default step (streams, dense 1x1, NHWC gradients)
+# at B=256 in bf16 (profiled) against +ud3 (dilated 3x3 depthwise convs undilated), +tdw/+tdh (Triton depthwise
+# kernels: all / dilated ones + weight gradients), +fz5 (a group's conv ops fused into one chain), +tpl (Triton
+# pooling kernels), +tsm (one-pass sums; +uda/+fza, which need 9x9 depthwise kernels from cuDNN, left out for
+# time), the winners together (COMBO, bf16 and fp32), the CUDA tests (incl. the fused and Triton graphs and --bf16
+# --cuda-graph of both scripts), B=32 with checks (incl. the winners), B=256 fp32 (with +npk: one weight
+# concatenation per conv instead of the weight pack), then compile (+dd, pools once per distinct input, is left out
+# of the lists: more kernels, 3% slower on the CPU).
+# The A/B of the default's choices: SSPROF256="graph+cl+be graph+cl+be+pwg+nclg graph+cl+be+msc" SS32="graph+be
+# graph+be+msc graph+cl+be graph+cl+be+msc" SS256="graph+cl+be+bf16 graph+cl+be+msc+bf16 graph+cl+be+pwg"
+# SSCOMPILE256="".
 DWBENCH=${DWBENCH-"128,32,8 64,32,4"}
 SSPROF256=${SSPROF256-"graph+cl+be+bf16 graph+cl+be+ud3+bf16 graph+cl+be+tdh+bf16 graph+cl+be+tdw+bf16 graph+cl+be+fz5+bf16 graph+cl+be+tpl+bf16 graph+cl+be+tsm+bf16"}
 SSPROF32=${SSPROF32-""}

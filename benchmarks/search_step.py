@@ -13,7 +13,7 @@ compile (= eager+compile); +compile = torch.compile of each cell (fastpath.compi
 norm as plain reductions (experimental/composite_bn.py); +be = the batched mixed op (--batched-edges:
 models/batched_cell.py, each cell's ready edges as grouped convolutions), with its implementation choices
 (batched_cell.OPTIONS) for A/B timings: +pwg / +pwd = 1x1 convolutions grouped / block-diagonal dense (default:
-dense on CUDA), +nclg = without making the gradients channels_last (the behaviour before session 6), +msc / +mse /
+dense on CUDA), +nclg = without making the gradients channels_last, +msc / +mse /
 +nms = a group's ops on parallel CUDA streams while a graph is captured (default) / also eager / never, +dd = pools,
 ReLU and pool-BN statistics once per distinct input of a group, +ud3 / +uda = dilated depthwise convolutions as
 undilated ones with zeros between the taps (dil_conv_3x3 only / both), +fz5 / +fza = the convolution ops of a group
@@ -22,7 +22,7 @@ fused into one chain (sep_conv_3x3, sep_conv_5x5 and dil_conv_3x3 / also dil_con
 +tdw / +tdh = the depthwise convolutions of channels_last runs as Triton kernels (models/depthwise.py; CUDA) / only
 the dilated ones and the weight gradients, +tpl = the pools of channels_last runs as Triton kernels
 (models/pooling.py; CUDA), +npk = each grouped conv's weights concatenated (and cast under autocast) conv by conv
-instead of one weight pack per cell (the default since session 9), +tsm = a group's primitive outputs summed, and the
+instead of one weight pack per cell (the default), +tsm = a group's primitive outputs summed, and the
 gradients of its input and of its ReLU (each read by several ops) accumulated, by one Triton kernel each
 (models/sums.py; CUDA).
 Per variant: median and mean ms per step (arch + weight, synchronized every step, as the training loop is by

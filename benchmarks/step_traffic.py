@@ -12,8 +12,8 @@ is counted as bytes; its convolution-backward formula ignores `groups` for the w
 grouped convolutions are over-counted: an upper bound, and far from binding either way).
 Floor of a kernel class = max(its bytes / bandwidth, its FLOPs / peak FLOP rate), summed over the classes (a
 lower bound; per op it would be a little higher); `--node-us` adds a per-kernel floor (a CUDA-graph
-node costs ~2.8 us on an H100 however small: run 1 of RESULTS.md). A kernel's real time is above its floor; the
-ratio measured / floor says how far from the hardware a step's kernels run.
+node costs ~2.8 us on an H100 however small: RESULTS.md, "H100, per-edge network"). A kernel's real time is above
+its floor; the ratio measured / floor says how far from the hardware a step's kernels run.
 """
 
 from __future__ import annotations

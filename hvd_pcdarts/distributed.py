@@ -44,15 +44,15 @@ def init(cpu_tuning: bool = False) -> None:
     cpu_only = not torch.cuda.is_available()
     if cpu_tuning and cpu_only:
         # CPU-only machine: Horovod's background loop, waking every millisecond by default, takes CPU from the
-        # compute threads; a 20 ms cycle raised 2-rank loopback scaling from 0.65 to 0.80-0.89
-        # (benchmarks/RESULTS.md). Callers pass cpu_tuning=False with synchronized BN, whose per-layer
-        # allreduces run one after another and would each wait up to a cycle. The environment's value wins.
+        # compute threads; a 20 ms cycle raised 2-rank loopback scaling from 0.65 to 0.80-0.89 (benchmarks/RESULTS.md,
+        # "Horovod cycle time"). Callers pass cpu_tuning=False with synchronized BN, whose per-layer allreduces run
+        # one after another and would each wait up to a cycle. The environment's value wins.
         os.environ.setdefault("HOROVOD_CYCLE_TIME", str(CPU_CYCLE_TIME_MS))
     if cpu_only:
         # Open MPI (horovodrun --mpi, mpirun) busy-polls while a rank waits in a collective unless it was told the
         # node is oversubscribed: ranks spin on the cores their own and their peers' compute threads need. With
         # yielding, a 2-rank --sync-bn search under --mpi beside one busy process took 56 s instead of 219 s
-        # (benchmarks/RESULTS.md, "Open MPI busy-polls while a rank waits"); yielding costs a waiting rank a
+        # (benchmarks/RESULTS.md, "Open MPI yield-when-idle"); yielding costs a waiting rank a
         # system call per poll, not a cycle's wait, so synchronized BN gets it too. Read by MPI_Init, i.e. by
         # hvd.init() below; the environment's value wins; Gloo runs ignore it.
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")

@@ -1,7 +1,7 @@
 """Fast paths (hvd_pcdarts/fastpath/) against the eager reference: device-resident data with batched
 augmentation (bit-identical batches), channels_last and batch norm as plain reductions (float64, to 1e-9),
 flags of train_search.py. The CUDA-graph step needs a GPU: its test is skipped on the CPU, and
-benchmarks/run_device.sh runs the same comparison on the GPU (results in benchmarks/RESULTS.md)."""
+benchmarks/run_device.sh runs the same comparison on the GPU (benchmarks/RESULTS.md, "Equivalence on the GPU")."""
 
 from __future__ import annotations
 

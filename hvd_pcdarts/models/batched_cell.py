@@ -91,7 +91,7 @@ OPTIONS = {
     # grouped conv, a multiply by eye(E) per block-diagonal weight (a multiply + sum in its backward) and, under
     # autocast, a cast per conv forward and per weight gradient: one search step's ops in the graph, counted on the
     # CPU with CUDA's choices: 8,381 -> 7,253 in float32, 9,766 -> 7,498 in bf16. Bit-identical.
-    # Not yet timed on a GPU (benchmarks/RESULTS.md)
+    # Not yet timed on a GPU (benchmarks/RESULTS.md, "Experimental GPU options")
     "pack": True,
     # the sums of several same-shape tensors: a group's primitive outputs (a node's parts too where they are dense;
     # in these cells they are channel views), and the gradients of a group's input and of its ReLU (each read by
