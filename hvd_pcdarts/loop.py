@@ -33,6 +33,7 @@ from .runtime import (
     pick_device,
     progress_mode,
 )
+from .syncbn import convert_sync_batchnorm
 
 
 class RunLoop:
@@ -86,7 +87,7 @@ class RunLoop:
         """Synchronized BN, channels-last and torch.compile (`compile_fn(model, backend)`) as the flags ask."""
         a = self.args
         if a.sync_bn and self.world > 1:
-            dist.convert_sync_batchnorm(self.model)
+            convert_sync_batchnorm(self.model)
         if a.channels_last:
             fastpath.to_channels_last(self.model)
         if a.compile:

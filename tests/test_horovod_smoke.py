@@ -102,7 +102,7 @@ GBN_SCRIPT = textwrap.dedent("""
     import torch.nn as nn
 
     from hvd_pcdarts import distributed as dist
-    from hvd_pcdarts.distributed import GlobalBatchNorm2d
+    from hvd_pcdarts.syncbn import GlobalBatchNorm2d
 
     dist.init()
     rank, world = dist.rank(), dist.size()
