@@ -228,8 +228,8 @@ def weight_optimizer(optimizer, named_parameters, mode: str, fp16_allreduce: boo
       handling of the search net's ~1,400 gradient tensors costs the compute threads CPU time; none of
       hvd.DistributedOptimizer's own settings closes that: 2-rank scaling efficiency on 2 cores, measured in one
       run of benchmarks/scaling.py (benchmarks/RESULTS.md, "DistributedOptimizer settings on the CPU"):
-      overlap 0.89-0.91, `groups=1` (one grouped allreduce after backward) 0.84-0.88 (0.68 / 0.84 with a 1 / 5
-      ms cycle time), flat 0.92-1.0. Same numbers as overlap up to summation order.
+      overlap 0.89-0.91, `groups=K` (K grouped allreduces, each once its gradients exist) 0.82-0.88 and slower
+      with shorter cycle times, flat 0.95-1.0. Same numbers as overlap up to summation order.
     """
     if mode == "overlap":
         return distributed_optimizer(optimizer, named_parameters, fp16_allreduce)
