@@ -10,7 +10,8 @@ import argparse
 from .cli import add_output_args, add_quick_run_args, nonneg_float, nonneg_int, positive_float, positive_int
 from .data import DATASETS
 from .distributed import GRAD_ALLREDUCE_MODES
-from .elastic import add_elastic_args
+from .elastic import add_elastic_args, check_elastic_args
+from .errors import UsageError
 from .preemption import add_preemption_args
 
 GRAD_ALLREDUCE_HELP = ("how the weight gradients are averaged over the ranks, both by hvd.DistributedOptimizer: "
@@ -95,3 +96,12 @@ def add_run_args(p: argparse.ArgumentParser, what: str, kind: str) -> dict:
     add_quick_run_args(p)
     add_testing_args(p)
     return groups
+
+
+def check_run_args(args) -> None:
+    """The checks of the shared flags that argparse cannot make (one line, exit 2)."""
+    if args.lr_min > args.lr:
+        raise UsageError(f"--lr-min {args.lr_min} is larger than --lr {args.lr}")
+    if args.warmup_epochs >= args.epochs:
+        raise UsageError(f"--warmup-epochs {args.warmup_epochs:g} must be less than --epochs {args.epochs}")
+    check_elastic_args(args)

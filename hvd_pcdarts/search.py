@@ -37,18 +37,12 @@ from .data import (
     make_transform,
     search_split,
 )
-from .elastic import check_elastic_args
 from .errors import UsageError
-from .flags import add_run_args
+from .flags import add_run_args, check_run_args
 from .genotypes import save_genotype, to_dict
 from .loop import RunLoop
 from .models import SearchNetwork
-from .runtime import (
-    accuracy_counts,
-    check_finite,
-    jsonable,
-    step_values,
-)
+from .runtime import accuracy_counts, check_finite, jsonable, step_values
 from .steps import SearchStep, autocast, search_optimizers
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-search-v1"
@@ -100,11 +94,7 @@ def parse_args(argv=None):
     if args.init_channels % args.partial_k:
         raise UsageError(f"--partial-k {args.partial_k} must divide --init-channels {args.init_channels} (each edge "
                          f"computes 1/K of the channels)")
-    if args.lr_min > args.lr:
-        raise UsageError(f"--lr-min {args.lr_min} is larger than --lr {args.lr}")
-    if args.warmup_epochs >= args.epochs:
-        raise UsageError(f"--warmup-epochs {args.warmup_epochs:g} must be less than --epochs {args.epochs}")
-    check_elastic_args(args)
+    check_run_args(args)
     return args
 
 

@@ -31,18 +31,12 @@ from .data import (
     make_loader,
     make_transform,
 )
-from .elastic import check_elastic_args
 from .errors import UsageError
-from .flags import add_run_args
+from .flags import add_run_args, check_run_args
 from .genotypes import from_dict, load_genotype, to_dict
 from .loop import RunLoop
 from .models import NetworkCIFAR, NetworkImageNet, count_parameters
-from .runtime import (
-    accuracy_counts,
-    check_finite,
-    jsonable,
-    step_values,
-)
+from .runtime import accuracy_counts, check_finite, jsonable, step_values
 from .steps import TrainStep
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-train-v1"
@@ -85,9 +79,7 @@ def parse_args(argv=None):
         raise UsageError(f"--drop-path-prob must be below 1, got {args.drop_path_prob}")
     if args.label_smoothing >= 1:
         raise UsageError(f"--label-smoothing must be below 1, got {args.label_smoothing}")
-    if args.warmup_epochs >= args.epochs:
-        raise UsageError(f"--warmup-epochs {args.warmup_epochs:g} must be less than --epochs {args.epochs}")
-    check_elastic_args(args)
+    check_run_args(args)
     return args
 
 
