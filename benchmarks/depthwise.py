@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Depthwise convolutions of the batched search step, cuDNN against the Triton kernels (models/depthwise.py):
+"""Depthwise convolutions of the batched search step, cuDNN against the Triton kernels (experimental/depthwise.py):
 microseconds per call of the forward, the input gradient and the weight gradient, channels_last, for the shapes
 a B=256 search step runs (C=16, 8 layers, K=4: the stacked partial channels of 1-8 edges), with the time the
 bytes alone would take (read + write once at --bandwidth) beside them.
@@ -8,9 +8,9 @@ bytes alone would take (read + write once at --bandwidth) beside them.
     python benchmarks/depthwise.py --tiles 128,32,8 64,32,4         # also other (pixels, channels, warps) tiles
     TRITON_INTERPRET=1 python benchmarks/depthwise.py --device cpu --smoke   # the code path on a CPU
 
-Each tile applies to all three kernels (models/depthwise.py TILES; HVD_PCDARTS_DW_TILES sets them for training
+Each tile applies to all three kernels (experimental/depthwise.py TILES; HVD_PCDARTS_DW_TILES sets them for training
 runs). First (unless --no-pools; few compiles, so a run cut short keeps them) the 3x3 pools of the same shapes,
-torch's NHWC kernels against the Triton ones (models/pooling.py, its default tiles): forward and input gradient.
+torch's NHWC kernels against the Triton ones (experimental/pooling.py, its default tiles): forward and input gradient.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from hvd_pcdarts.models import depthwise as dw  # noqa: E402
-from hvd_pcdarts.models import pooling  # noqa: E402
+from hvd_pcdarts.experimental import depthwise as dw  # noqa: E402
+from hvd_pcdarts.experimental import pooling  # noqa: E402
 
 # (channels, map size, stride): group 0 of a normal 32-px cell (8 edges x 4), a later group (3 edges), the
 # reduction cell's group 0 (stride 2), a 16-px normal cell, an 8-px one
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s for the bytes_us column (H100)")
     p.add_argument("--pools", action=argparse.BooleanOptionalAction, default=True,
-                   help="also the pools: torch against models/pooling.py")
+                   help="also the pools: torch against experimental/pooling.py")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (a CPU run under TRITON_INTERPRET=1)")
     p.add_argument("--json", help="append one JSON line per row to this file")
     a = p.parse_args(argv)
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         shapes, kernels, batch, reps = [(12, 6, 1), (8, 6, 2)], [(3, 1), (5, 2)], 2, 2
     torch.backends.cudnn.benchmark = True
     if a.pools:
-        print(f"# pools 3x3 (models/pooling.py tiles {pooling.TILES}); microseconds per call (median)")
+        print(f"# pools 3x3 (experimental/pooling.py tiles {pooling.TILES}); microseconds per call (median)")
         print("| C | size | stride | pool | dtype | bytes floor | torch fwd / bwd | triton fwd / bwd |")
         print("|---|---|---|---|---|---|---|---|")
         for name in a.dtypes:

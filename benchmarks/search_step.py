@@ -7,24 +7,23 @@ the fast paths, side by side in one run. Needs no Horovod (one rank; no collecti
     python benchmarks/search_step.py --device cpu --batch 8 --steps 2 --variants eager eager+cl   # smoke
 
 A variant is MODE[+cl][+bf16]: MODE is eager (the reference: search.Searcher's step without Horovod), graph
-(forward+backward of each half captured as a CUDA graph, optimizers outside: fastpath.GraphedSearchStep) or
-compile (= eager+compile); +compile = torch.compile of each cell (fastpath.compile_cells, as --compile; needs
-+be; the arch step freezes the weights); +cl = channels_last; +bf16 = bf16 autocast; +bnc = batch
-norm as plain reductions (experimental/composite_bn.py); +be = the batched mixed op (--batched-edges:
-models/batched_cell.py, each cell's ready edges as grouped convolutions), with its implementation choices
-(batched_cell.OPTIONS) for A/B timings: +pwg / +pwd = 1x1 convolutions grouped / block-diagonal dense (default:
-dense on CUDA), +nclg = without making the gradients channels_last, +msc / +mse /
-+nms = a group's ops on parallel CUDA streams while a graph is captured (default) / also eager / never, +dd = pools,
-ReLU and pool-BN statistics once per distinct input of a group, +ud3 / +uda = dilated depthwise convolutions as
-undilated ones with zeros between the taps (dil_conv_3x3 only / both), +fz5 / +fza = the convolution ops of a group
-fused into one chain (sep_conv_3x3, sep_conv_5x5 and dil_conv_3x3 / also dil_conv_5x5: one depthwise conv with
-3 / 4 filters per channel, 5x5 / 9x9 kernels, one 1x1 conv, one BN; the separable convs' second halves as one),
-+tdw / +tdh = the depthwise convolutions of channels_last runs as Triton kernels (models/depthwise.py; CUDA) / only
-the dilated ones and the weight gradients, +tpl = the pools of channels_last runs as Triton kernels
-(models/pooling.py; CUDA), +npk = each grouped conv's weights concatenated (and cast under autocast) conv by conv
-instead of one weight pack per cell (the default), +tsm = a group's primitive outputs summed, and the
-gradients of its input and of its ReLU (each read by several ops) accumulated, by one Triton kernel each
-(models/sums.py; CUDA).
+(forward+backward of each half captured as a CUDA graph, optimizers outside: fastpath.GraphedSearchStep) or compile (=
+eager+compile); +compile = torch.compile of each cell (fastpath.compile_cells, as --compile; needs +be; the arch step
+freezes the weights); +cl = channels_last; +bf16 = bf16 autocast; +bnc = batch norm as plain reductions
+(experimental/composite_bn.py); +be = the batched mixed op (--batched-edges: models/batched_cell.py, each cell's ready
+edges as grouped convolutions), with its implementation choices (a models/batched_options.BatchedOptions) for A/B
+timings: +pwg / +pwd = 1x1 convolutions grouped / block-diagonal dense (default: dense on CUDA), +nclg = without
+making the gradients channels_last, +msc / +mse / +nms = a group's ops on parallel
+CUDA streams while a graph is captured (default) / also eager / never, +dd = pools, ReLU and pool-BN statistics once
+per distinct input of a group, +ud3 / +uda = dilated depthwise convolutions as undilated ones with zeros between the
+taps (dil_conv_3x3 only / both), +fz5 / +fza = the convolution ops of a group fused into one chain (sep_conv_3x3,
+sep_conv_5x5 and dil_conv_3x3 / also dil_conv_5x5: one depthwise conv with 3 / 4 filters per channel, 5x5 / 9x9
+kernels, one 1x1 conv, one BN; the separable convs' second halves as one), +tdw / +tdh = the depthwise convolutions of
+channels_last runs as Triton kernels (experimental/depthwise.py; CUDA) / only the dilated ones and the weight
+gradients, +tpl = the pools of channels_last runs as Triton kernels (experimental/pooling.py; CUDA), +npk = each
+grouped conv's weights concatenated (and cast under autocast) conv by conv instead of one weight pack per cell (the
+default), +tsm = a group's primitive outputs summed, and the gradients of its input and of its ReLU
+(each read by several ops) accumulated, by one Triton kernel each (experimental/sums.py; CUDA).
 Per variant: median and mean ms per step (arch + weight, synchronized every step, as the training loop is by
 its loss readout), images/s = 2 x batch / median step (each step trains on an arch batch and a weight batch),
 peak GPU memory (torch.cuda.max_memory_allocated, from model build to the end of timing).
@@ -55,11 +54,8 @@ import torch.nn as nn  # noqa: E402
 
 from hvd_pcdarts import fastpath as fp  # noqa: E402
 from hvd_pcdarts.experimental.composite_bn import use_composite_bn  # noqa: E402
-from hvd_pcdarts.models import batched_cell  # noqa: E402
+from hvd_pcdarts.models import BatchedOptions  # noqa: E402
 from hvd_pcdarts.steps import SearchStep  # noqa: E402
-
-DEFAULT_BE_OPTIONS = dict(batched_cell.OPTIONS)
-
 
 Variant = collections.namedtuple("Variant", "mode cl bf16 bnc be tc opts")
 BE_OPTIONS = {"pwg": ("pointwise", "grouped"), "pwd": ("pointwise", "dense"), "nclg": ("cl_grads", False),
@@ -105,10 +101,9 @@ def make_batches(n, batch, device, size=32, classes=10, seed=123):
 
 
 def build_step(v: Variant, args, device):
-    batched_cell.OPTIONS.clear()
-    batched_cell.OPTIONS.update(DEFAULT_BE_OPTIONS, **v.opts)  # read at every forward (and graph capture)
     model, arch, weights, a_opt, w_opt = fp.build_search(args.C, args.layers, args.K, seed=args.seed, device=device,
-                                                         channels_last=v.cl, batched_edges=v.be)
+                                                         channels_last=v.cl, batched_edges=v.be,
+                                                         batched_options=BatchedOptions(**v.opts))
     if v.bnc:
         use_composite_bn(model)
     if v.tc:

@@ -69,12 +69,12 @@ class Traffic(TorchDispatchMode):
 
 @contextlib.contextmanager
 def cuda_sums(traffic: Traffic):
-    """+tsm on the CPU: models/sums.py's kernels where CUDA would run them, each launch counted as one op ("add_n",
-    "add_scaled", "dots": its inputs read once, its output written once), computed by torch outside the count (the
-    dots' sum of per-program partials: one more small op, as on the GPU)."""
+    """+tsm on the CPU: experimental/sums.py's kernels where CUDA would run them, each launch counted as one op
+    ("add_n", "add_scaled", "dots": its inputs read once, its output written once), computed by torch outside the
+    count (the dots' sum of per-program partials: one more small op, as on the GPU)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
-    from hvd_pcdarts.models import depthwise, sums
+    from hvd_pcdarts.experimental import depthwise, sums
 
     # (sums.runs_on is replaced, not depthwise.available: +tdw would launch Triton on the CPU)
     runs_on, launch, scaled, dots = sums.runs_on, sums._launch, sums._launch_scaled, sums._launch_dots

@@ -82,20 +82,6 @@ def mpirun_exe():
     return exe
 
 
-@pytest.fixture(autouse=True)
-def batched_options():
-    """batched_cell.OPTIONS restored after every test: benchmarks' build_step sets them for its process (a test
-    measuring "+tsm+tdw" left the Triton depthwise option on for every later test)."""
-    from hvd_pcdarts.models import batched_cell
-
-    saved = dict(batched_cell.OPTIONS)
-    try:
-        yield
-    finally:
-        batched_cell.OPTIONS.clear()
-        batched_cell.OPTIONS.update(saved)
-
-
 @pytest.fixture
 def torch_single_thread():
     """One intra-op thread for the duration of a test, restored afterwards. Small CPU models gain nothing from

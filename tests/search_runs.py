@@ -34,16 +34,17 @@ def assert_same_runs(a, b, epochs=(0, 1)):
         assert abs(x["train_loss"] - y["train_loss"]) < 1e-9 and abs(x["valid_loss"] - y["valid_loss"]) < 1e-9
 
 
-def cuda_search_steps(mode: str, batched: bool = False, channels_last: bool = False, steps: int = 3):
+def cuda_search_steps(mode: str, batched: bool = False, channels_last: bool = False, steps: int = 3, options=None):
     """`steps` arch + weight steps of fastpath's EagerSearchStep (mode "eager") or GraphedSearchStep ("graph") on
-    the GPU, from the same initial weights and batches: (losses, parameters, floating-point buffers)."""
+    the GPU, from the same initial weights and batches: (losses, parameters, floating-point buffers). `options`:
+    the batched cells' BatchedOptions."""
     import torch.nn as nn
 
     from hvd_pcdarts import fastpath as fp
     from hvd_pcdarts.steps import SearchStep
 
     model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, device="cuda", channels_last=channels_last,
-                                                         batched_edges=batched)
+                                                         batched_edges=batched, batched_options=options)
     cls = fp.GraphedSearchStep if mode == "graph" else SearchStep
     step = cls(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0, channels_last=channels_last)
     g = torch.Generator().manual_seed(9)

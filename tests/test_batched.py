@@ -6,6 +6,7 @@ same train_search.py runs on 1 and 2 real ranks; the BN buffers stay shared thro
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from helpers import REPO_ROOT, describe, launch, python_exe
 from search_runs import HOOKED_FP64, assert_same_runs, cuda_search_steps, final_state, rel_diff
 
 from hvd_pcdarts import fastpath as fp
-from hvd_pcdarts.models import SearchNetwork, batched_cell
+from hvd_pcdarts.models import BatchedOptions, SearchNetwork, batched_ops, weight_pack
 from hvd_pcdarts.models.batched_cell import plan
 from hvd_pcdarts.steps import SearchStep
 
@@ -25,23 +26,54 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 SCRIPT = str(REPO_ROOT / "bin" / "train_search.py")
 
 
-@pytest.fixture
-def be_options():
-    """batched_cell.OPTIONS, restored afterwards."""
-    saved = dict(batched_cell.OPTIONS)
-    yield batched_cell.OPTIONS
-    batched_cell.OPTIONS.clear()
-    batched_cell.OPTIONS.update(saved)
-
-
-def _pair(C, layers, k, stem="cifar", seed=1):
+def _pair(C, layers, k, stem="cifar", seed=1, options=None):
     torch.manual_seed(seed)
     ref = SearchNetwork(C, 10, layers, partial_k=k, stem=stem).double()
     with torch.no_grad():  # arch parameters far from uniform, so a wrong edge/op weighting shows
         for p in ref.arch_parameters():
             p.normal_(0, 1)
-    new = copy.deepcopy(ref).set_batched_edges(True)
+    new = copy.deepcopy(ref).set_batched_edges(True).set_batched_options(options or BatchedOptions())
     return ref, new
+
+
+def test_batched_options_are_checked_frozen_and_handed_to_every_cell():
+    assert BatchedOptions() == BatchedOptions(pointwise="auto", cl_grads=True, streams="capture", dedup=False,
+                                              dilated="native", fuse="off", depthwise="cudnn", pool="torch",
+                                              pack=True, sums="torch")
+    assert not BatchedOptions().experimental and BatchedOptions(fuse="5x5").experimental
+    for name, bad, words in (("pointwise", "block", "auto, dense or grouped"), ("streams", "always", "off, capture"),
+                             ("dilated", "5x5", "native, 3x3 or all"), ("fuse", "on", "off, 5x5 or all"),
+                             ("pack", "yes", "True or False"), ("cl_grads", None, "True or False")):
+        with pytest.raises(ValueError, match=words):
+            BatchedOptions(**{name: bad})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        BatchedOptions().fuse = "all"
+    with pytest.raises(TypeError, match="BatchedOptions"):
+        SearchNetwork(8, 10, 2, batched_options={"fuse": "all"})
+    options = BatchedOptions(pointwise="grouped", pack=False)
+    net = SearchNetwork(8, 10, 5, batched_options=options).set_batched_edges(True)
+    assert all(c.runner.options is options for c in net.cells)
+    net.set_batched_options(BatchedOptions())
+    assert all(c.runner.options == BatchedOptions() for c in net.cells)
+
+
+def test_default_batched_path_imports_nothing_experimental():
+    """A batched search step with the default options (also channels_last) loads no module of
+    hvd_pcdarts/experimental/; the Triton kernels and the untimed variants load when an option asks for them."""
+    script = (
+        "import sys, torch\n"
+        "from hvd_pcdarts import fastpath as fp\n"
+        "from hvd_pcdarts.models import BatchedOptions\n"
+        "for cl in (False, True):\n"
+        "    m = fp.build_search(8, 5, 4, batched_edges=True, channels_last=cl)[0]\n"
+        "    m(torch.randn(2, 3, 16, 16)).sum().backward()\n"
+        "print(sorted(k for k in sys.modules if k.startswith('hvd_pcdarts.experimental')))\n"
+        "m = fp.build_search(8, 5, 4, batched_edges=True, batched_options=BatchedOptions(fuse='5x5'))[0]\n"
+        "m(torch.randn(2, 3, 16, 16))\n"
+        "print('hvd_pcdarts.experimental.batched_variants' in sys.modules)\n")
+    res = launch([python_exe(), "-c", script], timeout=300)
+    assert res.returncode == 0, describe(res)
+    assert res.stdout.strip().splitlines()[-2:] == ["[]", "True"], describe(res)
 
 
 def test_plan_covers_every_edge_once_in_dependency_order():
@@ -67,11 +99,11 @@ def test_plan_covers_every_edge_once_in_dependency_order():
     ("grouped", False, "native", "off"), ("dense", False, "3x3", "off"), ("dense", True, "all", "off"),
     ("grouped", False, "native", "5x5"), ("dense", True, "3x3", "all")])
 def test_batched_forward_backward_equal_reference_float64(C, layers, k, size, stem, cl, pointwise, dedup, dilated,
-                                                          fuse, be_options):
+                                                          fuse):
     # 1x1 convs as grouped convs or with block-diagonal dense weights; pools/ReLU/pool-BN statistics once per
     # distinct input; dilated depthwise convs with zeros between the taps; the conv ops fused into one chain
-    be_options.update(pointwise=pointwise, dedup=dedup, dilated=dilated, fuse=fuse)
-    ref, new = _pair(C, layers, k, stem)
+    options = BatchedOptions(pointwise=pointwise, dedup=dedup, dilated=dilated, fuse=fuse)
+    ref, new = _pair(C, layers, k, stem, options=options)
     x = torch.randn(6, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     y = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(6))
     plain_loss = None
@@ -101,13 +133,14 @@ def test_batched_forward_backward_equal_reference_float64(C, layers, k, size, st
     assert torch.allclose(ref(x), new(x), rtol=1e-9, atol=1e-12)
 
 
-def test_fuse_option_changed_between_forwards_keeps_bn_statistics(be_options):
-    """OPTIONS["fuse"] decides which BN buffers are one tensor; switching it between forwards shares them anew
-    (the statistics carried over), so the running statistics still follow the per-edge reference."""
+def test_fuse_option_changed_between_forwards_keeps_bn_statistics():
+    """BatchedOptions.fuse decides which BN buffers are one tensor; switching it between forwards
+    (set_batched_options) shares them anew (the statistics carried over), so the running statistics still follow
+    the per-edge reference."""
     ref, new = _pair(8, 5, 4)
     g = torch.Generator().manual_seed(2)
     for fuse in ("off", "all", "5x5", "off"):
-        be_options["fuse"] = fuse
+        new.set_batched_options(BatchedOptions(fuse=fuse))
         x = torch.randn(4, 3, 16, 16, dtype=torch.float64, generator=g)
         ref.train()
         new.train()
@@ -140,8 +173,9 @@ def test_shared_bn_buffers_survive_to_and_load_state_dict():
     assert torch.allclose(other(x), new(x), atol=1e-12)
 
 
-def _search_steps(batched: bool, steps: int = 2):
-    model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, batched_edges=batched)
+def _search_steps(batched: bool, steps: int = 2, options=None):
+    model, arch, weights, a_opt, w_opt = fp.build_search(8, 5, 4, seed=4, batched_edges=batched,
+                                                         batched_options=options)
     model.double()
     step = SearchStep(model, nn.CrossEntropyLoss(), arch, weights, a_opt, w_opt, grad_clip=5.0)
     g = torch.Generator().manual_seed(9)
@@ -157,9 +191,9 @@ def _search_steps(batched: bool, steps: int = 2):
                                                           ("dense", False, "all", "off"),
                                                           ("grouped", True, "3x3", "5x5"),
                                                           ("dense", False, "native", "all")])
-def test_batched_search_steps_equal_reference_float64(pointwise, dedup, dilated, fuse, be_options):
-    be_options.update(pointwise=pointwise, dedup=dedup, dilated=dilated, fuse=fuse)
-    (l0, s0), (l1, s1) = _search_steps(False), _search_steps(True)
+def test_batched_search_steps_equal_reference_float64(pointwise, dedup, dilated, fuse):
+    options = BatchedOptions(pointwise=pointwise, dedup=dedup, dilated=dilated, fuse=fuse)
+    (l0, s0), (l1, s1) = _search_steps(False), _search_steps(True, options=options)
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-10
     for k in s0:
         assert torch.allclose(s0[k].double(), s1[k].double(), rtol=1e-8, atol=1e-10), k
@@ -210,7 +244,7 @@ def test_batched_edges_with_sync_bn_is_one_line_usage_error(tmp_path):
 
 def test_block_diagonal_weight_is_exact():
     w = torch.randn(3 * 4, 5, 1, 1, dtype=torch.float64, requires_grad=True)
-    dense = batched_cell._block_diagonal(w, torch.eye(3, dtype=torch.float64))
+    dense = batched_ops.block_diagonal(w, torch.eye(3, dtype=torch.float64))
     ref = torch.block_diag(*w.detach().view(3, 4, 5).unbind(0))
     assert torch.equal(dense.detach().view(12, 15), ref)
     g = torch.randn(12, 15, 1, 1, dtype=torch.float64)
@@ -229,23 +263,25 @@ def test_repeat_channels_values_and_layout(cl):
     x = base[:, :2]  # a channel slice
     scale, shift = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     ref = torch.cat([x] * 3, dim=1)
-    for got, want in ((batched_cell._repeat_channels(x, 3), ref),
-                      (batched_cell._repeat_channels(x, 3, scale), ref * scale[None, :, None, None]),
-                      (batched_cell._repeat_channels(x, 3, scale, shift),
+    for got, want in ((batched_ops.repeat_channels(x, 3), ref),
+                      (batched_ops.repeat_channels(x, 3, scale), ref * scale[None, :, None, None]),
+                      (batched_ops.repeat_channels(x, 3, scale, shift),
                        ref * scale[None, :, None, None] + shift[None, :, None, None])):
         assert got.shape == (2, 6, 5, 4) and torch.allclose(got, want, rtol=0, atol=1e-15)
         assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 def test_dilate_weight_is_the_same_convolution():
+    from hvd_pcdarts.experimental.batched_variants import dilate_weight
+
     x = torch.randn(2, 6, 11, 9, dtype=torch.float64)
     for k, pad in ((3, 2), (5, 4)):
         w = torch.randn(6, 1, k, k, dtype=torch.float64, requires_grad=True)
-        wd = batched_cell._dilate_weight(w, (2, 2))
+        wd = dilate_weight(w, (2, 2))
         assert wd.shape[-1] == 2 * (k - 1) + 1 and int((wd != 0).sum()) == w.numel()
         for stride in (1, 2):
             a = F.conv2d(x, w, None, stride, pad, 2, 6)
-            b = F.conv2d(x, batched_cell._dilate_weight(w, (2, 2)), None, stride, pad, 1, 6)
+            b = F.conv2d(x, dilate_weight(w, (2, 2)), None, stride, pad, 1, 6)
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
             ga, gb = (torch.autograd.grad(y.square().sum(), w)[0] for y in (a, b))
             assert torch.allclose(ga, gb, rtol=1e-10, atol=1e-12)
@@ -270,12 +306,11 @@ class _BNGradLayouts(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("cl_grads", [True, False])
-def test_channels_last_batched_backward_hands_batch_norm_channels_last_gradients(cl_grads, be_options):
+def test_channels_last_batched_backward_hands_batch_norm_channels_last_gradients(cl_grads):
     """A BN backward with a channels_last input and an NCHW gradient runs torch's strided CUDA kernel: 12 ms of the
-    H100's 180 ms step at B=256 in its profile (153 such calls per step). OPTIONS["cl_grads"] hands every
+    H100's 180 ms step at B=256 in its profile (153 such calls per step). BatchedOptions.cl_grads hands every
     group's ops channels_last gradients; without it the node sums' backward gives NCHW ones."""
-    be_options["cl_grads"] = cl_grads
-    _, new = _pair(8, 5, 4)
+    _, new = _pair(8, 5, 4, options=BatchedOptions(cl_grads=cl_grads))
     fp.to_channels_last(new)
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     new.train()
@@ -294,12 +329,12 @@ def test_channels_last_batched_backward_hands_batch_norm_channels_last_gradients
 @pytest.mark.parametrize("cl,pointwise,streams,fuse", [
     *[(cl, pw, st, "off") for cl in (False, True) for pw in ("grouped", "dense") for st in ("off", "capture")],
     (True, "dense", "capture", "5x5"), (True, "dense", "capture", "all"), (False, "grouped", "capture", "all")])
-def test_graphed_batched_step_equals_eager_reference_cuda(cl, pointwise, streams, fuse, strict_fp32, be_options):
-    """Also with a group's ops on parallel streams inside the graphs (OPTIONS["streams"]): a missing stream
-    synchronization shows as different numbers; and with the conv ops fused (OPTIONS["fuse"])."""
-    be_options.update(pointwise=pointwise, streams=streams, fuse=fuse)
+def test_graphed_batched_step_equals_eager_reference_cuda(cl, pointwise, streams, fuse, strict_fp32):
+    """Also with a group's ops on parallel streams inside the graphs (BatchedOptions.streams): a missing stream
+    synchronization shows as different numbers; and with the conv ops fused (BatchedOptions.fuse)."""
+    options = BatchedOptions(pointwise=pointwise, streams=streams, fuse=fuse)
     (l0, p0, b0) = cuda_search_steps("eager", batched=False, channels_last=cl)
-    (l1, p1, b1) = cuda_search_steps("graph", batched=True, channels_last=cl)
+    (l1, p1, b1) = cuda_search_steps("graph", batched=True, channels_last=cl, options=options)
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-4
     assert rel_diff(p0, p1) < 1e-4
     assert rel_diff(b0, b1) < 1e-4  # BN statistics: warm-up and capture must not count
@@ -307,17 +342,16 @@ def test_graphed_batched_step_equals_eager_reference_cuda(cl, pointwise, streams
 
 @pytest.mark.parametrize("cl,dedup,fuse", [(False, False, "off"), (True, False, "off"), (True, True, "off"),
                                            (True, False, "all"), (False, True, "5x5")])
-def test_batched_under_bf16_autocast_runs_and_matches_reference(cl, dedup, fuse, be_options):
+def test_batched_under_bf16_autocast_runs_and_matches_reference(cl, dedup, fuse):
     """bf16 autocast (the +bf16 fast variants): the batched BNs get bf16 inputs with float32 running statistics
     and mixing scales (batch_norm's mixed mode; a bf16 scale beside float32 statistics is refused). Same
     function as the per-edge net under the same autocast, up to bf16 rounding."""
-    be_options.update(dedup=dedup, fuse=fuse)
     torch.manual_seed(1)
     ref = SearchNetwork(8, 10, 5, partial_k=4)
     with torch.no_grad():
         for p in ref.arch_parameters():
             p.normal_(0, 1)
-    new = copy.deepcopy(ref).set_batched_edges(True)
+    new = copy.deepcopy(ref).set_batched_edges(True).set_batched_options(BatchedOptions(dedup=dedup, fuse=fuse))
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     if cl:
         fp.to_channels_last(ref)
@@ -339,12 +373,12 @@ def test_batched_under_bf16_autocast_runs_and_matches_reference(cl, dedup, fuse,
 
 
 @pytest.mark.parametrize("cl,fuse", [(True, "off"), (False, "off"), (True, "all"), (False, "5x5")])
-def test_batched_bf16_activations_stay_bf16_under_cuda_autocast_policy(cl, fuse, be_options):
+def test_batched_bf16_activations_stay_bf16_under_cuda_autocast_policy(cl, fuse):
     """CUDA autocast runs addcmul in its widest input's dtype and sum in float32: a float32 edge weight in the
     bypassed channels' weighted sum, and the node sums of group 0, made every node state and cell output float32 in
     the GPU's bf16 runs (48% of a B=64 step's bytes in float32 tensors, 2,229 casts; the CPU's autocast policy hid
     it). With CUDA's policy emulated on the CPU, no op of a forward or backward makes a float32 activation.
-    (OPTIONS["dedup"] keeps its float32 scaling of the shared pools' BN, batch_norm's mixed mode: not checked.)"""
+    (BatchedOptions.dedup keeps its float32 scaling of the shared pools' BN, batch_norm's mixed mode: not checked.)"""
     import sys
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -367,9 +401,8 @@ def test_batched_bf16_activations_stay_bf16_under_cuda_autocast_policy(cl, fuse,
                 self.ops.append(func.overloadpacket.__name__)
             return out
 
-    be_options.update(fuse=fuse)
     torch.manual_seed(1)
-    net = SearchNetwork(8, 10, 5, partial_k=4).set_batched_edges(True)
+    net = SearchNetwork(8, 10, 5, partial_k=4, batched_options=BatchedOptions(fuse=fuse)).set_batched_edges(True)
     x = torch.randn(batch, 3, 16, 16)
     if cl:
         fp.to_channels_last(net)
@@ -406,12 +439,12 @@ def test_bn_snapshot_restores_buffers_a_first_batched_forward_replaced():
 @pytest.mark.parametrize("cl,fuse,precision,pointwise", [
     (True, "off", "bf16-cuda", "dense"), (False, "all", "bf16-cuda", "grouped"), (True, "5x5", "bf16-cpu", "dense"),
     (False, "off", "fp32", "grouped"), (True, "off", "fp32", "dense"), (False, "off", "bf16-cpu", "grouped")])
-def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, pointwise, be_options):
-    """OPTIONS["pack"]: all conv weights of a cell concatenated (and cast, under autocast) once per forward instead of
-    once per grouped conv, the block-diagonal 1x1 weights (pointwise "dense", CUDA's default) gathered from it in
+def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, pointwise):
+    """BatchedOptions.pack: all conv weights of a cell concatenated (and cast, under autocast) once per forward instead
+    of once per grouped conv, the block-diagonal 1x1 weights (pointwise "dense", CUDA's default) gathered from it in
     one more kernel instead of a multiply by eye(E) each (and a multiply + sum each in the backward). The same loss,
-    gradients (every weight's and alpha's, bit for bit) and BN statistics as without; fewer ops; under bf16
-    autocast two casts fewer per conv (the CUDA policy emulated as in the test above, and the CPU's own)."""
+    gradients (every weight's and alpha's, bit for bit) and BN statistics as without; fewer ops; under bf16 autocast
+    two casts fewer per conv (the CUDA policy emulated as in the test above, and the CPU's own)."""
     import contextlib
     import sys
 
@@ -430,7 +463,6 @@ def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, poin
             self.casts += func.overloadpacket.__name__ == "_to_copy"
             return func(*args, **(kwargs or {}))
 
-    be_options.update(fuse=fuse, pointwise=pointwise)
     torch.manual_seed(1)
     base = SearchNetwork(8, 10, 5, partial_k=4).set_batched_edges(True)
     with torch.no_grad():
@@ -444,8 +476,7 @@ def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, poin
     policy = cuda_autocast.emulate if precision == "bf16-cuda" else contextlib.nullcontext
     results = {}
     for pack in (False, True):
-        be_options["pack"] = pack
-        net = copy.deepcopy(base)
+        net = copy.deepcopy(base).set_batched_options(BatchedOptions(fuse=fuse, pointwise=pointwise, pack=pack))
         for count in (Count(), Count()):  # the first pass builds what is cached (BN aliases, the pack's plan)
             net.zero_grad(set_to_none=True)
             with policy(), count:
@@ -459,10 +490,10 @@ def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, poin
         assert a.grad is not None and torch.equal(a.grad, b.grad), name
     for (name, a), b in zip(n0.state_dict().items(), n1.state_dict().values()):
         assert torch.equal(a, b), name
-    convs = sum(len(batched_cell.conv_specs(g.stride)) for c in n1.cells for g in c.runner.groups)
-    stacked = sum(len(batched_cell.conv_specs(g.stride)) for c in n1.cells for g in c.runner.groups if len(g.edges) > 1)
+    convs = sum(len(weight_pack.conv_specs(g.stride)) for c in n1.cells for g in c.runner.groups)
+    stacked = sum(len(weight_pack.conv_specs(g.stride)) for c in n1.cells for g in c.runner.groups if len(g.edges) > 1)
     dense = sum(len(plan.dense) for c in n1.cells for plan in c.runner._index.values()
-                if isinstance(plan, batched_cell.PackPlan))
+                if isinstance(plan, weight_pack.PackPlan))
     cells = len(n1.cells)
     assert (dense > 0) == (pointwise == "dense")
     assert c1.ops < c0.ops
@@ -482,11 +513,11 @@ def test_weight_pack_is_exact_and_casts_each_cell_once(cl, fuse, precision, poin
 
 
 def test_weighted_sum_gradients_and_layout():
-    """_WeightedSum (a node's bypassed channels: sum_j beta_j * rest_j): gradcheck in float64 with strided views as
+    """WeightedSum (a node's bypassed channels: sum_j beta_j * rest_j): gradcheck in float64 with strided views as
     inputs, as the cell passes them (channel slices of NHWC states viewed as channel groups); each x_j's gradient
     comes out contiguous in x_j's shape (so the view's reshape backward copies nothing), and inputs that need no
     gradient get none."""
-    from hvd_pcdarts.models.batched_cell import _WeightedSum
+    from hvd_pcdarts.models.batched_ops import WeightedSum
 
     g = torch.Generator().manual_seed(4)
     states = [torch.randn(2, 12, 3, 5, dtype=torch.float64, generator=g).contiguous(memory_format=torch.channels_last)
@@ -495,11 +526,11 @@ def test_weighted_sum_gradients_and_layout():
 
     def fn(*args):
         xs = [s[:, 3:].permute(0, 2, 3, 1).unflatten(3, (3, 3)) for s in args[3:]]
-        return _WeightedSum.apply(3, (False,) * 3, *args[:3], *xs)
+        return WeightedSum.apply(3, (False,) * 3, False, *args[:3], *xs)
 
     assert torch.autograd.gradcheck(fn, (*betas, *states))
     xs = [s.detach()[:, 3:].permute(0, 2, 3, 1).unflatten(3, (3, 3)).requires_grad_() for s in states]
-    out = _WeightedSum.apply(3, (False,) * 3, *betas, *xs)
+    out = WeightedSum.apply(3, (False,) * 3, False, *betas, *xs)
     ref = sum(b * x for b, x in zip(betas, xs))
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
     upstream = torch.randn(out.shape, dtype=torch.float64, generator=g).transpose(3, 4).contiguous().transpose(3, 4)
@@ -509,7 +540,7 @@ def test_weighted_sum_gradients_and_layout():
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
     assert all(gx.is_contiguous() for gx in grads[3:])
     frozen = [x.detach() for x in xs]  # no gradient wanted for the rests: only the betas get one
-    gb = torch.autograd.grad(_WeightedSum.apply(3, (False,) * 3, *betas, *frozen).sum(), betas)
+    gb = torch.autograd.grad(WeightedSum.apply(3, (False,) * 3, False, *betas, *frozen).sum(), betas)
     assert all(torch.allclose(a, x.sum(), rtol=1e-12) for a, x in zip(gb, frozen))
 
     # only the gradients the pass reaches are computed: the weight step (inputs = the weights) computes no beta's,
@@ -528,7 +559,7 @@ def test_weighted_sum_gradients_and_layout():
     for wanted, muls, sums in ((xs, 3, 0), (betas, 3, 3), ([*betas, *xs], 6, 3)):
         for t in [*betas, *xs]:
             t.grad = None
-        out = _WeightedSum.apply(3, (False,) * 3, *betas, *xs)
+        out = WeightedSum.apply(3, (False,) * 3, False, *betas, *xs)
         with Ops() as ops:
             out.backward(upstream, inputs=wanted)
         assert (ops.names.count("mul"), ops.names.count("sum")) == (muls, sums), ops.names
@@ -540,14 +571,13 @@ def test_weighted_sum_gradients_and_layout():
 @pytest.mark.parametrize("precision,fuse,dedup,pointwise", [
     ("fp32", "off", False, "dense"), ("bf16", "off", False, "dense"), ("bf16", "5x5", False, "grouped"),
     ("fp32", "all", True, "dense"), ("bf16", "off", True, "grouped")])
-def test_side_stream_jobs_read_only_recorded_or_persistent_tensors(precision, fuse, dedup, pointwise, be_options,
-                                                                   monkeypatch):
-    """OPTIONS["streams"] runs a group's branches on CUDA side streams. A tensor that the main stream allocated and
+def test_side_stream_jobs_read_only_recorded_or_persistent_tensors(precision, fuse, dedup, pointwise, monkeypatch):
+    """BatchedOptions.streams runs a group's branches on CUDA side streams. A tensor that the main stream allocated and
     a side stream reads (in the forward, or saved for the backward, which autograd runs on the same side stream)
     must be record_stream'ed for that side stream: otherwise, once its last reference is dropped, the caching
     allocator hands its block to the next main-stream allocation while the side stream's kernel may still read it
     (inside a captured graph there is no edge between the two). The CPU stand-in: the branches run through a fake
-    `_on_side_streams` that logs the storages every op of a job reads; each must be made inside the job, be
+    `on_side_streams` that logs the storages every op of a job reads; each must be made inside the job, be
     persistent (parameters, buffers, the runner's caches) or be among the tensors handed over for recording."""
     from torch.utils import _pytree as pytree
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -591,11 +621,11 @@ def test_side_stream_jobs_read_only_recorded_or_persistent_tensors(precision, fu
             unexplained.update({k: v for k, v in log.read.items() if k not in log.made})
         return outs
 
-    be_options.update(fuse=fuse, dedup=dedup, pointwise=pointwise)
-    monkeypatch.setattr(batched_cell, "_use_streams", lambda x: True)
-    monkeypatch.setattr(batched_cell, "_on_side_streams", fake_side_streams)
+    monkeypatch.setattr(batched_ops, "use_streams", lambda x, mode: True)
+    monkeypatch.setattr(batched_ops, "on_side_streams", fake_side_streams)
     torch.manual_seed(1)
-    net = fp.to_channels_last(SearchNetwork(8, 10, 5, partial_k=4).set_batched_edges(True))
+    options = BatchedOptions(fuse=fuse, dedup=dedup, pointwise=pointwise)
+    net = fp.to_channels_last(SearchNetwork(8, 10, 5, partial_k=4, batched_options=options).set_batched_edges(True))
     x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     for _ in range(2):  # the first pass fills the runners' caches
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -604,7 +634,7 @@ def test_side_stream_jobs_read_only_recorded_or_persistent_tensors(precision, fu
     persistent = {sid(t) for t in [*net.parameters(), *net.buffers()]}
     for cell in net.cells:
         for v in cell.runner._index.values():
-            tensors = [v.idx, v.inv] if isinstance(v, batched_cell.PackPlan) else [v]
+            tensors = [v.idx, v.inv] if isinstance(v, weight_pack.PackPlan) else [v]
             persistent |= {sid(t) for t in tensors if isinstance(t, torch.Tensor)}
     assert len(calls) == 2 * sum(len(c.runner.groups) for c in net.cells)  # every group's branches went through
     bad = {k: v for k, v in unexplained.items() if k not in recorded and k not in persistent}

@@ -89,7 +89,7 @@ def test_step_traffic_counts_bytes_and_scales_with_batch():
 
 
 def test_step_traffic_counts_the_one_pass_sums_as_cuda_runs_them():
-    """+tsm: models/sums.py's kernel where CUDA would run it (one op, each input read once), torch's adds gone."""
+    """+tsm: experimental/sums.py's kernel where CUDA would run it (one op, each input read once), torch's adds gone."""
     args = argparse.Namespace(**TINY)
     base, tsm = st.measure("eager+cl+be", 2, args), st.measure("eager+cl+be+tsm", 2, args)
     launches = tsm["counts"]["add_n"]

@@ -28,10 +28,11 @@ SCRIPT = str(REPO_ROOT / "bin" / "train_search.py")
 NODES = 2
 
 
-def _search(backend=None, freeze=False, steps=2, device="cpu", dtype=torch.float64, graph=False, cl=False):
+def _search(backend=None, freeze=False, steps=2, device="cpu", dtype=torch.float64, graph=False, cl=False,
+            options=None):
     nodes = NODES if device == "cpu" else 4
     model, arch, weights, a_opt, w_opt = fp.build_search(4, 4, 2, seed=4, device=device, batched_edges=True,
-                                                         channels_last=cl, steps=nodes)
+                                                         channels_last=cl, steps=nodes, batched_options=options)
     model.to(dtype)
     if backend:
         fp.compile_cells(model, backend=backend)
@@ -84,15 +85,12 @@ def test_compiled_cells_equal_eager_float64(cl, pointwise):
     channels_last (its gradient-layout function) with block-diagonal 1x1 convolutions (the CUDA default)."""
     from torch._dynamo.utils import counters
 
-    from hvd_pcdarts.models import batched_cell
+    from hvd_pcdarts.models import BatchedOptions
 
     counters.clear()
-    saved = dict(batched_cell.OPTIONS)
-    batched_cell.OPTIONS["pointwise"] = pointwise
-    try:
-        _assert_same(_search(cl=cl), _search(backend="aot_eager", freeze=True, cl=cl), 1e-10)
-    finally:
-        batched_cell.OPTIONS.update(saved)
+    options = BatchedOptions(pointwise=pointwise)
+    _assert_same(_search(cl=cl, options=options), _search(backend="aot_eager", freeze=True, cl=cl, options=options),
+                 1e-10)
     # really compiled, in one piece per cell and mode: 4 cells x (training, arch step, no-grad eval)
     _assert_whole_graphs(counters, 9, 12)
 

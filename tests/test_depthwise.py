@@ -1,4 +1,4 @@
-"""The Triton depthwise convolution (hvd_pcdarts/models/depthwise.py, batched_cell.OPTIONS["depthwise"] = "triton")
+"""The Triton depthwise convolution (hvd_pcdarts/experimental/depthwise.py, BatchedOptions(depthwise="triton"))
 against F.conv2d: forward, input gradient and weight gradient, for kernel sizes 3/5/9, strides 1/2, dilations 1/2,
 odd maps, channel counts that are not a power of two; bf16; and inside the batched search cell.
 
@@ -16,7 +16,8 @@ from helpers import describe, launch, python_exe
 from search_runs import cuda_search_steps, rel_diff
 from triton_checks import CELLS, VECTOR_LOAD, assert_net_close, assert_no_spills, compile_sm90, interpreted, net_script
 
-from hvd_pcdarts.models import batched_cell, depthwise
+from hvd_pcdarts.experimental import depthwise
+from hvd_pcdarts.models import BatchedOptions
 
 pytestmark = pytest.mark.skipif(depthwise.triton is None, reason="triton is not installed")
 
@@ -26,7 +27,7 @@ SHAPES = [(12, 3, 1, 1, 9, 10), (32, 5, 2, 1, 8, 8), (40, 3, 1, 2, 7, 8), (8, 5,
 
 CHECK = r"""
 import json, sys, torch, torch.nn.functional as F
-from hvd_pcdarts.models import depthwise
+from hvd_pcdarts.experimental import depthwise
 device, shapes, dtype, mode = sys.argv[1], json.loads(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4]
 torch.manual_seed(0)
 out = []
@@ -84,7 +85,7 @@ def test_batched_cell_with_triton_depthwise_equals_reference_interpreted():
 
 SKIP = r"""
 import json, torch
-from hvd_pcdarts.models import depthwise as dw
+from hvd_pcdarts.experimental import depthwise as dw
 n = {"w": 0, "x": 0}
 ow, ox = dw._weight_grad, dw._input_grad
 dw._weight_grad = lambda *a: (n.__setitem__("w", n["w"] + 1), ow(*a))[1]
@@ -149,10 +150,9 @@ def test_tiles_setting_is_checked():
             depthwise.parse_tiles(bad)
 
 
-def test_depthwise_option_values_are_checked(monkeypatch):
-    monkeypatch.setitem(batched_cell.OPTIONS, "depthwise", "cuda")
-    with pytest.raises(ValueError, match="cudnn, triton, hybrid"):
-        batched_cell._triton_depthwise(torch.randn(1, 4, 5, 5))
+def test_depthwise_option_values_are_checked():
+    with pytest.raises(ValueError, match="cudnn, triton or hybrid"):
+        BatchedOptions(depthwise="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")
@@ -166,12 +166,10 @@ def test_triton_depthwise_equals_conv2d_cuda(dtype, mode, strict_fp32):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("mode,fuse", [("triton", "off"), ("triton", "5x5"), ("hybrid", "off")])
-def test_graphed_batched_step_with_triton_depthwise_equals_eager_reference_cuda(mode, fuse, strict_fp32,
-                                                                               monkeypatch):
+def test_graphed_batched_step_with_triton_depthwise_equals_eager_reference_cuda(mode, fuse, strict_fp32):
     """The kernels inside the captured search step (streams on): the eager per-edge step's numbers."""
-    monkeypatch.setitem(batched_cell.OPTIONS, "depthwise", mode)
-    monkeypatch.setitem(batched_cell.OPTIONS, "fuse", fuse)
-    (l0, p0, _), (l1, p1, _) = (cuda_search_steps(m, batched=m == "graph", channels_last=True)
+    options = BatchedOptions(depthwise=mode, fuse=fuse)
+    (l0, p0, _), (l1, p1, _) = (cuda_search_steps(m, batched=m == "graph", channels_last=True, options=options)
                                 for m in ("eager", "graph"))
     # other kernels, other rounding (the cuDNN ones of test_batched's graphed-step test agree to 1e-4)
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-3

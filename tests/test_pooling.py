@@ -1,4 +1,4 @@
-"""The Triton pooling kernels (hvd_pcdarts/models/pooling.py, batched_cell.OPTIONS["pool"] = "triton") against
+"""The Triton pooling kernels (hvd_pcdarts/experimental/pooling.py, BatchedOptions(pool="triton")) against
 F.max_pool2d / F.avg_pool2d(count_include_pad=False): forward and input gradient for windows 2/3/5, strides 1/2,
 ceil mode, odd maps, ties, NaN and all -inf windows, channel-slice views; bf16; and inside the batched search cell.
 
@@ -16,7 +16,8 @@ from helpers import describe, launch, python_exe
 from search_runs import cuda_search_steps, rel_diff
 from triton_checks import CELLS, VECTOR_LOAD, assert_net_close, assert_no_spills, compile_sm90, interpreted, net_script
 
-from hvd_pcdarts.models import batched_cell, depthwise, pooling
+from hvd_pcdarts.experimental import batched_variants, depthwise, pooling
+from hvd_pcdarts.models import BatchedOptions
 
 pytestmark = pytest.mark.skipif(depthwise.triton is None, reason="triton is not installed")
 
@@ -26,7 +27,7 @@ SHAPES = [(12, 3, 1, 1, 9, 10, False), (32, 3, 2, 1, 8, 8, False), (40, 3, 2, 1,
 
 CHECK = r"""
 import json, sys, torch, torch.nn.functional as F
-from hvd_pcdarts.models import pooling
+from hvd_pcdarts.experimental import pooling
 device, shapes, dtype = sys.argv[1], json.loads(sys.argv[2]), getattr(torch, sys.argv[3])
 torch.manual_seed(0)
 rel = lambda a, b: float((a.float() - b).abs().max() / b.abs().max())
@@ -140,25 +141,23 @@ def test_int32_guards_count_how_far_a_view_reaches():
 
 def test_pool_option_values_are_checked_and_fall_back(monkeypatch):
     mp = torch.nn.MaxPool2d(3, 1, 1)
-    monkeypatch.setitem(batched_cell.OPTIONS, "pool", "cuda")
     with pytest.raises(ValueError, match="torch or triton"):
-        batched_cell._pool(mp, torch.randn(1, 4, 5, 5))
-    monkeypatch.setitem(batched_cell.OPTIONS, "pool", "triton")
+        BatchedOptions(pool="cuda")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
     # where the kernels cannot run (a CPU tensor without the interpreter), or for a pool they do not compute
     # (count_include_pad, dilation): torch's module, the same numbers
-    assert torch.equal(batched_cell._pool(mp, x), mp(x))
+    assert torch.equal(batched_variants.pool(mp, x), mp(x))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     called = []
     monkeypatch.setattr(pooling, "pool2d", lambda *a: called.append(a))
     for mod in (torch.nn.AvgPool2d(3, 1, 1), torch.nn.MaxPool2d(3, 1, 1, dilation=2)):
-        assert torch.equal(batched_cell._pool(mod, x), mod(x))
+        assert torch.equal(batched_variants.pool(mod, x), mod(x))
     assert called == []
-    batched_cell._pool(torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False), x)
-    batched_cell._pool(torch.nn.MaxPool2d(2, 2, ceil_mode=True), x)
+    batched_variants.pool(torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False), x)
+    batched_variants.pool(torch.nn.MaxPool2d(2, 2, ceil_mode=True), x)
     assert called == [(x, "avg", 3, 2, 1, False), (x, "max", 2, 2, 0, True)]
-    batched_cell._pool(mp, x.contiguous())  # NCHW (channel stride 25): torch's
+    batched_variants.pool(mp, x.contiguous())  # NCHW (channel stride 25): torch's
     assert len(called) == 2
 
 
@@ -172,12 +171,10 @@ def test_triton_pools_equal_torch_cuda(dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("depthwise_mode", ["cudnn", "triton"])
-def test_graphed_batched_step_with_triton_pools_equals_eager_reference_cuda(depthwise_mode, strict_fp32,
-                                                                           monkeypatch):
+def test_graphed_batched_step_with_triton_pools_equals_eager_reference_cuda(depthwise_mode, strict_fp32):
     """The kernels inside the captured search step (streams on): the eager per-edge step's numbers."""
-    monkeypatch.setitem(batched_cell.OPTIONS, "pool", "triton")
-    monkeypatch.setitem(batched_cell.OPTIONS, "depthwise", depthwise_mode)
-    (l0, p0, _), (l1, p1, _) = (cuda_search_steps(m, batched=m == "graph", channels_last=True)
+    options = BatchedOptions(pool="triton", depthwise=depthwise_mode)
+    (l0, p0, _), (l1, p1, _) = (cuda_search_steps(m, batched=m == "graph", channels_last=True, options=options)
                                 for m in ("eager", "graph"))
     assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-3
     assert rel_diff(p0, p1) < 1e-3

@@ -1,4 +1,4 @@
-"""The one-pass sums (hvd_pcdarts/models/sums.py, batched_cell.OPTIONS["sums"] = "triton"): add_all against a
+"""The one-pass sums (hvd_pcdarts/experimental/sums.py, BatchedOptions(sums="triton")): add_all against a
 float64 sum for 2-17 terms (chunks of 8), float32/bf16/float16, NCHW/NHWC; fan_out's summed gradients; the
 fallbacks (torch's adds, bit for bit) where the kernel does not run; and the batched search cell with the option
 against the per-edge reference.
@@ -17,13 +17,14 @@ from helpers import describe, launch, python_exe
 from search_runs import cuda_search_steps, rel_diff
 from triton_checks import CELLS, VECTOR_LOAD, assert_no_spills, compile_sm90, interpreted, net_script
 
-from hvd_pcdarts.models import batched_cell, depthwise, sums
+from hvd_pcdarts.experimental import batched_variants, depthwise, sums
+from hvd_pcdarts.models import BatchedOptions, batched_ops
 
 pytestmark = pytest.mark.skipif(depthwise.triton is None, reason="triton is not installed")
 
 CHECK = r"""
 import json, sys, torch
-from hvd_pcdarts.models import sums
+from hvd_pcdarts.experimental import sums
 device, dtype = sys.argv[1], getattr(torch, sys.argv[2])
 launches = []
 launch = sums._launch
@@ -93,10 +94,9 @@ def test_add_all_and_fan_out_interpreted(dtype):
 
 SCALED = r"""
 import json, sys, torch
-from hvd_pcdarts.models import batched_cell, sums
-from hvd_pcdarts.models.batched_cell import _WeightedSum
+from hvd_pcdarts.experimental import sums
+from hvd_pcdarts.models.batched_ops import WeightedSum
 dtype = getattr(torch, sys.argv[1])
-batched_cell.OPTIONS["sums"] = "triton"  # _WeightedSum's betas' gradients through sums.dots
 launches, dot_launches = [], []
 launch, launch_dots = sums._launch_scaled, sums._launch_dots
 sums._launch_scaled = lambda gs, w, idx: launches.append(len(gs)) or launch(gs, w, idx)
@@ -125,7 +125,8 @@ def run(states, w, ms, us, nhwc, scaled, mixed_layouts=False, create_graph=False
     a0 = sums.scaled_fan_out(x0, w, idx0) if scaled else [x0] * 3
     loss = 0
     for i in range(3):
-        r = _WeightedSum.apply(2, (scaled, False), w[idx0[i]], w[idx1[i]], a0[i], x1)
+        # dots: the betas' gradients through sums.dots, as the cell asks with BatchedOptions(sums="triton")
+        r = WeightedSum.apply(2, (scaled, False), sums.runs_on(a0[i]), w[idx0[i]], w[idx1[i]], a0[i], x1)
         if mixed_layouts and i == 1:  # this reader's gradient contiguous, the others' views of their nodes'
             loss = loss + (r.float() * views(us[i].contiguous(memory_format=fmt), nhwc).contiguous()).sum()
         loss = loss + (node(ms[i], r, nhwc).float() * us[i]).sum()
@@ -193,7 +194,7 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_scaled_fan_out_with_deferred_weighted_sums_interpreted(dtype):
-    """Readers of sums.scaled_fan_out's aliases (batched_cell._WeightedSum with deferred inputs) hand back their
+    """Readers of sums.scaled_fan_out's aliases (batched_ops.WeightedSum with deferred inputs) hand back their
     gradients unscaled, as strided views of the nodes' gradients; one kernel per state computes sum_i beta_i * g_i,
     and one per node the betas' gradients (sums.dots). Against a float64 reference without deferral: every
     state's, beta's and mixed part's gradient (NHWC and NCHW), also where one reader's gradient has other strides
@@ -259,13 +260,11 @@ def test_fallbacks_are_torchs_adds_bit_for_bit(monkeypatch):
 
 def test_sums_option_values_are_checked_and_fall_back(monkeypatch):
     x = torch.randn(1, 4, 5, 5)
-    monkeypatch.setitem(batched_cell.OPTIONS, "sums", "cuda")
     with pytest.raises(ValueError, match="torch or triton"):
-        batched_cell._add_all([x, x])
-    monkeypatch.setitem(batched_cell.OPTIONS, "sums", "triton")
+        BatchedOptions(sums="cuda")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert torch.equal(batched_cell._add_all([x, 2 * x]), 3 * x)  # no interpreter, a CPU tensor: torch's add
-    assert batched_cell._fan_out(x.requires_grad_(), ["relu", "skip"]) == {"relu": x, "skip": x}
+    assert torch.equal(batched_variants.add_all([x, 2 * x]), 3 * x)  # no interpreter, a CPU tensor: torch's add
+    assert batched_variants.fan_out(x.requires_grad_(), ["relu", "skip"]) == {"relu": x, "skip": x}
 
 
 def test_factorized_reduce_keeps_channels_last():
@@ -274,9 +273,9 @@ def test_factorized_reduce_keeps_channels_last():
     torch.manual_seed(0)
     R = torch.randn(2, 12, 7, 7)
     w1, w2 = torch.randn(6, 4, 1, 1), torch.randn(6, 4, 1, 1)
-    ref = batched_cell._factorized_reduce(R, w1, w2, 3)
-    out = batched_cell._factorized_reduce(R.contiguous(memory_format=torch.channels_last), w1, w2, 3)
-    assert ref.is_contiguous() and batched_cell._is_nhwc(out)
+    ref = batched_ops.factorized_reduce(R, w1, w2, 3)
+    out = batched_ops.factorized_reduce(R.contiguous(memory_format=torch.channels_last), w1, w2, 3)
+    assert ref.is_contiguous() and batched_ops.is_nhwc(out)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
@@ -370,13 +369,13 @@ def test_add_all_and_fan_out_cuda(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_graphed_batched_step_with_triton_sums_equals_eager_reference_cuda(strict_fp32, monkeypatch):
     """The kernel inside the captured search step (streams on: the aliases' gradients come from side streams)."""
-    monkeypatch.setitem(batched_cell.OPTIONS, "sums", "triton")
+    options = BatchedOptions(sums="triton")
     launches, scaled, dots = [], [], []
     launch, launch_scaled, launch_dots = sums._launch, sums._launch_scaled, sums._launch_dots
     monkeypatch.setattr(sums, "_launch", lambda xs: launches.append(len(xs)) or launch(xs))
     monkeypatch.setattr(sums, "_launch_scaled", lambda gs, w, i: scaled.append(len(gs)) or launch_scaled(gs, w, i))
     monkeypatch.setattr(sums, "_launch_dots", lambda g, xs: dots.append(len(xs)) or launch_dots(g, xs))
-    (l0, p0, _), (l1, p1, _) = (cuda_search_steps(m, batched=m == "graph", channels_last=True)
+    (l0, p0, _), (l1, p1, _) = (cuda_search_steps(m, batched=m == "graph", channels_last=True, options=options)
                                 for m in ("eager", "graph"))
     # ran (a silent fallback to torch's ops would pass the comparison too)
     assert len(launches) > 100 and len(scaled) > 20 and len(dots) > 10, (len(launches), len(scaled), len(dots))

@@ -59,14 +59,14 @@ VECTOR_LOAD = r"ld\.global(\.\w+)*\.v[248]"  # a vectorized load along the chann
 CELLS = 4
 # The start of a script for interpreted(): counts the calls of MODULE.FUNCTION (an autograd Function's apply),
 # builds a CELLS-cell channels_last search net with random architecture parameters and a batch of odd-sized maps
-# (odd maps into the stride-2 ops), and defines compare(options) -> the batched net under
-# batched_cell.OPTIONS.update(options)
+# (odd maps into the stride-2 ops), and defines compare(options) -> the batched net with BatchedOptions(**options)
 # against the per-edge reference: loss, gradient and BN statistics differences in training, eval outputs, the
 # bf16-autocast loss, and the counted calls of one forward.
 NET_PRELUDE = r"""
 import copy, json, torch, torch.nn.functional as F
 from hvd_pcdarts import fastpath as fp
-from hvd_pcdarts.models import SearchNetwork, batched_cell, MODULE
+from hvd_pcdarts.experimental import MODULE
+from hvd_pcdarts.models import BatchedOptions, SearchNetwork
 calls = [0]
 apply = MODULE.FUNCTION.apply
 def counted(*a):
@@ -82,8 +82,8 @@ fp.to_channels_last(ref)
 x = torch.randn(2, 3, 9, 9).contiguous(memory_format=torch.channels_last)
 y = torch.randint(0, 10, (2,))
 def compare(options):
-    r, n = copy.deepcopy(ref), copy.deepcopy(ref).set_batched_edges(True)
-    batched_cell.OPTIONS.update(options)
+    r = copy.deepcopy(ref)
+    n = copy.deepcopy(ref).set_batched_edges(True).set_batched_options(BatchedOptions(**options))
     before = calls[0]
     lr, ln = F.cross_entropy(r(x), y), F.cross_entropy(n(x), y)
     n_calls = calls[0] - before

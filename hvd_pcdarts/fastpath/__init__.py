@@ -67,15 +67,16 @@ def check_fast_flags(args, device: torch.device, world: int) -> None:
 def build_search(C: int = 16, layers: int = 8, partial_k: int = 4, num_classes: int = 10, seed: int = 2,
                  device="cpu", lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 3e-4,
                  arch_lr: float = 6e-4, arch_weight_decay: float = 1e-3, channels_last: bool = False,
-                 batched_edges: bool = False, steps: int = 4):
+                 batched_edges: bool = False, steps: int = 4, batched_options=None):
     """A search network with the recipe's two optimizers (SGD for weights, Adam(0.5, 0.999) for alphas/betas),
     built as `search.Searcher` builds it: (model, arch_params, weight_params, a_opt, w_opt). `steps`: the
-    intermediate nodes of a cell (the recipe's 4; fewer make a smaller cell of the same code paths)."""
+    intermediate nodes of a cell (the recipe's 4; fewer make a smaller cell of the same code paths);
+    `batched_options`: a models.batched_options.BatchedOptions for the batched cells (default: the defaults)."""
     from ..models import SearchNetwork
 
     torch.manual_seed(seed)
     model = SearchNetwork(C, num_classes, layers, steps=steps, multiplier=steps, partial_k=partial_k,
-                          batched_edges=batched_edges).to(device)
+                          batched_edges=batched_edges, batched_options=batched_options).to(device)
     if channels_last:
         to_channels_last(model)
     w_opt, a_opt = search_optimizers(model, lr, momentum, weight_decay, arch_lr, arch_weight_decay)

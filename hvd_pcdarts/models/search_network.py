@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..genotypes import PRIMITIVES, Genotype
 from ..ops import OPS, FactorizedReduce, ReLUConvBN, channel_shuffle
-from .batched_cell import BatchedCellRunner
+from .batched_cell import BatchedCellRunner, BatchedOptions
 
 ARCH_PARAM_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
 
@@ -48,7 +48,8 @@ class MixedOp(nn.Module):
 
 
 class SearchCell(nn.Module):
-    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, k=4):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, k=4,
+                 batched_options=None):
         super().__init__()
         self.reduction = reduction
         if reduction_prev:
@@ -59,6 +60,7 @@ class SearchCell(nn.Module):
         self._steps = steps
         self._multiplier = multiplier
         self.batched = False  # --batched-edges: models/batched_cell.py computes the same forward
+        self.batched_options = batched_options or BatchedOptions()  # how it computes
         self._runner = None
         self._per_edge_compiled = None  # compile(): torch.compile(SearchCell._per_edge_forward)
         self._ops = nn.ModuleList()
@@ -70,8 +72,13 @@ class SearchCell(nn.Module):
     @property
     def runner(self) -> BatchedCellRunner:
         if self._runner is None:
-            self._runner = BatchedCellRunner(self)
+            self._runner = BatchedCellRunner(self, self.batched_options)
         return self._runner
+
+    def set_batched_options(self, options: BatchedOptions) -> None:
+        self.batched_options = options
+        if self._runner is not None:
+            self._runner.set_options(options)
 
     def compile(self, **options) -> None:
         """torch.compile the cell's tensor work, per-edge and batched forward alike (`--compile`). Only the
@@ -113,15 +120,18 @@ def edge_softmax(betas: torch.Tensor, steps: int) -> torch.Tensor:
 
 class SearchNetwork(nn.Module):
     """`SearchNetwork(C, num_classes, layers, steps=4, multiplier=4, stem_multiplier=3, partial_k=4,
-    stem='cifar', batched_edges=False)`. `stem='imagenet'` gives the three-conv stride-2 stem of the 224-px
-    ImageNet search; `batched_edges=True` computes each cell with the batched mixed op (models/batched_cell.py:
-    the same parameters and results, fewer and larger kernels)."""
+    stem='cifar', batched_edges=False, batched_options=None)`. `stem='imagenet'` gives the three-conv stride-2 stem
+    of the 224-px ImageNet search; `batched_edges=True` computes each cell with the batched mixed op
+    (models/batched_cell.py: the same parameters and results, fewer and larger kernels), the way a
+    `batched_options` (a BatchedOptions; default: BatchedOptions()) chooses."""
 
     def __init__(self, C, num_classes, layers, steps=4, multiplier=4, stem_multiplier=3, partial_k=4,
-                 stem="cifar", arch_init_scale=1e-3, batched_edges=False):
+                 stem="cifar", arch_init_scale=1e-3, batched_edges=False, batched_options=None):
         super().__init__()
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        if batched_options is not None and not isinstance(batched_options, BatchedOptions):
+            raise TypeError(f"batched_options must be a BatchedOptions, got {type(batched_options).__name__}")
         self._C, self._num_classes, self._layers = C, num_classes, layers
         self._steps, self._multiplier, self.partial_k, self.stem_type = steps, multiplier, partial_k, stem
         if stem == "cifar":
@@ -149,7 +159,8 @@ class SearchNetwork(nn.Module):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
                 C_curr *= 2
-            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, partial_k)
+            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, partial_k,
+                              batched_options)
             reduction_prev = reduction
             self.cells.append(cell)
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
@@ -167,6 +178,14 @@ class SearchNetwork(nn.Module):
         """Switch every cell between the per-edge forward (the reference) and the batched mixed op."""
         for cell in self.cells:
             cell.batched = bool(on)
+        return self
+
+    def set_batched_options(self, options: BatchedOptions) -> "SearchNetwork":
+        """How every cell's batched mixed op computes from the next forward on (a BatchedOptions)."""
+        if not isinstance(options, BatchedOptions):
+            raise TypeError(f"batched options must be a BatchedOptions, got {type(options).__name__}")
+        for cell in self.cells:
+            cell.set_batched_options(options)
         return self
 
     # --- parameter groups -------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Depthwise convolution (groups == channels, one filter per channel) as Triton kernels for channels_last tensors:
-forward, input gradient and weight gradient (batched_cell.OPTIONS["depthwise"] = "triton", search_step.py +tdw).
+forward, input gradient and weight gradient (BatchedOptions(depthwise="triton"), search_step.py +tdw).
 
 Why: in the H100 profile of the batched search step (benchmarks/RESULTS.md) cuDNN ran the search cells'
 depthwise convolutions far from the memory bandwidth they need: the dilated ones' forward in a direct kernel ~6x
@@ -19,6 +19,8 @@ import os
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from ..models.batched_ops import wanted as _wanted
 
 try:  # a dependency of torch's CUDA wheels; optional
     import triton
@@ -260,22 +262,6 @@ class _DepthwiseConv2d(torch.autograd.Function):
         if _wanted(ctx, 1):
             dw = _weight_grad(x, g, w.shape, w.dtype, *ctx.conf)
         return dx, dw, None, None, None, None
-
-
-def _wanted(ctx, i: int, node_index: int | None = None) -> bool:
-    """Whether this backward pass uses the gradient of input i: not only requires_grad (ctx.needs_input_grad), but
-    also reached by the engine. The architecture step's torch.autograd.grad(loss, alphas/betas) needs no weight
-    gradient, and skips it for torch's own convolutions; a custom Function must ask. `node_index`: i's entry in
-    ctx.next_functions where it differs (next_functions has one entry per tensor argument only)."""
-    if not ctx.needs_input_grad[i]:
-        return False
-    if torch.compiler.is_compiling():  # traced (torch.compile): no engine to ask, and the traced ctx has no
-        return True                     # next_functions (asking made dynamo give up on the whole cell)
-    node = ctx.next_functions[i if node_index is None else node_index][0]
-    try:
-        return node is None or torch._C._will_engine_execute_node(node)
-    except (AttributeError, RuntimeError):  # not in this torch, or not in a backward pass: compute it
-        return True
 
 
 def _one(v, name):

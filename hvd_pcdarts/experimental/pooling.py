@@ -1,10 +1,10 @@
 """Max and average pooling (the search space's max_pool_3x3 / avg_pool_3x3) as Triton kernels for channels_last
-tensors, forward and input gradient (batched_cell.OPTIONS["pool"] = "triton", search_step.py +tpl).
+tensors, forward and input gradient (BatchedOptions(pool="triton"), search_step.py +tpl).
 
 Why: in the H100 profile of the batched search step (benchmarks/RESULTS.md) torch's NHWC pooling kernels took
 13.9 ms of 152 ms at batch 256 for maps of a few MB: avg-pool backward 72 us a call, max-pool backward 54 us,
 the forwards ~40 us, 10-15x their bytes' time. These kernels take a tile of pixels x channels and every tap from
-its neighbourhood (L1/L2), like models/depthwise.py (whose tile helpers they share). The max pool keeps the
+its neighbourhood (L1/L2), like experimental/depthwise.py (whose tile helpers they share). The max pool keeps the
 winning tap of each output as one int8 (torch keeps an int64 index: 8 bytes per output) and its backward gathers:
 each input pixel sums the gradients of the outputs whose winning tap it was, so no atomics, deterministic.
 

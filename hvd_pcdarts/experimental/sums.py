@@ -1,4 +1,4 @@
-"""Sums of several same-shape tensors in one pass, as a Triton kernel (batched_cell.OPTIONS["sums"] = "triton",
+"""Sums of several same-shape tensors in one pass, as a Triton kernel (BatchedOptions(sums="triton"),
 search_step.py +tsm): each input read once, the output written once, accumulated in float32.
 
 Why: the batched search cell sums a group's seven primitive outputs with a chain of adds (6 adds read 2 and write 1
@@ -11,7 +11,7 @@ adds moved 3.2 GiB of its 16.3 GiB; with these sums it moves 15.0 GiB.
 - fan_out(x, readers): one alias of x per reader (a dict); their gradients are summed in one kernel, not by the
   engine's pairwise accumulation.
 - scaled_fan_out(x, w, idx): one alias of x per reader for readers that take w[idx[i]] * x (a node's bypassed
-  channels, each weighted by its edge's beta: batched_cell._WeightedSum with `deferred`). The readers hand back their
+  channels, each weighted by its edge's beta: batched_ops.WeightedSum with `deferred`). The readers hand back their
   output gradient g_i unscaled (a view of the node's gradient, no multiply) and one kernel computes
   sum_i w[idx[i]] * g_i: each g_i read once, x's gradient written once (before: a multiply per reader, writing g_i *
   beta_i, and a sum reading them all back).
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models.batched_ops import add_chain as _pairwise
+from ..models.batched_ops import wanted as _wanted
 from . import depthwise as dw
 from .depthwise import triton
 
@@ -181,13 +183,6 @@ def _launch(xs) -> torch.Tensor:
     return out
 
 
-def _pairwise(xs) -> torch.Tensor:
-    total = xs[0]
-    for x in xs[1:]:
-        total = total + x
-    return total
-
-
 def _sum(xs) -> torch.Tensor:
     return _launch(xs) if usable(xs) else _pairwise(xs)
 
@@ -314,7 +309,7 @@ class _ScaledFanOut(torch.autograd.Function):
         terms = [(g, i) for g, i in zip(gs, ctx.idx) if g is not None]
         # (not only needs_input_grad: w leads to the betas, so the arch step's autograd.grad runs this node also
         # where x leads only to weights, the first cell's inputs: nothing to compute then)
-        if not terms or not dw._wanted(ctx, 0):
+        if not terms or not _wanted(ctx, 0):
             return None, None, None
         return scaled_sum([g for g, _ in terms], w if torch.is_grad_enabled() else w.detach(),
                           [i for _, i in terms]), None, None
@@ -322,7 +317,7 @@ class _ScaledFanOut(torch.autograd.Function):
 
 def scaled_fan_out(x: torch.Tensor, w: torch.Tensor, idx) -> list | None:
     """One alias of x per reader i, for readers that compute w[idx[i]] * x and return their output's gradient
-    unscaled (batched_cell._WeightedSum's `deferred` inputs): x's gradient is then sum_i w[idx[i]] * g_i, one kernel.
+    unscaled (batched_ops.WeightedSum's `deferred` inputs): x's gradient is then sum_i w[idx[i]] * g_i, one kernel.
     None where the kernel does not run here (runs_on) or x needs no gradient: the readers then scale as usual."""
     idx = tuple(int(i) for i in idx)
     if not 1 <= len(idx) <= MAX_TERMS or not x.requires_grad or not runs_on(x):
