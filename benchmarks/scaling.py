@@ -37,8 +37,8 @@ def worker(args):
     import torch
     import torch.nn as nn
 
-    from hvd_pcdarts import distributed as dist
     from hvd_pcdarts import fastpath as fp
+    from hvd_pcdarts.dist import horovod as dist
 
     dist.init(cpu_tuning=True)  # as train_search.py without --sync-bn
     world, rank = dist.size(), dist.rank()

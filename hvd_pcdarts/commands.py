@@ -27,14 +27,14 @@ def train(argv=None) -> int:
 
 def evaluate(argv=None) -> int:
     """hvd-pcdarts-evaluate (bin/evaluate.py): a retrained checkpoint on the test split."""
-    from .evaluate import main
+    from .tools.evaluate import main
 
     return run_main(main, argv)
 
 
 def export(argv=None) -> int:
     """hvd-pcdarts-export (bin/export.py): a retrained checkpoint to ONNX or TorchScript, checked."""
-    from .export import main
+    from .tools.export import main
 
     return run_main(main, argv)
 
@@ -43,7 +43,7 @@ class _RootParser(ArgParser):
     """One-line usage errors printed by the launcher's rank 0 only (every rank exits 2)."""
 
     def error(self, message):
-        from .doctor import launcher_rank
+        from .tools.doctor import launcher_rank
 
         if launcher_rank() == 0:
             sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -63,7 +63,7 @@ Rank 0 prints a table (one row per rank) and one line per inconsistency. Exit st
 
 def doctor(argv=None) -> int:
     """hvd-pcdarts-doctor (bin/doctor.py): checks every rank of a launch before the real job."""
-    from . import doctor as checks
+    from .tools import doctor as checks
 
     p = _RootParser(prog="doctor.py", description=DOCTOR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10", choices=checks.DATASETS, help="dataset the job will use")
@@ -99,7 +99,7 @@ def plot_search(argv=None) -> int:
     p.add_argument("--out", metavar="PATH", help="picture to write: .png, .svg or .pdf "
                                                  "(default RUN_DIR/arch_weights.png)")
     args = p.parse_args(argv)
-    from .plots import plot_search as plot
+    from .tools.plots import plot_search as plot
 
     try:
         path = plot(args.run_dir, args.out)
@@ -118,7 +118,7 @@ def visualize(argv=None) -> int:
                                     "name (PCDARTS, PC_DARTS_cifar, PC_DARTS_image)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures (created if needed)")
     args = p.parse_args(argv)
-    from .visualize import render_genotype
+    from .tools.visualize import render_genotype
 
     try:
         paths = render_genotype(args.genotype, args.out, strict=True)

@@ -9,10 +9,10 @@ import argparse
 
 from .cli import add_output_args, add_quick_run_args, nonneg_float, nonneg_int, positive_float, positive_int
 from .data import DATASETS
-from .distributed import GRAD_ALLREDUCE_MODES
-from .elastic import add_elastic_args, check_elastic_args
+from .dist.elastic import add_elastic_args, check_elastic_args
+from .dist.horovod import GRAD_ALLREDUCE_MODES
+from .dist.preemption import add_preemption_args
 from .errors import UsageError
-from .preemption import add_preemption_args
 
 GRAD_ALLREDUCE_HELP = ("how the weight gradients are averaged over the ranks, both by hvd.DistributedOptimizer: "
                        "overlap = one allreduce per tensor, started by its backward hook; flat = one allreduce of "

@@ -3,7 +3,7 @@ setup both share, the epochs, the bookkeeping after each step, resume, the ident
 checkpoints, consistency checks, stop signals and elastic resets.
 
 The loops advance one state object: in a normal run a `LocalState` (commit does nothing; checkpoints at epoch
-ends give exact resume), under `--elastic` a Horovod elastic state (distributed.elastic_state) that commits to
+ends give exact resume), under `--elastic` a Horovod elastic state (dist.elastic_state) that commits to
 host memory every `--commit-interval` steps and at each epoch end.
 """
 
@@ -15,13 +15,14 @@ import time
 
 import torch
 
-from . import distributed as dist
 from . import fastpath
 from .checkpoint import atomic_save, check_config, load_checkpoint
 from .data import GlobalBatchSampler, make_batch_loader
-from .elastic import LocalState, check_writable_locally, local_checks_only, per_rank_batch
+from .dist import horovod as dist
+from .dist.elastic import LocalState, check_writable_locally, local_checks_only, per_rank_batch
+from .dist.preemption import StopSignals
+from .dist.syncbn import convert_sync_batchnorm
 from .errors import OutputWriteError, Preempted, UsageError
-from .preemption import StopSignals
 from .runtime import (
     Progress,
     RunOutput,
@@ -33,7 +34,6 @@ from .runtime import (
     pick_device,
     progress_mode,
 )
-from .syncbn import convert_sync_batchnorm
 
 
 class RunLoop:
@@ -94,7 +94,7 @@ class RunLoop:
             compile_fn(self.model, backend=a.compile_backend)
 
     def _weight_optimizer(self, opt, named_parameters, name: str):
-        """`hvd.DistributedOptimizer` (distributed.weight_optimizer); under --cuda-graph the plain optimizer:
+        """`hvd.DistributedOptimizer` (dist.weight_optimizer); under --cuda-graph the plain optimizer:
         the graphed steps average the gradients themselves, since hooks do not replay in a graph."""
         a = self.args
         self.grad_allreduce = "graphed" if a.cuda_graph else dist.grad_allreduce_mode(a.grad_allreduce, self.device)

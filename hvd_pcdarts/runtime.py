@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from . import distributed as dist
 from .checkpoint import atomic_write_text, remove_stale_temporaries
+from .dist import horovod as dist
 from .errors import DivergenceError, UsageError
 
 

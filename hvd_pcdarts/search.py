@@ -16,7 +16,6 @@ import random
 import torch
 import torch.nn as nn
 
-from . import distributed as dist
 from . import fastpath
 from .cli import (
     ArgParser,
@@ -37,12 +36,13 @@ from .data import (
     make_transform,
     search_split,
 )
+from .dist import horovod as dist
 from .errors import UsageError
 from .flags import add_run_args, check_run_args
-from .genotypes import save_genotype, to_dict
 from .loop import RunLoop
 from .models import SearchNetwork
 from .runtime import accuracy_counts, check_finite, jsonable, step_values
+from .space.genotypes import save_genotype, to_dict
 from .steps import SearchStep, autocast, search_optimizers
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-search-v1"
@@ -362,7 +362,7 @@ class Searcher(RunLoop):
 
 def _render_pictures(geno, out_dir, out):
     try:
-        from .visualize import have_graphviz, render_genotype
+        from .tools.visualize import have_graphviz, render_genotype
     except Exception:
         return
     if have_graphviz():

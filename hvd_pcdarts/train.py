@@ -14,7 +14,6 @@ import random
 import torch
 import torch.nn as nn
 
-from . import distributed as dist
 from . import fastpath
 from .checkpoint import atomic_save
 from .cli import (
@@ -31,12 +30,13 @@ from .data import (
     make_loader,
     make_transform,
 )
+from .dist import horovod as dist
 from .errors import UsageError
 from .flags import add_run_args, check_run_args
-from .genotypes import from_dict, load_genotype, to_dict
 from .loop import RunLoop
 from .models import NetworkCIFAR, NetworkImageNet, count_parameters
 from .runtime import accuracy_counts, check_finite, jsonable, step_values
+from .space.genotypes import from_dict, load_genotype, to_dict
 from .steps import TrainStep
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-train-v1"

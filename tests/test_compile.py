@@ -197,7 +197,7 @@ def test_inductor_compiled_step_equals_eager_cuda(graph, cl, strict_fp32):
 def _retrain(compiled, dtype=torch.float64, steps=6):
     """Steps of the retraining loss (auxiliary head, drop path off then 0.2, SGD with momentum and clipping) on a
     small PC-DARTS eval net; then eval-mode logits."""
-    from hvd_pcdarts.genotypes import PCDARTS
+    from hvd_pcdarts.space.genotypes import PCDARTS
     from hvd_pcdarts.train import build_network
 
     torch.manual_seed(0)
@@ -244,7 +244,7 @@ def test_compiled_ops_equal_eager_float64():
 
 
 def _retrain_model_ops():
-    from hvd_pcdarts.genotypes import PCDARTS
+    from hvd_pcdarts.space.genotypes import PCDARTS
     from hvd_pcdarts.train import build_network
 
     model = build_network("cifar", 8, 10, 3, True, PCDARTS)
@@ -256,7 +256,7 @@ def test_evaluate_runs_a_last_smaller_batch_eagerly(monkeypatch):
     from torch._dynamo.utils import counters
 
     from hvd_pcdarts import train
-    from hvd_pcdarts.genotypes import PCDARTS
+    from hvd_pcdarts.space.genotypes import PCDARTS
     from hvd_pcdarts.train import build_network, evaluate
 
     monkeypatch.setattr(train.dist, "sum_metrics", lambda values, name: values)  # one rank, no Horovod here
@@ -336,7 +336,7 @@ def test_compile_with_sync_bn_on_several_ranks_is_a_usage_error():
 def test_inductor_compiled_ops_train_step_equals_eager_cuda(graph, strict_fp32):
     """train.py --compile [--cuda-graph]: the retraining step with inductor-compiled ops, eagerly and captured in
     the CUDA graph (recaptured per drop-path probability, compiled code reused), against the eager step."""
-    from hvd_pcdarts.genotypes import PCDARTS
+    from hvd_pcdarts.space.genotypes import PCDARTS
     from hvd_pcdarts.train import build_network
 
     def run(compiled, mode):

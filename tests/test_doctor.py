@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from hvd_pcdarts import doctor
+from hvd_pcdarts.tools import doctor, doctor_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bin", "doctor.py")
@@ -197,38 +197,38 @@ def test_bad_input_single_line_exit_2(args, needle, tmp_path):
 
 # --- pieces -------------------------------------------------------------------------------------------------
 def test_dataset_status_layouts(tmp_path):
-    assert doctor.dataset_status("digits", str(tmp_path / "x"))["present"]
+    assert doctor_checks.dataset_status("digits", str(tmp_path / "x"))["present"]
     cifar = fake_cifar10(tmp_path / "c10")
-    ok = doctor.dataset_status("cifar10", str(cifar))
+    ok = doctor_checks.dataset_status("cifar10", str(cifar))
     assert ok["present"] and ok["files"] == 7
     (cifar / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"y" * 101)  # a different size
-    assert doctor.dataset_status("cifar10", str(cifar))["fingerprint"] != ok["fingerprint"]
+    assert doctor_checks.dataset_status("cifar10", str(cifar))["fingerprint"] != ok["fingerprint"]
     (cifar / "cifar-10-batches-py" / "batches.meta").unlink()
-    miss = doctor.dataset_status("cifar10", str(cifar))
+    miss = doctor_checks.dataset_status("cifar10", str(cifar))
     assert not miss["present"] and "batches.meta" in miss["detail"]
     c100 = tmp_path / "c100" / "cifar-100-python"
     c100.mkdir(parents=True)
     for n in ("train", "test"):
         (c100 / n).write_bytes(b"z")
-    assert not doctor.dataset_status("cifar100", str(tmp_path / "c100"))["present"]
+    assert not doctor_checks.dataset_status("cifar100", str(tmp_path / "c100"))["present"]
     (c100 / "meta").write_bytes(b"z")
-    assert doctor.dataset_status("cifar100", str(tmp_path / "c100"))["present"]
+    assert doctor_checks.dataset_status("cifar100", str(tmp_path / "c100"))["present"]
     img = tmp_path / "img"
     (img / "train" / "cat").mkdir(parents=True)
-    assert not doctor.dataset_status("imagefolder", str(img))["present"]  # a class without images
+    assert not doctor_checks.dataset_status("imagefolder", str(img))["present"]  # a class without images
     (img / "train" / "cat" / "1.png").write_bytes(b"p")
-    st = doctor.dataset_status("imagefolder", str(img))
+    st = doctor_checks.dataset_status("imagefolder", str(img))
     assert st["present"] and st["files"] == 1
 
 
 def test_output_status_creates_nothing(tmp_path):
     target = tmp_path / "a" / "b"
-    st = doctor.output_status(str(target))
+    st = doctor_checks.output_status(str(target))
     assert st["path"] == str(tmp_path) and st["free_gb"] > 0 and st["writable"]
     assert not (tmp_path / "a").exists()
     f = tmp_path / "file"
     f.write_text("x")
-    assert doctor.output_status(str(f))["error"]
+    assert doctor_checks.output_status(str(f))["error"]
 
 
 def _rec(rank, host, gpus=0, torch_v="2.14.1", fp="abc", present=True, value=None, n=4):
@@ -247,7 +247,7 @@ def _rec(rank, host, gpus=0, torch_v="2.14.1", fp="abc", present=True, value=Non
 def test_analyze_finds_every_kind_of_inconsistency():
     recs = [_rec(0, "a", gpus=1), _rec(1, "a", gpus=1), _rec(2, "b", gpus=2, torch_v="2.13.0", fp="def"),
             _rec(3, "b", gpus=2, present=False, value=7.0)]
-    problems, notes = doctor.analyze(recs, "cifar10", min_free_gb=1.0, world_size=4)
+    problems, notes = doctor_checks.analyze(recs, "cifar10", min_free_gb=1.0, world_size=4)
     text = "\n".join(problems)
     assert "data: cifar10 missing on host b (rank 3: gone)" in text
     assert "fingerprint abc on host a (ranks 0,1); fingerprint def on host b (rank 2)" in text
@@ -259,12 +259,12 @@ def test_analyze_finds_every_kind_of_inconsistency():
 
 
 def test_analyze_cpu_only_cluster_is_fine_and_gpu_uuids_are_merged():
-    problems, notes = doctor.analyze([_rec(i, "a") for i in range(4)], "digits", 1.0, 4)
+    problems, notes = doctor_checks.analyze([_rec(i, "a") for i in range(4)], "digits", 1.0, 4)
     assert problems == [] and notes and notes[0].startswith("CPU only")
     # each rank sees one GPU (CUDA_VISIBLE_DEVICES per rank): the node still has 2 distinct GPUs
     recs = [_rec(0, "a", gpus=1, n=2), _rec(1, "a", gpus=1, n=2)]
     recs[1]["gpus"]["uuids"] = ["a-1"]
-    problems, _ = doctor.analyze(recs, "digits", 1.0, 2)
+    problems, _ = doctor_checks.analyze(recs, "digits", 1.0, 2)
     assert problems == []
 
 
@@ -272,14 +272,14 @@ def test_analyze_output_space_and_horovod_missing():
     recs = [_rec(0, "a", n=2), _rec(1, "a", n=2)]
     recs[0]["output"]["free_gb"] = 0.2
     recs[1]["horovod_info"]["error"] = "Horovod is not installed"
-    problems, _ = doctor.analyze(recs, "digits", 1.0, 2)
+    problems, _ = doctor_checks.analyze(recs, "digits", 1.0, 2)
     assert any("only 0.20 GB free" in p for p in problems)
     assert "horovod: host a (rank 1): Horovod is not installed" in problems
     # every rank without Horovod: one line for the cause, one for the skipped allreduce
     for r in recs:
         r["horovod_info"]["error"] = "Horovod is not installed"
         r["allreduce"] = {"skipped": "Horovod unavailable", "ok": False, "timed_out": False, "error": None}
-    problems, _ = doctor.analyze(recs, "digits", 1.0, 2)
+    problems, _ = doctor_checks.analyze(recs, "digits", 1.0, 2)
     assert [p for p in problems if not p.startswith("output")] == [
         "horovod: host a (ranks 0,1): Horovod is not installed",
         "allreduce: not run on host a (ranks 0,1) (Horovod unavailable)"]
@@ -289,6 +289,6 @@ def test_analyze_gpus_without_nccl():
     recs = [_rec(0, "g", gpus=2, n=2), _rec(1, "g", gpus=2, n=2)]
     for r in recs:
         r["horovod_info"]["nccl_built"] = False
-    problems, _ = doctor.analyze(recs, "digits", 1.0, 2)
+    problems, _ = doctor_checks.analyze(recs, "digits", 1.0, 2)
     assert problems == ["horovod: host g (ranks 0,1): GPUs are visible but Horovod was built without NCCL: "
                         "rebuild with HVD_PCDARTS_GPU=1 scripts/install_horovod.sh"]

@@ -105,7 +105,7 @@ def test_elastic_search_survives_a_killed_worker(tmp_path, victim, comm):
                                   _kill_mid_epoch(victim))
     assert rc == 0, text[-5000:]
     # a valid genotype
-    from hvd_pcdarts.genotypes import load_genotype
+    from hvd_pcdarts.space.genotypes import load_genotype
 
     geno = load_genotype(str(tmp_path / "out" / "genotype.json"))
     assert len(geno.normal) == 8 and len(geno.reduce) == 8
@@ -163,7 +163,7 @@ def test_a_reset_without_horovods_sync_syncs_before_the_loop_goes_on():
     twice. Size-1 Horovod in this process."""
     import torch.nn as nn
 
-    from hvd_pcdarts import distributed as dist
+    from hvd_pcdarts.dist import horovod as dist
 
     dist.init()
     st = dist.elastic_state({"model": nn.Linear(2, 2)}, epoch=0)

@@ -103,7 +103,7 @@ def test_torchscript_export_equals_torch_at_any_batch(checkpoints, tmp_path):
 
 
 def test_export_fails_with_exit_1_when_the_file_disagrees(checkpoints, tmp_path, monkeypatch, capsys):
-    from hvd_pcdarts import export
+    from hvd_pcdarts.tools import export
 
     monkeypatch.setattr(export, "run_torchscript", lambda path, x: torch.zeros(len(x), 10) + 1.0)
     assert export.main([str(checkpoints["cifar"]), "--format", "torchscript", "--out", str(tmp_path / "n.pt")]) == 1

@@ -17,7 +17,7 @@ from hvd_pcdarts import fastpath as fp
 from hvd_pcdarts.data import DataBundle, SeededView, ShardSampler, _digits, _synthetic, make_loader, make_transform
 from hvd_pcdarts.errors import UsageError
 from hvd_pcdarts.experimental.composite_bn import CompositeBatchNorm2d, use_composite_bn
-from hvd_pcdarts.ops import channel_shuffle
+from hvd_pcdarts.space.ops import channel_shuffle
 from hvd_pcdarts.steps import SearchStep, TrainStep
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -295,7 +295,7 @@ def test_graph_replay_draws_the_eager_drop_path_masks_cuda():
     """The assumption GraphedTrainStep's exactness rests on: after the same manual_seed, a replayed graph's
     bernoulli_ draws (drop_path's masks) equal the eager ones bit for bit, and a replay advances the generator
     as the eager calls do."""
-    from hvd_pcdarts.ops import drop_path
+    from hvd_pcdarts.space.ops import drop_path
 
     x = torch.ones(64, 4, 2, 2, device="cuda")
 

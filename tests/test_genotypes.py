@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from hvd_pcdarts.errors import GenotypeError, UsageError
-from hvd_pcdarts.genotypes import (
+from hvd_pcdarts.models import SearchNetwork, derive_cell
+from hvd_pcdarts.space.genotypes import (
     PRIMITIVES,
     Genotype,
     from_dict,
@@ -18,7 +19,6 @@ from hvd_pcdarts.genotypes import (
     save_genotype,
     to_dict,
 )
-from hvd_pcdarts.models import SearchNetwork, derive_cell
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -73,7 +73,7 @@ def test_plain_python_is_a_size1_job(allreduce_script):
 INIT_ENV_SCRIPT = textwrap.dedent("""
     import json, os, sys
 
-    from hvd_pcdarts import distributed as dist
+    from hvd_pcdarts.dist import horovod as dist
 
     dist.init(cpu_tuning=sys.argv[1] == "tuned")
     with open(os.path.join(sys.argv[2], f"rank{dist.rank()}.json"), "w") as f:
@@ -101,8 +101,8 @@ GBN_SCRIPT = textwrap.dedent("""
     import torch
     import torch.nn as nn
 
-    from hvd_pcdarts import distributed as dist
-    from hvd_pcdarts.syncbn import GlobalBatchNorm2d
+    from hvd_pcdarts.dist import horovod as dist
+    from hvd_pcdarts.dist.syncbn import GlobalBatchNorm2d
 
     dist.init()
     rank, world = dist.rank(), dist.size()

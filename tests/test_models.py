@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 import hvd_pcdarts.models.eval_network as eval_network
-from hvd_pcdarts.genotypes import PRIMITIVES, from_dict, load_genotype, to_dict
 from hvd_pcdarts.models import (
     ARCH_PARAM_NAMES,
     MixedOp,
@@ -18,7 +17,8 @@ from hvd_pcdarts.models import (
     SearchNetwork,
     count_parameters,
 )
-from hvd_pcdarts.ops import FactorizedReduce, Identity, ReLUConvBN, SepConv
+from hvd_pcdarts.space.genotypes import PRIMITIVES, from_dict, load_genotype, to_dict
+from hvd_pcdarts.space.ops import FactorizedReduce, Identity, ReLUConvBN, SepConv
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hvd_pcdarts.genotypes import PRIMITIVES
 from hvd_pcdarts.models import MixedOp
-from hvd_pcdarts.ops import (
+from hvd_pcdarts.space.genotypes import PRIMITIVES
+from hvd_pcdarts.space.ops import (
     OPS,
     DilConv,
     FactorizedReduce,

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from hvd_pcdarts import plots, visualize
-from hvd_pcdarts.genotypes import PCDARTS, PRIMITIVES, to_dict
+from hvd_pcdarts.space.genotypes import PCDARTS, PRIMITIVES, to_dict
+from hvd_pcdarts.tools import plots, visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -127,7 +127,7 @@ def test_flat_and_overlap_gradient_allreduce_give_the_same_run(tmp_path, extra, 
 
 def test_weight_optimizer_holds_no_arch_parameter_and_arch_step_changes_no_weight(tmp_path):
     """In-process (size-1 Horovod): the parameter groups are disjoint and an arch step touches only alphas/betas."""
-    from hvd_pcdarts.elastic import LocalState
+    from hvd_pcdarts.dist.elastic import LocalState
     from hvd_pcdarts.search import Searcher, parse_args
 
     args = parse_args(TINY + ["--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32",
@@ -205,7 +205,7 @@ def test_two_rank_search_learns_digits_and_writes_outputs(tmp_path):
         assert set(m) >= {"epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "epoch_time_s",
                           "images_per_s", "world_size", "genotype"}
     assert metrics[-1]["valid_acc"] >= 85.0, [m["valid_acc"] for m in metrics]
-    from hvd_pcdarts.genotypes import load_genotype
+    from hvd_pcdarts.space.genotypes import load_genotype
 
     geno = load_genotype(str(out / "genotype.json"))
     assert len(geno.normal) == 8 and len(geno.reduce) == 8

@@ -39,9 +39,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..genotypes import PRIMITIVES
 from ..models import batched_ops as bo
 from ..models.weight_pack import SEP
+from ..space.genotypes import PRIMITIVES
 from . import depthwise, pooling, sums
 
 _IDX = {name: i for i, name in enumerate(PRIMITIVES)}

@@ -31,7 +31,7 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     """4-d weights in NHWC order, so that convolutions produce NHWC outputs (with NHWC inputs: any).
 
     1x1 kernels stay in the standard layout: for them both layouts hold the same order, but NHWC strides of a
-    (O, I, 1, 1) tensor have a last stride of I, which byte views (distributed.tensors_checksum) refuse."""
+    (O, I, 1, 1) tensor have a last stride of I, which byte views (dist.horovod.tensors_checksum) refuse."""
     model.to(memory_format=torch.channels_last)
     with torch.no_grad():
         for p in model.parameters():

@@ -41,7 +41,7 @@ import collections
 import torch
 import torch.nn.functional as F
 
-from ..genotypes import PRIMITIVES
+from ..space.genotypes import PRIMITIVES
 from . import batched_ops as bo
 from .batched_options import BatchedOptions
 from .batched_plan import SLOTS as _SLOTS

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..genotypes import load_genotype
-from ..ops import OPS, FactorizedReduce, Identity, ReLUConvBN, drop_path
+from ..space.genotypes import load_genotype
+from ..space.ops import OPS, FactorizedReduce, Identity, ReLUConvBN, drop_path
 
 
 class EvalCell(nn.Module):

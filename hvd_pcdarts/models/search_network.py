@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..genotypes import PRIMITIVES, Genotype
-from ..ops import OPS, FactorizedReduce, ReLUConvBN, channel_shuffle
+from ..space.genotypes import PRIMITIVES, Genotype
+from ..space.ops import OPS, FactorizedReduce, ReLUConvBN, channel_shuffle
 from .batched_cell import BatchedCellRunner, BatchedOptions
 
 ARCH_PARAM_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")

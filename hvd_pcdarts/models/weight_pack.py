@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..genotypes import PRIMITIVES
+from ..space.genotypes import PRIMITIVES
 
 _IDX = {name: i for i, name in enumerate(PRIMITIVES)}
 SEP = ("sep_conv_3x3", "sep_conv_5x5")

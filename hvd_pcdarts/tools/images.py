@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 class UnreadableImageError(UsageError):

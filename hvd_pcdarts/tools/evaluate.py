@@ -12,13 +12,13 @@ import os
 
 import torch
 
-from . import distributed as dist
-from .checkpoint import atomic_write_text, load_checkpoint
-from .cli import ArgParser, positive_int
-from .data import DATASETS, EvalShardSampler, SeededView, load_dataset, make_loader, make_transform
-from .errors import UsageError
-from .models import count_parameters
-from .train import evaluate, network_from_checkpoint
+from ..checkpoint import atomic_write_text, load_checkpoint
+from ..cli import ArgParser, positive_int
+from ..data import DATASETS, EvalShardSampler, SeededView, load_dataset, make_loader, make_transform
+from ..dist import horovod as dist
+from ..errors import UsageError
+from ..models import count_parameters
+from ..train import evaluate, network_from_checkpoint
 
 
 def build_parser():

@@ -18,8 +18,8 @@ import math
 import os
 import tempfile
 
-from .errors import UsageError
-from .genotypes import PRIMITIVES
+from ..errors import UsageError
+from ..space.genotypes import PRIMITIVES
 
 CELL_TYPES = (("normal", "alphas_normal", "betas_normal"), ("reduce", "alphas_reduce", "betas_reduce"))
 FORMATS = ("png", "svg", "pdf")
@@ -135,13 +135,25 @@ def make_figure(records: list[dict], title: str | None = None):
     steps = {ct: steps_for_edges(len(records[0]["arch"][a])) for ct, a, _ in CELL_TYPES}
     cols = max(steps.values()) + 2  # the widest node's edges + the betas panel
     rows = sum(steps.values()) + 1  # one row per node per cell type + the accuracy row
-    from matplotlib.ticker import MaxNLocator
-
     height = 2.2 * rows + 1.2
     fig = plt.figure(figsize=(2.9 * cols, height))
     gs = fig.add_gridspec(rows, cols, hspace=0.65, wspace=0.35, top=1 - 1.1 / height, bottom=0.5 / height,
                           left=0.05, right=0.98)
-    colors = plt.get_cmap("tab10").colors
+    op_handles = _arch_rows(fig, gs, records, steps, epochs, marker, plt.get_cmap("tab10").colors)
+    _accuracy_row(fig.add_subplot(gs[rows - 1, :]), records, epochs, marker)
+    if op_handles is not None:
+        fig.legend(*op_handles, loc="upper center", ncol=len(PRIMITIVES), fontsize=9, frameon=False,
+                   bbox_to_anchor=(0.5, 1 - 0.35 / height))
+    fig.suptitle(title or "architecture weights over the search", fontsize=13, y=1 - 0.08 / height)
+    return fig
+
+
+def _arch_rows(fig, gs, records: list[dict], steps: dict, epochs, marker, colors):
+    """One row per node per cell type: a softmax(alpha) panel per input edge, then the node's betas panel.
+    Returns the legend handles of the operations (None when no panel was drawn)."""
+    from matplotlib.ticker import MaxNLocator
+
+    cols = gs.ncols
     row = 0
     op_handles = None
     for cell, akey, bkey in CELL_TYPES:
@@ -175,7 +187,13 @@ def make_figure(records: list[dict], title: str | None = None):
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6, loc="best")
             row += 1
-    ax = fig.add_subplot(gs[row, :])
+    return op_handles
+
+
+def _accuracy_row(ax, records: list[dict], epochs, marker) -> None:
+    """The last row: train and valid accuracy over the epochs."""
+    from matplotlib.ticker import MaxNLocator
+
     for key, label in (("train_acc", "train accuracy"), ("valid_acc", "valid accuracy")):
         ax.plot(epochs, _series(records, key), marker=marker, markersize=3, label=label)
     ax.set_xlabel("epoch")
@@ -184,11 +202,6 @@ def make_figure(records: list[dict], title: str | None = None):
     ax.set_title("search accuracy", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    if op_handles is not None:
-        fig.legend(*op_handles, loc="upper center", ncol=len(PRIMITIVES), fontsize=9, frameon=False,
-                   bbox_to_anchor=(0.5, 1 - 0.35 / height))
-    fig.suptitle(title or "architecture weights over the search", fontsize=13, y=1 - 0.08 / height)
-    return fig
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -4,9 +4,9 @@ would meet a collective alone). The loop that uses them: `loop.RunLoop`."""
 
 from __future__ import annotations
 
-from . import distributed as dist
-from .errors import UsageError
-from .runtime import writable_error
+from . import horovod as dist
+from ..errors import UsageError
+from ..runtime import writable_error
 
 
 class LocalState:
@@ -20,7 +20,7 @@ class LocalState:
 
 
 def add_elastic_args(parser) -> None:
-    from .cli import positive_int
+    from ..cli import positive_int
 
     parser.add_argument("--elastic", action="store_true",
                         help="Horovod Elastic: survive lost workers and take in new ones (launch with horovodrun "

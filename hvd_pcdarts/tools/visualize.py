@@ -13,8 +13,8 @@ import subprocess
 import sys
 import tempfile
 
-from .errors import UsageError
-from .genotypes import Genotype, load_genotype
+from ..errors import UsageError
+from ..space.genotypes import Genotype, load_genotype
 
 CELLS = (("normal", "normal", "normal_concat"), ("reduction", "reduce", "reduce_concat"))
 FORMATS = ("png", "svg")

@@ -1,12 +1,12 @@
 """`--sync-bn`: batch norm whose training statistics are those of the global batch over all ranks (its collectives
-go through `distributed`)."""
+go through `horovod.py`)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from . import distributed as dist
+from . import horovod as dist
 
 
 class _NamedSumAllreduce(torch.autograd.Function):

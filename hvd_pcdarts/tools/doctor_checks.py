@@ -1,34 +1,22 @@
-"""The cluster doctor: check a cluster before a long job, from inside the job's own launcher.
-
-Run it with the same launcher, hosts and flags as the real job (``mpirun ... python bin/doctor.py`` or
-``horovodrun ... python bin/doctor.py``). Every rank describes itself (host, ranks, GPUs, CUDA/NCCL/torch/Horovod/
-Python versions, the dataset at ``--data-dir`` with a fingerprint of its file list, free space for
-``--output-dir``) and takes part in a Horovod allreduce whose result is known in advance. Rank 0 prints one table
-(a row per rank), then one line per inconsistency; every rank exits with the same status: 0 when all is well,
-1 when anything is inconsistent.
-
-Gathering uses mpi4py when the MPI world has more than one process (``mpirun``, ``horovodrun`` with the MPI
-controller) - so a broken Horovod shows up in the table instead of hanging the job - and Horovod's own
-``allgather_object`` otherwise (``horovodrun --gloo``, where every process is an MPI singleton).
-"""
+"""The cluster doctor's checks: what one rank sees (the dataset and a fingerprint of its file list, free space for
+the output folder, GPUs, versions, Horovod's build, an allreduce whose result is known in advance, a --scan-data
+share), and the findings over all ranks' records (`analyze`: one line per problem or note). `doctor.py` runs them
+under the job's launcher and prints the table."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import platform
 import shutil
 import socket
-import sys
 import threading
 import time
 
-from .errors import UsageError
+from ..errors import UsageError
 from .images import walk_files
 
-# torch and Horovod (via .distributed) are imported where needed, so that a bad command line is answered at once.
+# torch and Horovod (via ..dist.horovod) are imported where needed, so that a bad command line is answered at once.
 
 DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "synthetic")
 CIFAR_FILES = {
@@ -36,67 +24,13 @@ CIFAR_FILES = {
                 [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
     "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
 }
-FAKE_MISSING_ENV = "HVD_PCDARTS_DOCTOR_FAKE_MISSING_DATA_RANK"
 VERSION_FIELDS = ("torch", "horovod", "horovod_build", "cuda", "nccl", "python")
 
 
-def launcher_rank() -> int:
-    """This process's rank as the launcher announced it (before any initialization); 0 when unknown."""
-    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK"):
-        v = os.environ.get(var, "")
-        if v.isdigit():
-            return int(v)
-    return 0
-
-
-# --- gathering ------------------------------------------------------------------------------------------------
-class _MPIGroup:
-    kind = "mpi4py"
-
-    def __init__(self, comm):
-        self.comm = comm
-        self.rank = comm.Get_rank()
-        self.size = comm.Get_size()
-
-    def allgather(self, obj):
-        return self.comm.allgather(obj)
-
-    def bcast(self, obj):
-        return self.comm.bcast(obj, root=0)
-
-
-class _HorovodGroup:
-    kind = "horovod"
-
-    def __init__(self):
-        from . import distributed
-
-        self.rank = distributed.rank()
-        self.size = distributed.size()
-
-    def allgather(self, obj):
-        from . import distributed
-
-        return distributed.allgather_object(obj) if self.size > 1 else [obj]
-
-    def bcast(self, obj):
-        from . import distributed
-
-        return distributed.broadcast_object(obj, root_rank=0, name="doctor.verdict")
-
-
-def _mpi_world():
-    """mpi4py's COMM_WORLD, or None when mpi4py is unusable."""
-    try:
-        from mpi4py import MPI
-    except Exception:  # not installed, or no MPI library
-        return None
-    return MPI.COMM_WORLD
-
-
-def _horovod_error() -> str | None:
+# --- what one rank sees ---------------------------------------------------------------------------------------
+def horovod_error() -> str | None:
     """None when horovod.torch imports; otherwise its one-line error."""
-    from . import distributed
+    from ..dist import horovod as distributed
 
     try:
         distributed.hvd()
@@ -105,38 +39,6 @@ def _horovod_error() -> str | None:
     return None
 
 
-class _Watchdog:
-    """Ends this process with a clear line if a collective step never finishes (a rank died or hangs)."""
-
-    def __init__(self, seconds: float, rank: int):
-        self.step = "start-up"
-        self.rank = rank
-        self.deadline = time.monotonic() + seconds
-        self.seconds = seconds
-        threading.Thread(target=self._run, daemon=True).start()
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Local work of unknown length (no collective in it): the clock stops meanwhile, and the ranks that
-        finish first may then wait as long again for the others to finish theirs."""
-        t0, left = time.monotonic(), self.deadline - time.monotonic()
-        self.deadline = float("inf")
-        try:
-            yield
-        finally:
-            now = time.monotonic()
-            self.deadline = now + left + (now - t0)
-
-    def _run(self):
-        while time.monotonic() < self.deadline:
-            time.sleep(0.5)
-        if self.rank == 0:
-            print(f"doctor: FAILED: no answer from the other ranks within {self.seconds:.0f} s during "
-                  f"'{self.step}' (a rank hung, died or cannot reach the others)", file=sys.stderr, flush=True)
-        os._exit(1)
-
-
-# --- what one rank sees ---------------------------------------------------------------------------------------
 def _fingerprint(root: str, relpaths) -> str:
     h = hashlib.sha1()
     for rel in sorted(relpaths):
@@ -241,7 +143,7 @@ def horovod_status(initialized: bool, error: str | None) -> dict:
             "controller": None, "rank": None, "size": None, "local_rank": None, "error": error}
     if error is not None:
         return info
-    from . import distributed
+    from ..dist import horovod as distributed
 
     h = distributed.hvd()
     import importlib
@@ -266,7 +168,7 @@ def allreduce_check(rank: int, size: int, timeout: float, local_rank: int | None
     """
     import torch
 
-    from . import distributed
+    from ..dist import horovod as distributed
 
     expected = size * (size + 1) / 2
     box: dict = {}
@@ -336,6 +238,16 @@ def local_record(rank: int, dataset: str, data_dir: str, output_dir: str, hvd_in
     }
 
 
+def scan_share(args, rank: int, size: int) -> dict:
+    """This rank's share of --scan-data: every size-th image of the ImageFolder tree, read and decoded."""
+    if args.dataset != "imagefolder":
+        return {"read": 0, "unreadable": [], "skipped": f"dataset {args.dataset} has no image files to read"}
+    if not os.path.isdir(os.path.join(args.data_dir, "train")):
+        return {"read": 0, "unreadable": [], "skipped": f"{args.data_dir}/train does not exist"}
+    from .images import scan_images
+
+    return scan_images(args.data_dir, rank, size)
+
 # --- verdict --------------------------------------------------------------------------------------------------
 def _ranks_text(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(str(r) for r in sorted(ranks))
@@ -360,8 +272,18 @@ def analyze(records: list[dict], dataset: str, min_free_gb: float, world_size: i
     hosts: dict = {}
     for r in records:
         hosts.setdefault(r["host"], []).append(r)
+    _horovod_findings(records, world_size, problems)
+    _data_findings(records, hosts, dataset, problems)
+    _version_findings(records, problems)
+    _gpu_findings(records, hosts, problems, notes)
+    _output_findings(hosts, min_free_gb, problems)
+    _allreduce_findings(records, problems)
+    _scan_findings([r["scan"] for r in records if r.get("scan")], problems, notes)
+    return problems, notes
 
-    # Horovod itself
+
+def _horovod_findings(records: list[dict], world_size: int, problems: list[str]) -> None:
+    """Horovod itself: ranks where it does not import, ranks that see another world size than the launcher's."""
     broken = _by_value([r for r in records if r["horovod_info"].get("error")], lambda r: r["horovod_info"]["error"])
     for err, hs in broken.items():
         problems.append(f"horovod: {_where(hs)}: {err}")
@@ -372,7 +294,9 @@ def analyze(records: list[dict], dataset: str, min_free_gb: float, world_size: i
             problems.append(f"horovod: host {r['host']} rank {r['rank']}: Horovod sees "
                             f"{r['horovod_info']['size']} ranks but the launcher started {world_size}")
 
-    # data: presence per node, then one fingerprint everywhere
+
+def _data_findings(records: list[dict], hosts: dict, dataset: str, problems: list[str]) -> None:
+    """The dataset: present on every node, then one fingerprint everywhere."""
     for host, recs in hosts.items():
         missing = [r for r in recs if not r["data"]["present"]]
         if missing:
@@ -384,7 +308,9 @@ def analyze(records: list[dict], dataset: str, min_free_gb: float, world_size: i
         problems.append("data: the dataset differs between ranks: " +
                         "; ".join(f"fingerprint {fp} on {_where(hs)}" for fp, hs in fps.items()))
 
-    # versions
+
+def _version_findings(records: list[dict], problems: list[str]) -> None:
+    """One version of each of VERSION_FIELDS on every rank."""
     for field in VERSION_FIELDS:
         recs = records
         if field.startswith("horovod"):  # a rank without a working Horovod is reported above
@@ -394,7 +320,9 @@ def analyze(records: list[dict], dataset: str, min_free_gb: float, world_size: i
             problems.append(f"versions: {field} differs: " +
                             "; ".join(f"{v if v is not None else 'none'} on {_where(hs)}" for v, hs in vals.items()))
 
-    # GPUs per node
+
+def _gpu_findings(records: list[dict], hosts: dict, problems: list[str], notes: list[str]) -> None:
+    """GPUs per node: CUDA errors, GPUs without a Horovod built with NCCL, more ranks than GPUs on a node."""
     def host_gpus(recs):
         uuids = {u for r in recs for u in r["gpus"]["uuids"] if u}
         return max(len(uuids), max(r["gpus"]["count"] for r in recs))
@@ -403,21 +331,23 @@ def analyze(records: list[dict], dataset: str, min_free_gb: float, world_size: i
     for r in records:
         if r["gpus"].get("error"):
             problems.append(f"gpus: host {r['host']} rank {r['rank']}: CUDA error: {r['gpus']['error']}")
-    if any(gpus.values()):
-        for h, recs in hosts.items():
-            no_nccl = [r["rank"] for r in recs if r["gpus"]["count"] and r["horovod_info"].get("error") is None
-                       and r["horovod_info"].get("nccl_built") is False]
-            if no_nccl:
-                problems.append(f"horovod: host {h} ({_ranks_text(no_nccl)}): GPUs are visible but Horovod was "
-                                f"built without NCCL: rebuild with HVD_PCDARTS_GPU=1 scripts/install_horovod.sh")
-        for h, recs in hosts.items():
-            if len(recs) > gpus[h]:
-                problems.append(f"gpus: host {h} runs {len(recs)} ranks but has {gpus[h]} GPU(s): ranks would "
-                                f"share a GPU (start at most {gpus[h]} there)")
-    else:
+    if not any(gpus.values()):
         notes.append(f"CPU only: no GPU visible on any node; {len(records)} rank(s) will run on CPU")
+        return
+    for h, recs in hosts.items():
+        no_nccl = [r["rank"] for r in recs if r["gpus"]["count"] and r["horovod_info"].get("error") is None
+                   and r["horovod_info"].get("nccl_built") is False]
+        if no_nccl:
+            problems.append(f"horovod: host {h} ({_ranks_text(no_nccl)}): GPUs are visible but Horovod was "
+                            f"built without NCCL: rebuild with HVD_PCDARTS_GPU=1 scripts/install_horovod.sh")
+    for h, recs in hosts.items():
+        if len(recs) > gpus[h]:
+            problems.append(f"gpus: host {h} runs {len(recs)} ranks but has {gpus[h]} GPU(s): ranks would "
+                            f"share a GPU (start at most {gpus[h]} there)")
 
-    # output folder
+
+def _output_findings(hosts: dict, min_free_gb: float, problems: list[str]) -> None:
+    """The output folder on each node: an error, not writable, or less free space than --min-free-gb."""
     for h, recs in hosts.items():
         for path, rs in _by_value(recs, lambda r: r["output"]["path"]).items():
             o = next(r["output"] for r in recs if r["output"]["path"] == path)
@@ -430,7 +360,9 @@ def analyze(records: list[dict], dataset: str, min_free_gb: float, world_size: i
                 problems.append(f"output: host {h} ({_ranks_text(ranks)}): only {o['free_gb']:.2f} GB free at "
                                 f"{path} (--min-free-gb {min_free_gb:g})")
 
-    # allreduce end to end
+
+def _allreduce_findings(records: list[dict], problems: list[str]) -> None:
+    """The allreduce end to end: skipped, timed out, failed, or a wrong sum."""
     skipped = _by_value([r for r in records if r["allreduce"].get("skipped")], lambda r: r["allreduce"]["skipped"])
     for why, hs in skipped.items():
         problems.append(f"allreduce: not run on {_where(hs)} ({why})")
@@ -445,8 +377,6 @@ def analyze(records: list[dict], dataset: str, min_free_gb: float, world_size: i
         elif not a["ok"]:
             problems.append(f"allreduce: host {r['host']} rank {r['rank']}: got {a['value']:g}, expected "
                             f"{a['expected']:g}")
-    _scan_findings([r["scan"] for r in records if r.get("scan")], problems, notes)
-    return problems, notes
 
 
 def _scan_findings(scans: list[dict], problems: list[str], notes: list[str]) -> None:
@@ -462,179 +392,3 @@ def _scan_findings(scans: list[dict], problems: list[str], notes: list[str]) -> 
         problems.append(f"unreadable image: {x}")
     if not bad:
         notes.append(f"--scan-data: all {sum(s['read'] for s in scans)} images read, none unreadable")
-
-
-def format_table(records: list[dict]) -> str:
-    def gpu_cell(g):
-        if g.get("error"):
-            return "error"
-        if not g["count"]:
-            return "0"
-        names = sorted(set(g["names"]))
-        return f"{g['count']} ({', '.join(names)})"
-
-    def ar_cell(a):
-        if a.get("skipped"):
-            return "skipped"
-        if a["timed_out"]:
-            return "TIMEOUT"
-        if a["error"]:
-            return "ERROR"
-        return f"{'ok' if a['ok'] else 'WRONG'} {a['value']:g} ({a.get('device', 'cpu')}, {a['ms']} ms)"
-
-    def data_cell(d):
-        return f"{d['fingerprint']}" if d["present"] else "MISSING"
-
-    def free_cell(o):
-        if o["error"] or o["free_gb"] is None:
-            return "error"
-        return f"{o['free_gb']:.1f} GB" + ("" if o["writable"] else " (read-only)")
-
-    header = ["rank", "host", "local", "gpus", "cuda", "nccl", "torch", "horovod", "python", "data", "free",
-              "allreduce"]
-    rows = [[str(r["rank"]), r["host"], "-" if r["local_rank"] is None else str(r["local_rank"]),
-             gpu_cell(r["gpus"]), r["cuda"] or "none", r["nccl"] or "none", r["torch"],
-             f"{r['horovod']} ({r['horovod_build']})" if r["horovod"] else "MISSING", r["python"],
-             data_cell(r["data"]), free_cell(r["output"]), ar_cell(r["allreduce"])] for r in records]
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-# --- the whole check ------------------------------------------------------------------------------------------
-def _validate(args) -> None:
-    if args.dataset not in DATASETS:
-        raise UsageError(f"unknown dataset {args.dataset!r} (choose from {', '.join(DATASETS)})")
-    if not args.timeout > 0:
-        raise UsageError(f"--timeout must be positive, got {args.timeout:g}")
-    if args.min_free_gb < 0:
-        raise UsageError(f"--min-free-gb must be >= 0, got {args.min_free_gb:g}")
-    if args.json:
-        parent = os.path.dirname(os.path.abspath(args.json))
-        if os.path.isdir(args.json):
-            raise UsageError(f"--json {args.json} is a folder; give a file path")
-        if not os.path.isdir(parent):
-            raise UsageError(f"--json {args.json}: folder {parent} does not exist")
-    if args.simulate_missing_data_on_rank is not None and args.simulate_missing_data_on_rank < 0:
-        raise UsageError(f"--simulate-missing-data-on-rank must be >= 0, got {args.simulate_missing_data_on_rank}")
-
-
-def _fake_missing_rank(args) -> int | None:
-    if args.simulate_missing_data_on_rank is not None:
-        return args.simulate_missing_data_on_rank
-    v = os.environ.get(FAKE_MISSING_ENV, "").strip()
-    if not v:
-        return None
-    if not v.isdigit():
-        raise UsageError(f"{FAKE_MISSING_ENV}={v!r} must be a rank number")
-    return int(v)
-
-
-def _scan(args, rank: int, size: int) -> dict:
-    """This rank's share of --scan-data: every size-th image of the ImageFolder tree, read and decoded."""
-    if args.dataset != "imagefolder":
-        return {"read": 0, "unreadable": [], "skipped": f"dataset {args.dataset} has no image files to read"}
-    if not os.path.isdir(os.path.join(args.data_dir, "train")):
-        return {"read": 0, "unreadable": [], "skipped": f"{args.data_dir}/train does not exist"}
-    from .images import scan_images
-
-    return scan_images(args.data_dir, rank, size)
-
-
-def run(args, out=sys.stdout) -> int:
-    """Run the doctor on this rank; returns the exit status every rank agrees on (0 ok, 1 problems).
-
-    `args` has: dataset, data_dir, output_dir, json, timeout, min_free_gb, simulate_missing_data_on_rank and
-    optionally scan_data.
-    """
-    _validate(args)
-    fake_rank = _fake_missing_rank(args)
-    from . import distributed
-
-    watchdog = _Watchdog(3 * args.timeout + 30, launcher_rank())
-
-    comm = _mpi_world()
-    hvd_initialized = False
-    if comm is not None and comm.Get_size() > 1:
-        group = _MPIGroup(comm)
-        watchdog.rank = group.rank
-        # Initialize Horovod only if every rank can import it: its init is collective and would hang otherwise.
-        watchdog.step = "checking that every rank imports Horovod"
-        err = _horovod_error()
-        errors = group.allgather(err)
-        if all(e is None for e in errors):
-            watchdog.step = "Horovod initialization"
-            distributed.init()
-            hvd_initialized = True
-    else:
-        # horovodrun --gloo (each process is an MPI singleton) or a single process: Horovod gathers.
-        watchdog.step = "Horovod initialization"
-        distributed.init()  # a missing Horovod ends here with one line (exit 1)
-        hvd_initialized = True
-        err = None
-        group = _HorovodGroup()
-        watchdog.rank = group.rank
-
-    hvd_info = horovod_status(hvd_initialized, err)
-    if fake_rank is not None and fake_rank >= group.size:
-        raise UsageError(f"--simulate-missing-data-on-rank {fake_rank}: there are only {group.size} ranks")
-    record = local_record(group.rank, args.dataset, args.data_dir, args.output_dir, hvd_info,
-                          fake_missing=fake_rank == group.rank)
-    if getattr(args, "scan_data", False):
-        watchdog.step = "reading every image (--scan-data)"
-        with watchdog.paused():
-            record["scan"] = _scan(args, group.rank, group.size)
-
-    if hvd_initialized:
-        watchdog.step = "the allreduce check"
-        record["allreduce"] = allreduce_check(hvd_info["rank"], hvd_info["size"], args.timeout,
-                                              hvd_info["local_rank"])
-    else:
-        record["allreduce"] = {"skipped": "Horovod is unavailable on some rank", "ok": False, "timed_out": False,
-                               "error": None, "value": None, "expected": None, "ms": None}
-    stuck = record["allreduce"]["timed_out"]
-    if stuck and group.kind == "horovod":
-        # Horovod cannot gather for us while its own collective is stuck.
-        if group.rank == 0:
-            print(f"doctor: FAILED: the Horovod allreduce did not finish within {args.timeout:g} s on rank 0 "
-                  f"(host {record['host']}); a rank is missing or the network between hosts is blocked",
-                  file=sys.stderr, flush=True)
-        os._exit(1)
-
-    watchdog.step = "gathering the reports"
-    records = sorted(group.allgather(record), key=lambda r: r["rank"])
-    status = 0
-    if group.rank == 0:
-        problems, notes = analyze(records, args.dataset, args.min_free_gb, group.size)
-        status = 1 if problems else 0
-        hosts = len({r["host"] for r in records})
-        ctrl = hvd_info.get("controller") or "unavailable"
-        print(f"hvd-pcdarts cluster doctor: {len(records)} rank(s) on {hosts} host(s); dataset {args.dataset} at "
-              f"{os.path.abspath(args.data_dir)}; gathered with {group.kind}; Horovod controller {ctrl}", file=out)
-        print(format_table(records), file=out)
-        for n in notes:
-            print(f"note: {n}", file=out)
-        for p in problems:
-            print(f"PROBLEM: {p}", file=out)
-        print(f"doctor: {'OK' if not problems else f'FAILED: {len(problems)} problem(s)'}", file=out)
-        out.flush()
-        if args.json:
-            from .checkpoint import atomic_write_text
-
-            payload = {"ok": not problems, "dataset": args.dataset, "data_dir": os.path.abspath(args.data_dir),
-                       "output_dir": os.path.abspath(args.output_dir), "world_size": group.size,
-                       "gathered_with": group.kind, "horovod_controller": hvd_info.get("controller"),
-                       "problems": problems, "notes": notes, "ranks": records}
-            try:
-                atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
-            except OSError as e:
-                print(f"error: --json {args.json}: cannot write: {e.strerror or e}", file=sys.stderr, flush=True)
-                status = 2
-    watchdog.step = "sharing the verdict"
-    status = group.bcast(status)
-    if stuck:  # a Horovod thread is still blocked: a normal interpreter exit could wait on it forever
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    return status

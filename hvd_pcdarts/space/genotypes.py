@@ -11,7 +11,7 @@ import json
 import os
 from collections import namedtuple
 
-from .errors import GenotypeError
+from ..errors import GenotypeError
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
 
@@ -111,7 +111,7 @@ def from_dict(obj, where: str = "genotype") -> Genotype:
 
 def save_genotype(genotype: Genotype, path: str, extra: dict | None = None) -> None:
     """Write ``{"genotype": ..., **extra}`` as JSON, atomically."""
-    from .checkpoint import atomic_write_text
+    from ..checkpoint import atomic_write_text
 
     payload = {"genotype": to_dict(genotype)}
     if extra:

@@ -20,13 +20,13 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint
-from .cli import ArgParser, positive_float, positive_int
-from .data import DIGITS_SIZE
-from .errors import UsageError
+from ..checkpoint import load_checkpoint
+from ..cli import ArgParser, positive_float, positive_int
+from ..data import DIGITS_SIZE
+from ..errors import UsageError
+from ..models import count_parameters
+from ..train import CHECKPOINT_FORMAT, network_from_checkpoint
 from .evaluate import count_macs
-from .models import count_parameters
-from .train import CHECKPOINT_FORMAT, network_from_checkpoint
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "digits": DIGITS_SIZE, "synthetic": 32, "imagefolder": 224}

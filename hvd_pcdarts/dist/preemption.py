@@ -14,7 +14,7 @@ import argparse
 import signal
 import threading
 
-from . import distributed as dist
+from . import horovod as dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
