@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import ArgParser, run_main
+from .cli import ArgParser, nonneg_int, run_main
 from .errors import UsageError
 
 
@@ -127,4 +127,26 @@ def visualize(argv=None) -> int:
         return 2
     for path in paths:
         print(path)
+    return 0
+
+
+def derive(argv=None) -> int:
+    """hvd-pcdarts-derive (bin/derive.py): a genotype derived again from a search's saved alphas and betas."""
+    p = ArgParser(prog="derive.py", description="Derive the cells again from the alphas and betas a search saved in "
+                  "its genotype.json, with another rule; writes a genotype.json that bin/train.py --genotype reads.")
+    p.add_argument("genotype", metavar="GENOTYPE_JSON", help="genotype.json written by bin/train_search.py")
+    p.add_argument("--skip-cap", type=nonneg_int, default=None, metavar="N",
+                   help="P-DARTS: the normal cell keeps at most N skip_connect, the strongest; the other edges take "
+                        "their next-best operation")
+    p.add_argument("--out", required=True, metavar="PATH", help="the genotype.json to write")
+    args = p.parse_args(argv)
+    from .space.derive import derive_file
+
+    try:
+        geno = derive_file(args.genotype, args.out, args.skip_cap)
+    except UsageError as e:
+        print(f"derive.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"genotype: {geno}")
+    print(args.out)
     return 0

@@ -189,6 +189,8 @@ class RunOutput:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "epoch":
                     self.tb.add_scalar(k, v, record["epoch"])
+            for tag, v in scalars("diagnostics", record.get("diagnostics", {})):
+                self.tb.add_scalar(tag, v, record["epoch"])
             self.tb.flush()
 
     def close(self) -> None:
@@ -292,3 +294,15 @@ def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)):
 def jsonable(d: dict) -> dict:
     """`d` with every value JSON can hold (others as their str), for args.json and checkpoints."""
     return json.loads(json.dumps(d, default=str))
+
+
+def scalars(prefix: str, value):
+    """(tag, number) pairs of the numbers in nested dicts and lists, for TensorBoard: diagnostics/normal/margin/3."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from scalars(f"{prefix}/{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from scalars(f"{prefix}/{i}", v)
+    elif isinstance(value, (bool, int, float)):
+        yield prefix, float(value)

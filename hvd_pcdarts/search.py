@@ -36,13 +36,14 @@ from .data import (
     make_transform,
     search_split,
 )
+from .diagnostics import search_diagnostics
 from .dist import horovod as dist
 from .errors import UsageError
 from .flags import add_run_args, check_run_args
 from .loop import RunLoop
 from .models import SearchNetwork
 from .runtime import accuracy_counts, check_finite, jsonable, step_values
-from .space.genotypes import save_genotype, to_dict
+from .space.genotypes import derivation_rule, save_genotype, to_dict
 from .steps import SearchStep, autocast, search_optimizers
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-search-v1"
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="per-class sample of the training set instead of the portion split (ImageNet recipe: 0.1 0.025)")
     a("--partial-k", type=positive_int, default=4)
     a("--stem", choices=["cifar", "imagenet"], default="cifar")
+    a("--skip-cap", type=nonneg_int, default=None, metavar="N",
+      help="P-DARTS (Chen et al., ICCV 2019): the derived normal cell keeps at most N skip_connect, the strongest; "
+           "the other edges take their next-best operation (default: no cap, the PC-DARTS derivation)")
     fast = groups["fast"].add_argument
     fast("--batched-edges", action="store_true", help="compute the edges of a cell that read states ready at the "
          "same time as one set of grouped convolutions (same parameters and results, fewer kernels)")
@@ -136,7 +140,8 @@ class Searcher(RunLoop):
             self.step = SearchStep(self.model, self.criterion, self.arch_params, self.weights, self.a_opt,
                                    self.w_opt, a.grad_clip, average_arch, self.autocast_dtype, self.scaler,
                                    freeze_weights=a.compile, channels_last=a.channels_last)
-        self.start = dict(epoch=0, arch_pass=0, arch_sample=0, global_step=0)
+        # last_genotype: derived at the end of the epoch before (diagnostics' genotype_changed)
+        self.start = dict(epoch=0, arch_pass=0, arch_sample=0, global_step=0, last_genotype=None)
         self._start()
 
     # --- setup ----------------------------------------------------------------------------------------------
@@ -180,7 +185,7 @@ class Searcher(RunLoop):
             self.scaler.load_state_dict(ckpt["scaler"])
         arch_sample = ckpt.get("arch_sample", int(ckpt["arch_pos"]) * self.args.batch_size)
         self.start = dict(epoch=int(ckpt["epoch"]), arch_pass=int(ckpt["arch_pass"]), arch_sample=int(arch_sample),
-                          global_step=int(ckpt["global_step"]))
+                          global_step=int(ckpt["global_step"]), last_genotype=ckpt.get("last_genotype"))
         torch.set_rng_state(ckpt["rng_torch"])
         self.resumed_from = path
 
@@ -291,7 +296,8 @@ class Searcher(RunLoop):
                     model=self.model.state_dict(), w_opt=self.w_opt.state_dict(), a_opt=self.a_opt.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
                     arch_pass=st.arch_pass, arch_pos=st.arch_sample // a.batch_size, arch_sample=st.arch_sample,
-                    global_step=st.global_step, rng_torch=torch.get_rng_state(), world_size=self.world,
+                    global_step=st.global_step, last_genotype=st.last_genotype, rng_torch=torch.get_rng_state(),
+                    world_size=self.world,
                     args=jsonable(vars(a)))
 
     def _write_epoch(self, out, rec: dict, st) -> None:
@@ -300,12 +306,14 @@ class Searcher(RunLoop):
         self.write_genotype()
         self._save(st)
 
+    def genotype(self):
+        return self.model.genotype(skip_cap=self.args.skip_cap)
+
     def write_genotype(self):
         if not dist.is_root():
             return
-        geno = self.model.genotype()
-        save_genotype(geno, os.path.join(self.args.output_dir, "genotype.json"), extra=self.model.arch_state())
-        return geno
+        save_genotype(self.genotype(), os.path.join(self.args.output_dir, "genotype.json"),
+                      extra=self.model.arch_state() | derivation_rule(self.args.skip_cap))
 
     # --- the whole search (the loop's frame: loop.RunLoop) ------------------------------------------------
     def _stateful(self) -> dict:
@@ -314,6 +322,8 @@ class Searcher(RunLoop):
 
     def _begin(self, st):
         self._arch_iter = None  # a (re)started loop: the arch iterator follows the synced position
+        if st.last_genotype is None:  # a fresh search: the genotype of the initial architecture
+            st.last_genotype = to_dict(self.genotype())
         super()._begin(st)
 
     def _output_args(self) -> dict:
@@ -336,10 +346,13 @@ class Searcher(RunLoop):
         v_loss, v_acc = self.validate()
         self._evaluated(st, epoch, v_loss)
         s_loss, s_correct, s_count, s_arch = st.sums
+        geno = self.genotype()
+        previous, st.last_genotype = st.last_genotype, to_dict(geno)
         return dict(epoch=epoch, lr=lr, train_loss=s_loss / max(s_count, 1),
                     train_acc=100.0 * s_correct / max(s_count, 1), valid_loss=v_loss, valid_acc=v_acc,
                     images_per_s=(s_count + s_arch) / max(st.train_time, 1e-9),
-                    genotype=to_dict(self.model.genotype()), arch=self.model.arch_state())
+                    genotype=to_dict(geno), arch=self.model.arch_state(),
+                    diagnostics=search_diagnostics(self.model, geno, previous))
 
     def _epoch_line(self, rec: dict) -> str:
         return (f"epoch {rec['epoch'] + 1}/{self.args.epochs} lr {rec['lr']:.5f} train loss {rec['train_loss']:.4f} "
@@ -349,7 +362,7 @@ class Searcher(RunLoop):
     def _finish(self, st, final: dict) -> None:
         a, out = self.args, self.out
         self._write_outputs(self.write_genotype)
-        geno = self.model.genotype()
+        geno = self.genotype()
         if dist.is_root():
             out.info(f"genotype: {geno}")
             out.info(f"all {self.world} rank(s) hold identical parameters (crc32 weights {final['weights']:08x}, "

@@ -18,9 +18,9 @@ SCRIPT = str(REPO_ROOT / "bin" / "train_search.py")
 TINY = ["--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers", "0", "--no-tensorboard",
         "--no-progress", "--eval-steps", "2"]
 # two epochs of one step, each an architecture and a weight step (arch from epoch 0), global batch 32, synchronized
-# BN, float64
+# BN, float64; the P-DARTS skip cap in the derivation
 EQUIV = TINY + ["--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "1",
-                "--no-augment", "--sync-bn", "--fp64", "--seed", "3"]
+                "--no-augment", "--sync-bn", "--fp64", "--seed", "3", "--skip-cap", "1"]
 
 
 def _state(out_dir):
@@ -40,7 +40,7 @@ def one_rank_equiv(tmp_path_factory):
     out = tmp_path_factory.mktemp("eq1")
     res = launch([python_exe(), SCRIPT, *EQUIV, "--output-dir", out], timeout=300)
     assert res.returncode == 0, describe(res)
-    return _state(out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def two_rank_equiv(tmp_path_factory):
 def test_two_ranks_equal_one_rank(launcher, one_rank_equiv, two_rank_equiv):
     out = two_rank_equiv(launcher)
     two = _state(out)
-    arch, weights = _max_diffs(one_rank_equiv, two)
+    arch, weights = _max_diffs(_state(one_rank_equiv), two)
     # the arch parameters must have moved (so the comparison is not vacuous) ...
     moved = max(float((two[k] - torch.zeros_like(two[k])).abs().max()) for k in ("alphas_normal",))
     assert moved > 0
@@ -91,8 +91,18 @@ def test_two_ranks_equal_one_rank(launcher, one_rank_equiv, two_rank_equiv):
     assert weights < 1e-4, f"weights differ by {weights}"
     g1 = json.loads((out / "genotype.json").read_text())
     assert set(g1) >= {"genotype", "alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce"}
+    assert g1["derivation"] == {"skip_cap": 1}
+    assert g1["genotype"] == json.loads((one_rank_equiv / "genotype.json").read_text())["genotype"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1] and all(m["world_size"] == 2 for m in metrics)
+    # the diagnostics of 2 ranks are those of 1 rank
+    ones = [json.loads(line) for line in (one_rank_equiv / "metrics.jsonl").read_text().splitlines()]
+    for m, o in zip(metrics, ones):
+        d, e = m["diagnostics"], o["diagnostics"]
+        assert d["normal_skips"] == e["normal_skips"] <= 1 and d["genotype_changed"] == e["genotype_changed"]
+        for cell in ("normal", "reduce"):
+            for key in ("margin", "entropy"):
+                assert max(abs(x - y) for x, y in zip(d[cell][key], e[cell][key])) < 1e-6, (cell, key)
 
 
 @pytest.mark.ranks

@@ -221,9 +221,10 @@ class SearchNetwork(nn.Module):
         return self.classifier(out.flatten(1))
 
     # --- the derived cell --------------------------------------------------------------------------------
-    def genotype(self) -> Genotype:
+    def genotype(self, skip_cap: int | None = None) -> Genotype:
+        """The derived cells (`derive_cell`); `skip_cap` applies to the normal cell."""
         with torch.no_grad():
-            gene_normal = derive_cell(self.alphas_normal, self.betas_normal, self._steps)
+            gene_normal = derive_cell(self.alphas_normal, self.betas_normal, self._steps, skip_cap)
             gene_reduce = derive_cell(self.alphas_reduce, self.betas_reduce, self._steps)
         concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
         return Genotype(normal=gene_normal, normal_concat=concat, reduce=gene_reduce, reduce_concat=concat)
@@ -233,21 +234,33 @@ class SearchNetwork(nn.Module):
         return {n: getattr(self, n).detach().cpu().double().tolist() for n in ARCH_PARAM_NAMES}
 
 
-def derive_cell(alphas: torch.Tensor, betas: torch.Tensor, steps: int):
+def derive_cell(alphas: torch.Tensor, betas: torch.Tensor, steps: int, skip_cap: int | None = None):
     """PC-DARTS derivation: per node, weight each incoming edge's op probabilities softmax(alpha) by the node's
     edge-normalized softmax(beta); keep the two edges with the largest non-`none` value; take each kept edge's
-    best non-`none` op. Ties resolve to the lower index, as Python's stable sort does in the original."""
+    best non-`none` op. Ties resolve to the lower index, as Python's stable sort does in the original.
+
+    `skip_cap` (P-DARTS, Chen et al. 2019): at most that many `skip_connect` in the cell, the strongest ones (ties:
+    the earlier edge); every other edge that chose it takes its best op other than `none` and `skip_connect`. The
+    edges stay those chosen above."""
     W = F.softmax(alphas.detach().double().cpu(), dim=-1)
     E = edge_softmax(betas.detach().double().cpu(), steps)
-    none = PRIMITIVES.index("none")
-    gene, start = [], 0
+    none, skip = PRIMITIVES.index("none"), PRIMITIVES.index("skip_connect")
+
+    def best(w_row, banned):
+        return max((k for k in range(len(w_row)) if k not in banned), key=lambda k: (float(w_row[k]), -k))
+
+    gene, rows, start = [], [], 0
     for i in range(steps):
         n = 2 + i
         w = W[start:start + n] * E[start:start + n, None]
         strength = [max(float(w[j, k]) for k in range(w.shape[1]) if k != none) for j in range(n)]
-        edges = sorted(range(n), key=lambda j: -strength[j])[:2]
-        for j in edges:
-            best = max((k for k in range(w.shape[1]) if k != none), key=lambda k: (float(w[j, k]), -k))
-            gene.append((PRIMITIVES[best], j))
+        for j in sorted(range(n), key=lambda j: -strength[j])[:2]:
+            gene.append((PRIMITIVES[best(w[j], {none})], j))
+            rows.append(w[j])
         start += n
+    if skip_cap is not None:
+        skips = [i for i, (op, _) in enumerate(gene) if op == "skip_connect"]
+        kept = set(sorted(skips, key=lambda i: (-float(rows[i][skip]), i))[:skip_cap])
+        gene = [(PRIMITIVES[best(rows[i], {none, skip})], j) if i in skips and i not in kept else (op, j)
+                for i, (op, j) in enumerate(gene)]
     return gene

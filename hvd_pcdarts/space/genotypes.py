@@ -109,6 +109,11 @@ def from_dict(obj, where: str = "genotype") -> Genotype:
     return Genotype(normal=normal, normal_concat=normal_concat, reduce=reduce, reduce_concat=reduce_concat)
 
 
+def derivation_rule(skip_cap: int | None) -> dict:
+    """The derivation's rule for genotype.json: {"derivation": {"skip_cap": N}}, or {} for the plain PC-DARTS one."""
+    return {} if skip_cap is None else {"derivation": {"skip_cap": int(skip_cap)}}
+
+
 def save_genotype(genotype: Genotype, path: str, extra: dict | None = None) -> None:
     """Write ``{"genotype": ..., **extra}`` as JSON, atomically."""
     from ..checkpoint import atomic_write_text

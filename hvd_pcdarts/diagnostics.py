@@ -1,0 +1,37 @@
+"""How decided a search is, every epoch (key `diagnostics` of metrics.jsonl, TensorBoard `diagnostics/...`):
+per edge the margin between the two largest entries of softmax(alpha) and its entropy (nats; log 8 = 2.08 is a
+uniform edge), per node the edge-normalized betas, the derived normal cell's skip connections, and whether the
+derived genotype differs from the one before. A function of the architecture parameters only, which every rank
+holds identically (the epoch's consistency check compares them)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .models.search_network import edge_softmax
+from .space.genotypes import to_dict
+
+
+def cell_diagnostics(alphas: torch.Tensor, betas: torch.Tensor, steps: int) -> dict:
+    """{"margin": [per edge], "entropy": [per edge], "betas": [per node: its incoming edges' weights]}."""
+    p = F.softmax(alphas.detach().double().cpu(), dim=-1)
+    top2 = p.topk(2, dim=-1).values
+    entropy = -(p * p.clamp_min(1e-300).log()).sum(dim=-1)
+    e = edge_softmax(betas.detach().double().cpu(), steps)
+    nodes, start = [], 0
+    for i in range(steps):
+        nodes.append(e[start:start + 2 + i].tolist())
+        start += 2 + i
+    return {"margin": (top2[:, 0] - top2[:, 1]).tolist(), "entropy": entropy.tolist(), "betas": nodes}
+
+
+def search_diagnostics(model, genotype, previous: dict | None) -> dict:
+    """The diagnostics of `model` (a SearchNetwork) whose derived genotype is `genotype`; `previous`: the genotype
+    (as genotypes.to_dict) derived at the end of the epoch before, or from the initial architecture."""
+    steps = model._steps
+    return {"normal": cell_diagnostics(model.alphas_normal, model.betas_normal, steps),
+            "reduce": cell_diagnostics(model.alphas_reduce, model.betas_reduce, steps),
+            "normal_skips": sum(op == "skip_connect" for op, _ in genotype.normal),
+            "genotype_changed": None if previous is None else to_dict(genotype) != previous}
+
