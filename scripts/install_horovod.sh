@@ -12,7 +12,7 @@
 #   HVD_PCDARTS_WHEEL_CACHE  wheel cache folder (default ~/.cache/hvd-pcdarts/wheels)
 #   HOROVOD_VERSION          default 0.28.1
 #   MAX_JOBS                 parallel compile jobs (default: number of cores)
-# Why each fix is needed: see README.md, "The Horovod build".
+# Why each fix is needed: see docs/install.md, "The Horovod build".
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -68,7 +68,7 @@ if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
 
   # Fix 5: a rank waiting for a collective (torch's WaitAndClear) polls with sched_yield in a loop, taking a
   # whole core from the ranks and loader workers it waits for on a shared CPU; it yields for 100 us, then
-  # sleeps 50 us per poll. Measured in README.md, "The Horovod build".
+  # sleeps 50 us per poll. Measured in benchmarks/RESULTS.md, "A waiting rank sleeps".
   WAIT="$SRC/horovod/torch/mpi_ops_v2.cc"
   "$PYTHON" - "$WAIT" <<'PY' || die "the WaitAndClear patch did not apply to $WAIT"
 import sys

@@ -4,7 +4,7 @@ its own address, host name and sshd; jobs are launched over SSH from a third nam
 
 - search + retrain under `horovodrun -H node0:1,node1:1 --network-interfaces hvdeth0` (Gloo), `horovodrun
   --hostfile hostfiles/two_nodes_1slot` (Gloo, interfaces found by horovodrun itself) and `mpirun -H node0,node1`
-  with the README's flags: the same genotype (and retraining) as the same 2-rank run on localhost;
+  with the flags of docs/launch.md: the same genotype (and retraining) as the same 2-rank run on localhost;
 - the cluster doctor under each launcher places rank 0 on node0 and rank 1 on node1, and names node1 when the
   dataset is missing there only;
 - a cut link (node1's veth down mid-search): without --elastic every rank ends within a bounded time with a clear
