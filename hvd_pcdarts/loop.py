@@ -198,12 +198,18 @@ class RunLoop:
             st.epoch, st.step, st.pos, st.sums, st.train_time = epoch + 1, 0, 0, [0.0] * len(st.sums), 0.0
             self._write_outputs(self._write_epoch, self.out, rec, st)
             st.commit()
+            if st.epoch < a.epochs and self._done_early(st, rec):
+                break
             if st.epoch < a.epochs and self._stop_due(st):
                 self._stop(st)
         self._finish(st, self._consistency(f"end of {self.kind}"))
         self.out.close()
         dist.barrier()
         return 0
+
+    def _done_early(self, st, rec: dict) -> bool:
+        """After an epoch's writes: whether the run ends here (the search's --early-stop); the same on every rank."""
+        return False
 
     def _evaluated(self, st, epoch: int, loss: float) -> None:
         """After an epoch's evaluation: divergence and cross-rank checks."""

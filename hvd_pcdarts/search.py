@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--skip-cap", type=nonneg_int, default=None, metavar="N",
       help="P-DARTS (Chen et al., ICCV 2019): the derived normal cell keeps at most N skip_connect, the strongest; "
            "the other edges take their next-best operation (default: no cap, the PC-DARTS derivation)")
+    a("--early-stop", type=early_stop_rule, action="append", default=[], metavar="skip:N|stable:K",
+      help="DARTS+ (Liang et al., 2019): end the search once the derived normal cell holds >= N skip_connect "
+           "(skip:N), or once the derived genotype has not changed for K epochs of architecture training "
+           "(stable:K); repeatable; the genotype at that epoch is the result, and the log and genotype.json say why")
     fast = groups["fast"].add_argument
     fast("--batched-edges", action="store_true", help="compute the edges of a cell that read states ready at the "
          "same time as one set of grouped convolutions (same parameters and results, fewer kernels)")
@@ -100,6 +104,14 @@ def parse_args(argv=None):
                          f"computes 1/K of the channels)")
     check_run_args(args)
     return args
+
+
+def early_stop_rule(text: str) -> tuple[str, int]:
+    """`skip:N` (N >= 0) or `stable:K` (K >= 1), as (kind, number)."""
+    kind, _, number = text.partition(":")
+    if kind in ("skip", "stable") and number.isdigit() and int(number) >= (kind == "stable"):
+        return kind, int(number)
+    raise argparse.ArgumentTypeError(f"expected skip:N (N >= 0) or stable:K (K >= 1), got {text!r}")
 
 
 def model_config(args, num_classes: int) -> dict:
@@ -141,7 +153,9 @@ class Searcher(RunLoop):
                                    self.w_opt, a.grad_clip, average_arch, self.autocast_dtype, self.scaler,
                                    freeze_weights=a.compile, channels_last=a.channels_last)
         # last_genotype: derived at the end of the epoch before (diagnostics' genotype_changed)
-        self.start = dict(epoch=0, arch_pass=0, arch_sample=0, global_step=0, last_genotype=None)
+        # stable_epochs: epochs of architecture training in a row that left the genotype unchanged (--early-stop)
+        self.start = dict(epoch=0, arch_pass=0, arch_sample=0, global_step=0, last_genotype=None, stable_epochs=0)
+        self.early_stop = None  # why the search ended early: genotype.json's "early_stop"
         self._start()
 
     # --- setup ----------------------------------------------------------------------------------------------
@@ -185,7 +199,8 @@ class Searcher(RunLoop):
             self.scaler.load_state_dict(ckpt["scaler"])
         arch_sample = ckpt.get("arch_sample", int(ckpt["arch_pos"]) * self.args.batch_size)
         self.start = dict(epoch=int(ckpt["epoch"]), arch_pass=int(ckpt["arch_pass"]), arch_sample=int(arch_sample),
-                          global_step=int(ckpt["global_step"]), last_genotype=ckpt.get("last_genotype"))
+                          global_step=int(ckpt["global_step"]), last_genotype=ckpt.get("last_genotype"),
+                          stable_epochs=int(ckpt.get("stable_epochs", 0)))
         torch.set_rng_state(ckpt["rng_torch"])
         self.resumed_from = path
 
@@ -296,7 +311,8 @@ class Searcher(RunLoop):
                     model=self.model.state_dict(), w_opt=self.w_opt.state_dict(), a_opt=self.a_opt.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
                     arch_pass=st.arch_pass, arch_pos=st.arch_sample // a.batch_size, arch_sample=st.arch_sample,
-                    global_step=st.global_step, last_genotype=st.last_genotype, rng_torch=torch.get_rng_state(),
+                    global_step=st.global_step, last_genotype=st.last_genotype, stable_epochs=st.stable_epochs,
+                    rng_torch=torch.get_rng_state(),
                     world_size=self.world,
                     args=jsonable(vars(a)))
 
@@ -313,7 +329,8 @@ class Searcher(RunLoop):
         if not dist.is_root():
             return
         save_genotype(self.genotype(), os.path.join(self.args.output_dir, "genotype.json"),
-                      extra=self.model.arch_state() | derivation_rule(self.args.skip_cap))
+                      extra=self.model.arch_state() | derivation_rule(self.args.skip_cap)
+                      | ({"early_stop": self.early_stop} if self.early_stop else {}))
 
     # --- the whole search (the loop's frame: loop.RunLoop) ------------------------------------------------
     def _stateful(self) -> dict:
@@ -348,6 +365,8 @@ class Searcher(RunLoop):
         s_loss, s_correct, s_count, s_arch = st.sums
         geno = self.genotype()
         previous, st.last_genotype = st.last_genotype, to_dict(geno)
+        if epoch >= self.args.arch_start_epoch:
+            st.stable_epochs = st.stable_epochs + 1 if previous == st.last_genotype else 0
         return dict(epoch=epoch, lr=lr, train_loss=s_loss / max(s_count, 1),
                     train_acc=100.0 * s_correct / max(s_count, 1), valid_loss=v_loss, valid_acc=v_acc,
                     images_per_s=(s_count + s_arch) / max(st.train_time, 1e-9),
@@ -358,6 +377,24 @@ class Searcher(RunLoop):
         return (f"epoch {rec['epoch'] + 1}/{self.args.epochs} lr {rec['lr']:.5f} train loss {rec['train_loss']:.4f} "
                 f"acc {rec['train_acc']:.2f} | search-valid loss {rec['valid_loss']:.4f} acc {rec['valid_acc']:.2f} | "
                 f"{rec['epoch_time_s']:.1f}s, {rec['images_per_s']:.0f} img/s")
+
+    def _done_early(self, st, rec: dict) -> bool:
+        """--early-stop: whether a rule holds after this epoch (from the architecture: the same on every rank)."""
+        if rec["epoch"] < self.args.arch_start_epoch:
+            return False
+        skips = rec["diagnostics"]["normal_skips"]
+        for kind, n in self.args.early_stop:
+            if kind == "skip" and skips >= n:
+                why = f"the derived normal cell holds {skips} skip_connect (>= {n})"
+            elif kind == "stable" and st.stable_epochs >= n:
+                why = f"the derived genotype has not changed for {st.stable_epochs} epoch(s) (>= {n})"
+            else:
+                continue
+            self.early_stop = dict(rule=f"{kind}:{n}", epochs_run=rec["epoch"] + 1, reason=why)
+            self.out.info(f"early stop after epoch {rec['epoch'] + 1}/{self.args.epochs} (--early-stop {kind}:{n}): "
+                          f"{why}")
+            return True
+        return False
 
     def _finish(self, st, final: dict) -> None:
         a, out = self.args, self.out

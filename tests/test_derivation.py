@@ -153,3 +153,63 @@ def test_search_writes_diagnostics_every_epoch_and_the_capped_genotype(tmp_path)
     tags = tb.Tags()["scalars"]
     assert "diagnostics/normal/margin/0" in tags and "diagnostics/normal_skips" in tags
     assert [e.step for e in tb.Scalars("diagnostics/normal/margin/0")] == [0, 1, 2]
+
+
+def _search(out, *extra):
+    from hvd_pcdarts.search import Searcher, parse_args
+
+    args = parse_args(["--dataset", "digits", "--init-channels", "4", "--layers", "3", "--workers", "0",
+                       "--no-progress", "--no-tensorboard", "--batch-size", "32", "--steps-per-epoch", "2",
+                       "--eval-steps", "1", "--output-dir", str(out), *extra])
+    assert Searcher(args).run() == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows, json.loads((out / "genotype.json").read_text()), (out / "log.txt").read_text()
+
+
+def test_early_stop_stable_ends_the_search_once_the_genotype_holds_for_k_epochs(tmp_path):
+    """An architecture that barely moves (arch lr 1e-9) keeps its genotype: stable:2 ends the search after the
+    second epoch of architecture training; the epochs before --arch-start-epoch do not count."""
+    rows, saved, log = _search(tmp_path / "r", "--epochs", "8", "--arch-start-epoch", "2", "--arch-lr", "1e-9",
+                               "--early-stop", "stable:2")
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert [r["diagnostics"]["genotype_changed"] for r in rows] == [False] * 4
+    assert saved["early_stop"] == {"rule": "stable:2", "epochs_run": 4,
+                                   "reason": "the derived genotype has not changed for 2 epoch(s) (>= 2)"}
+    assert saved["genotype"] == rows[-1]["genotype"]
+    assert "early stop after epoch 4/8 (--early-stop stable:2)" in log
+
+
+def test_early_stop_skip_ends_the_search_at_the_first_architecture_epoch_that_holds(tmp_path):
+    rows, saved, log = _search(tmp_path / "r", "--epochs", "5", "--arch-start-epoch", "1", "--early-stop",
+                               "skip:0", "--early-stop", "stable:9")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    skips = rows[-1]["diagnostics"]["normal_skips"]
+    assert saved["early_stop"]["rule"] == "skip:0" and saved["early_stop"]["epochs_run"] == 2
+    assert f"holds {skips} skip_connect (>= 0)" in saved["early_stop"]["reason"] and "early stop after epoch 2/5" in log
+
+
+def test_without_early_stop_the_search_runs_every_epoch(tmp_path):
+    rows, saved, _ = _search(tmp_path / "r", "--epochs", "3", "--arch-start-epoch", "0", "--arch-lr", "1e-9")
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and "early_stop" not in saved
+
+
+@pytest.mark.parametrize("rule", ["skip", "stable:0", "skips:2", "stable:x", "skip:-1"])
+def test_a_bad_early_stop_rule_is_one_line_exit_2(rule, capsys):
+    from hvd_pcdarts.search import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--early-stop", rule])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expected skip:N (N >= 0) or stable:K (K >= 1)" in err[0]
+
+
+def test_early_stop_counts_across_a_resume(tmp_path):
+    """The count of unchanged epochs is in the checkpoint: 3 epochs (one of them architecture training), then a
+    resume with stable:2 stops after the next epoch, as the uninterrupted run does."""
+    common = ["--arch-start-epoch", "2", "--arch-lr", "1e-9"]
+    _search(tmp_path / "r", "--epochs", "3", *common)
+    rows, saved, log = _search(tmp_path / "r", "--epochs", "8", *common, "--early-stop", "stable:2", "--resume",
+                               "auto")
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert saved["early_stop"]["epochs_run"] == 4 and "resumed from" in log
