@@ -16,8 +16,8 @@ import io
 import json
 import math
 import os
-import tempfile
 
+from ..checkpoint import atomic_write_bytes
 from ..errors import UsageError
 from ..space.genotypes import PRIMITIVES
 
@@ -204,23 +204,6 @@ def _accuracy_row(ax, records: list[dict], epochs, marker) -> None:
     ax.legend(fontsize=8)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def plot_search(run_dir: str, out: str | None = None) -> str:
     """Read RUN_DIR/metrics.jsonl and write the picture (default RUN_DIR/arch_weights.png); returns its path."""
     out = out or os.path.join(run_dir, "arch_weights.png")
@@ -243,7 +226,7 @@ def plot_search(run_dir: str, out: str | None = None) -> str:
 
         plt.close(fig)
     try:
-        _atomic_write(out, buf.getvalue())
+        atomic_write_bytes(out, buf.getvalue())
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
     return out
