@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from .models.search_network import edge_softmax
-from .space.genotypes import to_dict
 
 
 def cell_diagnostics(alphas: torch.Tensor, betas: torch.Tensor, steps: int) -> dict:
@@ -26,12 +25,12 @@ def cell_diagnostics(alphas: torch.Tensor, betas: torch.Tensor, steps: int) -> d
     return {"margin": (top2[:, 0] - top2[:, 1]).tolist(), "entropy": entropy.tolist(), "betas": nodes}
 
 
-def search_diagnostics(model, genotype, previous: dict | None) -> dict:
-    """The diagnostics of `model` (a SearchNetwork) whose derived genotype is `genotype`; `previous`: the genotype
-    (as genotypes.to_dict) derived at the end of the epoch before, or from the initial architecture."""
+def search_diagnostics(model, genotype, changed: bool) -> dict:
+    """The diagnostics of `model` (a SearchNetwork) whose derived genotype is `genotype`; `changed`: whether it
+    differs from the one derived at the end of the epoch before, or from the initial architecture."""
     steps = model._steps
     return {"normal": cell_diagnostics(model.alphas_normal, model.betas_normal, steps),
             "reduce": cell_diagnostics(model.alphas_reduce, model.betas_reduce, steps),
             "normal_skips": sum(op == "skip_connect" for op, _ in genotype.normal),
-            "genotype_changed": None if previous is None else to_dict(genotype) != previous}
+            "genotype_changed": changed}
 

@@ -365,13 +365,14 @@ class Searcher(RunLoop):
         s_loss, s_correct, s_count, s_arch = st.sums
         geno = self.genotype()
         previous, st.last_genotype = st.last_genotype, to_dict(geno)
+        changed = previous != st.last_genotype
         if epoch >= self.args.arch_start_epoch:
-            st.stable_epochs = st.stable_epochs + 1 if previous == st.last_genotype else 0
+            st.stable_epochs = 0 if changed else st.stable_epochs + 1
         return dict(epoch=epoch, lr=lr, train_loss=s_loss / max(s_count, 1),
                     train_acc=100.0 * s_correct / max(s_count, 1), valid_loss=v_loss, valid_acc=v_acc,
                     images_per_s=(s_count + s_arch) / max(st.train_time, 1e-9),
                     genotype=to_dict(geno), arch=self.model.arch_state(),
-                    diagnostics=search_diagnostics(self.model, geno, previous))
+                    diagnostics=search_diagnostics(self.model, geno, changed))
 
     def _epoch_line(self, rec: dict) -> str:
         return (f"epoch {rec['epoch'] + 1}/{self.args.epochs} lr {rec['lr']:.5f} train loss {rec['train_loss']:.4f} "
