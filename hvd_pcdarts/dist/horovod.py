@@ -114,7 +114,7 @@ def _form_replicas(h, count: int) -> None:
     world = h.size()
     if world % count:
         raise UsageError(f"--replicas {count} does not divide the {world} rank(s) of this launch: launch a "
-                         f"multiple of {count} ranks (each replica runs on ranks / replicas of them)")
+                         f"multiple of {count} ranks, the same number for every replica")
     per = world // count
     try:
         sets = [h.add_process_set(list(range(r * per, (r + 1) * per))) for r in range(count)]
