@@ -39,6 +39,7 @@ from .data import (
 )
 from .diagnostics import early_stop_holds, early_stop_rule, search_diagnostics
 from .dist import horovod as dist
+from .dist import replicas
 from .errors import UsageError
 from .flags import add_run_args, check_run_args
 from .loop import RunLoop
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe defaults: cifar10 (the defaults below) or imagenet (K=2, 224-px stem, per-class "
                         "sample)")
     groups = add_run_args(p, "search", "search")
+    replicas.add_replica_args(groups["distributed"])
     p.set_defaults(batch_size=256, lr=0.1, epochs=50, init_channels=16, layers=8, seed=2)
     g = p.add_argument_group("architecture search (PC-DARTS)")
     a = g.add_argument
@@ -112,6 +114,7 @@ def parse_args(argv=None):
     if args.arch_reg_weight is not None and args.arch_reg is None:
         raise UsageError(f"--arch-reg-weight {args.arch_reg_weight:g} has no effect without --arch-reg beta-decay")
     check_run_args(args)
+    replicas.check_replica_args(args)
     return args
 
 
@@ -430,4 +433,4 @@ def _render_pictures(geno, out_dir, out):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return Searcher(args).run()
+    return replicas.run(args, lambda: Searcher(args).run())
