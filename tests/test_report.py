@@ -259,3 +259,12 @@ def test_bin_report_py_writes_the_report_and_refuses_a_bad_threshold(tmp_path):
     r = subprocess.run([sys.executable, script, str(d), "--margin-threshold", "2"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--margin-threshold" in r.stderr
+
+
+def test_without_matplotlib_the_report_is_text_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    d = _write_run(tmp_path / "run", [PC], ALL_NORMAL, ALL_REDUCE)
+    write_report(str(d))
+    text = (d / "report.md").read_text()
+    assert "None: matplotlib is not installed" in text and "report/" not in text and not (d / "report").exists()
+    assert "## Genotype history" in text and len(_table(text, "normal")) == 8

@@ -125,21 +125,20 @@ def undecided(run: Run, threshold: float) -> dict:
     return out
 
 
-def verdict(run: Run, threshold: float) -> str:
-    """One sentence: how many edges of the result are undecided, with the threshold."""
+def verdict(run: Run, threshold: float) -> tuple[bool, str]:
+    """(whether edges of the result are undecided, one sentence that says how many, with the threshold)."""
     counts = undecided(run, threshold)
     if not any(n for n, _ in counts.values()):
         total = sum(t for _, t in counts.values())
-        return f"all {total} edges of the result are decided (softmax margin >= {threshold:g})"
-    parts = [f"{n} of {t} {name} edges" for (cell, _, name) in CELLS for n, t in [counts[cell]]]
-    return f"{' and '.join(parts)} of the result are undecided (softmax margin < {threshold:g})"
+        return False, f"all {total} edges of the result are decided (softmax margin >= {threshold:g})"
+    parts = [f"{counts[cell][0]} of {counts[cell][1]} {name} edges" for cell, _, name in CELLS]
+    return True, f"{' and '.join(parts)} of the result are undecided (softmax margin < {threshold:g})"
 
 
 def final_line(run: Run, threshold: float, report_path: str | None) -> str:
     """The search log's last line: a warning when edges of the result are undecided."""
-    where = f"; see {report_path}" if report_path else ""
-    text = verdict(run, threshold)
-    return f"warning: {text}{where}" if "undecided" in text else f"search report: {text}{where}"
+    warn, text = verdict(run, threshold)
+    return f"{'warning' if warn else 'search report'}: {text}" + (f"; see {report_path}" if report_path else "")
 
 
 # --- report.md ------------------------------------------------------------------------------------------------
@@ -149,19 +148,20 @@ def _flag(m: float, threshold: float) -> str:
 
 def _header(run: Run, threshold: float) -> list[str]:
     rows, a = run.rows, run.args
+    span = f"epochs {epoch_label(rows[0])}-{epoch_label(rows[-1])}"
+    span += f" of {a['epochs']}" if isinstance(a.get("epochs"), int) else ""
+    if isinstance(a.get("arch_start_epoch"), int):
+        span += f"; architecture training from epoch {a['arch_start_epoch'] + 1}"
     rule = run.saved.get("derivation") or {}
-    lines = ["# Search report", "",
-             f"{len(rows)} epoch(s) in metrics.jsonl (epochs {epoch_label(rows[0])}-{epoch_label(rows[-1])}"
-             + (f" of {a['epochs']}" if isinstance(a.get("epochs"), int) else "") + ")"
-             + (f", architecture training from epoch {a['arch_start_epoch'] + 1}"
-                if isinstance(a.get("arch_start_epoch"), int) else "") + "; the result is genotype.json's genotype"
-             + (f", derived with --skip-cap {rule['skip_cap']}" if "skip_cap" in rule else "") + "."]
+    how = f", derived with --skip-cap {rule['skip_cap']}" if "skip_cap" in rule else ""
+    lines = ["# Search report", "", f"{len(rows)} epoch(s) in metrics.jsonl ({span}); the result is genotype.json's "
+             f"genotype{how}."]
     stop = run.saved.get("early_stop")
     if isinstance(stop, dict) and "reason" in stop:
         lines += ["", f"Early stop ({stop.get('rule')}) after epoch {stop.get('epochs_run')}: {stop['reason']}."]
     lines += ["", f"An edge is **undecided** when the margin between the two largest entries of its softmax(\u03b1) "
               f"over the {len(PRIMITIVES)} operations is below {threshold:g} (`--margin-threshold`); a uniform edge "
-              f"(1/{len(PRIMITIVES)} each) has margin 0.", "", f"**Verdict: {verdict(run, threshold)}.**", ""]
+              f"(1/{len(PRIMITIVES)} each) has margin 0.", "", f"**Verdict: {verdict(run, threshold)[1]}.**", ""]
     return lines
 
 
