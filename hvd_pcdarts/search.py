@@ -47,6 +47,7 @@ from .models import SearchNetwork
 from .runtime import accuracy_counts, check_finite, jsonable, step_values
 from .space.genotypes import derivation_rule, save_genotype, to_dict
 from .steps import SearchStep, autocast, search_optimizers
+from .tools.report import DEFAULT_THRESHOLD, log_report
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-search-v1"
 
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="DARTS+ (Liang et al., 2019): end the search once the derived normal cell holds >= N skip_connect "
            "(skip:N), or once the derived genotype has not changed for K epochs of architecture training "
            "(stable:K); repeatable; the genotype at that epoch is the result, and the log and genotype.json say why")
+    a("--margin-threshold", type=fraction, default=DEFAULT_THRESHOLD, metavar="T",
+      help="the report (OUTPUT_DIR/report.md) and the log's last line call an edge undecided when the top two "
+           "entries of its softmax(alpha) differ by less than T (default %(default)s)")
     fast = groups["fast"].add_argument
     fast("--batched-edges", action="store_true", help="compute the edges of a cell that read states ready at the "
          "same time as one set of grouped convolutions (same parameters and results, fewer kernels)")
@@ -416,6 +420,7 @@ class Searcher(RunLoop):
                 out.info(f"elastic: {st.resets} reset(s), {st.steps_redone} step(s) redone")
             out.info(f"wrote {os.path.join(a.output_dir, 'genotype.json')}, metrics.jsonl, checkpoint.pt")
             _render_pictures(geno, a.output_dir, out)
+            log_report(a.output_dir, a.margin_threshold, out)  # the last line: a warning when edges are undecided
 
 
 def _render_pictures(geno, out_dir, out):
