@@ -7,9 +7,10 @@ OUT=${DEMO_OUT:-runs/demo}
 rm -rf "$OUT/search" "$OUT/train"
 echo "== search: horovodrun -np 2 (Gloo) on digits, output $OUT/search"
 horovodrun --gloo -np 2 -H localhost:2 python bin/train_search.py \
-  --dataset digits --epochs 8 --arch-start-epoch 3 --batch-size 64 --init-channels 8 --layers 5 \
+  --dataset digits --epochs 8 --arch-start-epoch 2 --arch-lr 0.1 --batch-size 64 --init-channels 8 --layers 5 \
   --workers 0 --output-dir "$OUT/search"
 echo
+echo "report:        $OUT/search/report.md  (how decided each edge is; pictures in $OUT/search/report/)"
 echo "genotype:      $OUT/search/genotype.json"
 echo "metrics:       $OUT/search/metrics.jsonl  (one JSON object per epoch)"
 echo "checkpoint:    $OUT/search/checkpoint.pt  (resume with --resume auto)"
@@ -26,7 +27,8 @@ horovodrun --gloo -np 2 -H localhost:2 python bin/train.py --genotype "$OUT/sear
   --drop-path-prob 0.1 --workers 0 --output-dir "$OUT/train"
 echo
 echo "== evaluate $OUT/train/best.pt"
-python bin/evaluate.py "$OUT/train/best.pt" --workers 0 | tee "$OUT/eval.txt" | head -n 1
+python bin/evaluate.py "$OUT/train/best.pt" --workers 0 > "$OUT/eval.txt"
+head -n 1 "$OUT/eval.txt"
 python - "$OUT/train/eval.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
