@@ -38,6 +38,7 @@ def worker(args):
     import torch.nn as nn
 
     from hvd_pcdarts import fastpath as fp
+    from hvd_pcdarts.dist import gradients
     from hvd_pcdarts.dist import horovod as dist
 
     dist.init(cpu_tuning=True)  # as train_search.py without --sync-bn
@@ -54,7 +55,7 @@ def worker(args):
         w_opt = dist.hvd().DistributedOptimizer(w_opt, named_parameters=model.named_weight_parameters(),
                                                 groups=int(comm.split("=")[1]))
     elif hooks:
-        w_opt = dist.weight_optimizer(w_opt, model.named_weight_parameters(), comm, name="w_grads")
+        w_opt = gradients.weight_optimizer(w_opt, model.named_weight_parameters(), comm, name="w_grads")
     dist.broadcast_parameters(model, 0)
     crit = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(100 + rank)

@@ -150,3 +150,27 @@ def derive(argv=None) -> int:
     print(f"genotype: {geno}")
     print(args.out)
     return 0
+
+
+def report(argv=None) -> int:
+    """hvd-pcdarts-report (bin/report.py): how decided a search's result is, as RUN_DIR/report.md."""
+    from .cli import fraction
+    from .tools.report import DEFAULT_THRESHOLD, final_line, load_run, write_report
+
+    p = ArgParser(prog="report.py", description="Write RUN_DIR/report.md and RUN_DIR/report/*.png: when each edge of "
+                  "the searched genotype settled, the softmax margins of every edge with the undecided ones flagged, "
+                  "the architecture weights of the result's edges, the cells.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of bin/train_search.py (metrics.jsonl, "
+                                                      "genotype.json)")
+    p.add_argument("--margin-threshold", type=fraction, default=DEFAULT_THRESHOLD, metavar="T",
+                   help="an edge is undecided when the top two entries of its softmax(alpha) differ by less than T "
+                        "(default %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        run = load_run(args.run_dir)
+        path = write_report(args.run_dir, args.margin_threshold, run)
+    except UsageError as e:
+        print(f"report.py: error: {e}", file=sys.stderr)
+        return 2
+    print(final_line(run, args.margin_threshold, path))
+    return 0

@@ -10,7 +10,7 @@ import argparse
 from .cli import add_output_args, add_quick_run_args, nonneg_float, nonneg_int, positive_float, positive_int
 from .data import DATASETS
 from .dist.elastic import add_elastic_args, check_elastic_args
-from .dist.horovod import GRAD_ALLREDUCE_MODES
+from .dist.gradients import GRAD_ALLREDUCE_MODES
 from .dist.preemption import add_preemption_args
 from .errors import UsageError
 

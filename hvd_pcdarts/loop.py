@@ -18,6 +18,7 @@ import torch
 from . import fastpath
 from .checkpoint import atomic_save, check_config, load_checkpoint
 from .data import GlobalBatchSampler, make_batch_loader
+from .dist import gradients, replicas
 from .dist import horovod as dist
 from .dist.elastic import LocalState, check_writable_locally, local_checks_only, per_rank_batch
 from .dist.preemption import StopSignals
@@ -58,7 +59,8 @@ class RunLoop:
         the run's name in messages ("search", "training"); `out_name`: the default folder's (runs/<out_name>-<time>)."""
         self.args = a = args
         self.kind = kind
-        dist.init(cpu_tuning=not a.sync_bn)
+        dist.init(cpu_tuning=not a.sync_bn, replicas=getattr(a, "replicas", 1))
+        replicas.assign(a, out_name)  # --replicas: this rank's replica, its seed and folder
         self.world, self.rank = dist.size(), dist.rank()
         self.local_batch, _ = per_rank_batch(a.batch_size, self.world, strict=True)
         if a.amp and a.bf16:
@@ -77,11 +79,12 @@ class RunLoop:
         self.elastic = bool(a.elastic)
 
     def _data_sync(self) -> dict:
-        """load_dataset's arguments for checks across ranks (one download per node, the same data everywhere)."""
+        """load_dataset's arguments for checks across ranks (one download per node, the same data everywhere; with
+        --replicas over every replica's ranks, which all load their data at once)."""
         if self.elastic:
             return local_checks_only()
-        return dict(is_local_root=dist.local_rank() == 0, barrier=dist.barrier,
-                    agree=lambda ok: all(dist.allgather_object(bool(ok))))
+        return dict(is_local_root=dist.local_rank() == 0, barrier=dist.job_wide(dist.barrier),
+                    agree=dist.job_wide(lambda ok: all(dist.allgather_object(bool(ok)))))
 
     def _fast_model(self, compile_fn) -> None:
         """Synchronized BN, channels-last and torch.compile (`compile_fn(model, backend)`) as the flags ask."""
@@ -94,13 +97,14 @@ class RunLoop:
             compile_fn(self.model, backend=a.compile_backend)
 
     def _weight_optimizer(self, opt, named_parameters, name: str):
-        """`hvd.DistributedOptimizer` (dist.weight_optimizer); under --cuda-graph the plain optimizer:
+        """`hvd.DistributedOptimizer` (gradients.weight_optimizer); under --cuda-graph the plain optimizer:
         the graphed steps average the gradients themselves, since hooks do not replay in a graph."""
         a = self.args
-        self.grad_allreduce = "graphed" if a.cuda_graph else dist.grad_allreduce_mode(a.grad_allreduce, self.device)
+        mode = gradients.grad_allreduce_mode(a.grad_allreduce, self.device)
+        self.grad_allreduce = "graphed" if a.cuda_graph else mode
         if a.cuda_graph:
             return opt
-        return dist.weight_optimizer(opt, named_parameters, self.grad_allreduce, a.fp16_allreduce, name=name)
+        return gradients.weight_optimizer(opt, named_parameters, self.grad_allreduce, a.fp16_allreduce, name=name)
 
     def _start(self) -> None:
         """Resume, the identical start on every rank (elastic runs: the loop's first sync), the loaders."""

@@ -87,7 +87,8 @@ def check_writable(out_dir: str) -> None:
 
 # What a run writes into its output folder; the first four show that the folder holds a run.
 RUN_MARKERS = ("checkpoint.pt", "best.pt", "genotype.json", "metrics.jsonl")
-RUN_OUTPUTS = RUN_MARKERS + ("args.json", "log.txt", "eval.json", "arch_weights.png", "tb", "cells")
+RUN_OUTPUTS = RUN_MARKERS + ("args.json", "log.txt", "eval.json", "arch_weights.png", "tb", "cells", "report.md",
+                             "report")
 
 
 def run_in(out_dir: str) -> list[str]:

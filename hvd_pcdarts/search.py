@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import fastpath
+from .arch_reg import ARCH_REGS, DEFAULT_WEIGHT, make_arch_reg
 from .cli import (
     ArgParser,
     apply_preset,
@@ -36,8 +37,9 @@ from .data import (
     make_transform,
     search_split,
 )
-from .diagnostics import search_diagnostics
+from .diagnostics import early_stop_holds, early_stop_rule, search_diagnostics
 from .dist import horovod as dist
+from .dist import replicas
 from .errors import UsageError
 from .flags import add_run_args, check_run_args
 from .loop import RunLoop
@@ -45,6 +47,7 @@ from .models import SearchNetwork
 from .runtime import accuracy_counts, check_finite, jsonable, step_values
 from .space.genotypes import derivation_rule, save_genotype, to_dict
 from .steps import SearchStep, autocast, search_optimizers
+from .tools.report import DEFAULT_THRESHOLD, log_report
 
 CHECKPOINT_FORMAT = "hvd-pcdarts-search-v1"
 
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe defaults: cifar10 (the defaults below) or imagenet (K=2, 224-px stem, per-class "
                         "sample)")
     groups = add_run_args(p, "search", "search")
+    replicas.add_replica_args(groups["distributed"])
     p.set_defaults(batch_size=256, lr=0.1, epochs=50, init_channels=16, layers=8, seed=2)
     g = p.add_argument_group("architecture search (PC-DARTS)")
     a = g.add_argument
@@ -77,10 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--skip-cap", type=nonneg_int, default=None, metavar="N",
       help="P-DARTS (Chen et al., ICCV 2019): the derived normal cell keeps at most N skip_connect, the strongest; "
            "the other edges take their next-best operation (default: no cap, the PC-DARTS derivation)")
+    a("--arch-reg", choices=ARCH_REGS, default=None,
+      help="β-DARTS (Ye et al., CVPR 2022): beta-decay adds λ · mean over the edges of logsumexp(α) to the "
+           "architecture loss, λ rising linearly with the epoch from 0 towards --arch-reg-weight (the schedule of "
+           "the β-DARTS code) (default: none)")
+    a("--arch-reg-weight", type=nonneg_float, default=None, metavar="W",
+      help=f"λ at the end of the search for --arch-reg (default {DEFAULT_WEIGHT:g}, the β-DARTS code's)")
     a("--early-stop", type=early_stop_rule, action="append", default=[], metavar="skip:N|stable:K",
       help="DARTS+ (Liang et al., 2019): end the search once the derived normal cell holds >= N skip_connect "
            "(skip:N), or once the derived genotype has not changed for K epochs of architecture training "
            "(stable:K); repeatable; the genotype at that epoch is the result, and the log and genotype.json say why")
+    a("--margin-threshold", type=fraction, default=DEFAULT_THRESHOLD, metavar="T",
+      help="the report (OUTPUT_DIR/report.md) and the log's last line call an edge undecided when the top two "
+           "entries of its softmax(alpha) differ by less than T (default %(default)s)")
     fast = groups["fast"].add_argument
     fast("--batched-edges", action="store_true", help="compute the edges of a cell that read states ready at the "
          "same time as one set of grouped convolutions (same parameters and results, fewer kernels)")
@@ -102,16 +115,11 @@ def parse_args(argv=None):
     if args.init_channels % args.partial_k:
         raise UsageError(f"--partial-k {args.partial_k} must divide --init-channels {args.init_channels} (each edge "
                          f"computes 1/K of the channels)")
+    if args.arch_reg_weight is not None and args.arch_reg is None:
+        raise UsageError(f"--arch-reg-weight {args.arch_reg_weight:g} has no effect without --arch-reg beta-decay")
     check_run_args(args)
+    replicas.check_replica_args(args)
     return args
-
-
-def early_stop_rule(text: str) -> tuple[str, int]:
-    """`skip:N` (N >= 0) or `stable:K` (K >= 1), as (kind, number)."""
-    kind, _, number = text.partition(":")
-    if kind in ("skip", "stable") and number.isdigit() and int(number) >= (kind == "stable"):
-        return kind, int(number)
-    raise argparse.ArgumentTypeError(f"expected skip:N (N >= 0) or stable:K (K >= 1), got {text!r}")
 
 
 def model_config(args, num_classes: int) -> dict:
@@ -137,6 +145,7 @@ class Searcher(RunLoop):
             self.model.double()
         self._fast_model(fastpath.compile_cells)
         self.criterion = nn.CrossEntropyLoss()
+        self.arch_reg = make_arch_reg(a.arch_reg, a.arch_reg_weight, self.model, a.epochs)
         self.arch_params = self.model.arch_parameters()
         self.weights = list(self.model.weight_parameters())
         w_opt, self.a_opt = search_optimizers(self.model, a.lr, a.momentum, a.weight_decay, a.arch_lr,
@@ -147,11 +156,11 @@ class Searcher(RunLoop):
             self.step = fastpath.GraphedSearchStep(
                 self.model, self.criterion, self.arch_params, self.weights, self.a_opt, self.w_opt, a.grad_clip,
                 average_arch, lambda g: dist.grouped_average(g, name="w_grads"), self.autocast_dtype,
-                a.channels_last, freeze_weights=a.compile)
+                a.channels_last, freeze_weights=a.compile, arch_reg=self.arch_reg)
         else:
             self.step = SearchStep(self.model, self.criterion, self.arch_params, self.weights, self.a_opt,
                                    self.w_opt, a.grad_clip, average_arch, self.autocast_dtype, self.scaler,
-                                   freeze_weights=a.compile, channels_last=a.channels_last)
+                                   freeze_weights=a.compile, channels_last=a.channels_last, arch_reg=self.arch_reg)
         # last_genotype: derived at the end of the epoch before (diagnostics' genotype_changed)
         # stable_epochs: epochs of architecture training in a row that left the genotype unchanged (--early-stop)
         self.start = dict(epoch=0, arch_pass=0, arch_sample=0, global_step=0, last_genotype=None, stable_epochs=0)
@@ -242,6 +251,8 @@ class Searcher(RunLoop):
         self.weight_set.set_epoch(epoch)
         loader = self._half(self.weight_set, a.seed, epoch, st.pos)
         arch_on = epoch >= a.arch_start_epoch
+        if self.arch_reg is not None:
+            self.arch_reg.set_epoch(epoch)
         trace = [] if a.trace_indices else None
         # loss sum, correct, images, arch images: of this rank since the last flush
         self._epoch_begins(4, on_flush=lambda: self._write_trace(trace))
@@ -372,7 +383,13 @@ class Searcher(RunLoop):
                     train_acc=100.0 * s_correct / max(s_count, 1), valid_loss=v_loss, valid_acc=v_acc,
                     images_per_s=(s_count + s_arch) / max(st.train_time, 1e-9),
                     genotype=to_dict(geno), arch=self.model.arch_state(),
-                    diagnostics=search_diagnostics(self.model, geno, changed))
+                    diagnostics=search_diagnostics(self.model, geno, changed)) | self._arch_reg_row(epoch)
+
+    def _arch_reg_row(self, epoch: int) -> dict:
+        """The metrics row's `arch_reg`: the regularizer and its λ in this epoch."""
+        if self.arch_reg is None:
+            return {}
+        return {"arch_reg": {"name": self.args.arch_reg, "lambda": self.arch_reg.at(epoch)}}
 
     def _epoch_line(self, rec: dict) -> str:
         return (f"epoch {rec['epoch'] + 1}/{self.args.epochs} lr {rec['lr']:.5f} train loss {rec['train_loss']:.4f} "
@@ -383,19 +400,13 @@ class Searcher(RunLoop):
         """--early-stop: whether a rule holds after this epoch (from the architecture: the same on every rank)."""
         if rec["epoch"] < self.args.arch_start_epoch:
             return False
-        skips = rec["diagnostics"]["normal_skips"]
-        for kind, n in self.args.early_stop:
-            if kind == "skip" and skips >= n:
-                why = f"the derived normal cell holds {skips} skip_connect (>= {n})"
-            elif kind == "stable" and st.stable_epochs >= n:
-                why = f"the derived genotype has not changed for {st.stable_epochs} epoch(s) (>= {n})"
-            else:
-                continue
-            self.early_stop = dict(rule=f"{kind}:{n}", epochs_run=rec["epoch"] + 1, reason=why)
-            self.out.info(f"early stop after epoch {rec['epoch'] + 1}/{self.args.epochs} (--early-stop {kind}:{n}): "
-                          f"{why}")
-            return True
-        return False
+        held = early_stop_holds(self.args.early_stop, rec["diagnostics"]["normal_skips"], st.stable_epochs)
+        if held is None:
+            return False
+        rule, why = held
+        self.early_stop = dict(rule=rule, epochs_run=rec["epoch"] + 1, reason=why)
+        self.out.info(f"early stop after epoch {rec['epoch'] + 1}/{self.args.epochs} (--early-stop {rule}): {why}")
+        return True
 
     def _finish(self, st, final: dict) -> None:
         a, out = self.args, self.out
@@ -409,6 +420,7 @@ class Searcher(RunLoop):
                 out.info(f"elastic: {st.resets} reset(s), {st.steps_redone} step(s) redone")
             out.info(f"wrote {os.path.join(a.output_dir, 'genotype.json')}, metrics.jsonl, checkpoint.pt")
             _render_pictures(geno, a.output_dir, out)
+            log_report(a.output_dir, a.margin_threshold, out)  # the last line: a warning when edges are undecided
 
 
 def _render_pictures(geno, out_dir, out):
@@ -426,4 +438,4 @@ def _render_pictures(geno, out_dir, out):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return Searcher(args).run()
+    return replicas.run(args, lambda: Searcher(args).run())

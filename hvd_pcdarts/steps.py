@@ -48,13 +48,17 @@ def frozen(params):
 
 
 # --- the architecture step -------------------------------------------------------------------------------------
-def arch_gradients(model: nn.Module, criterion, arch_params, x, y, autocast_dtype=None, freeze=(), scale: float = 1.0):
+def arch_gradients(model: nn.Module, criterion, arch_params, x, y, autocast_dtype=None, freeze=(), scale: float = 1.0,
+                   reg=None):
     """(loss, gradients of `arch_params`) on one architecture batch. `freeze`: the weights, for a compiled model
-    (see `frozen`). `scale`: the loss scale of --amp; the gradients come back unscaled."""
+    (see `frozen`). `scale`: the loss scale of --amp; the gradients come back unscaled. `reg`: a regularizer of
+    the architecture (`arch_reg`; computed outside autocast): its term joins the gradients, not the loss
+    returned."""
     with frozen(freeze):
         with autocast(x.device.type, autocast_dtype):
             loss = criterion(model(x), y)
-        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, arch_params)
+        total = loss + reg() if reg is not None else loss
+        grads = torch.autograd.grad(total * scale if scale != 1.0 else total, arch_params)
     if scale != 1.0:
         grads = [g / scale for g in grads]
     return loss.detach(), list(grads)
@@ -75,10 +79,10 @@ def apply_arch_gradients(a_opt, arch_params, grads, average=None, skip_nonfinite
 
 
 def arch_step(model: nn.Module, criterion, arch_params, a_opt, x, y, average=None, autocast_dtype=None, freeze=(),
-              scaler=None) -> torch.Tensor:
+              scaler=None, reg=None) -> torch.Tensor:
     """One architecture step on the batch (x, y); returns its loss."""
     scale = float(scaler.get_scale()) if scaler is not None else 1.0
-    loss, grads = arch_gradients(model, criterion, arch_params, x, y, autocast_dtype, freeze, scale)
+    loss, grads = arch_gradients(model, criterion, arch_params, x, y, autocast_dtype, freeze, scale, reg)
     apply_arch_gradients(a_opt, arch_params, grads, average, skip_nonfinite=scaler is not None)
     return loss
 
@@ -144,13 +148,14 @@ def search_loss(model: nn.Module, criterion, x, y):
 class SearchStep:
     """The search step of one rank: `arch_step` on a batch of the architecture half, `weight_step` on a batch of
     the weight half (`search.Searcher` calls both, the architecture step first). `average_arch`: the named
-    allreduce average of the architecture gradients (None on one process); `w_opt`: see `weight_update`.
-    `fastpath.GraphedSearchStep` replays the same steps from CUDA graphs."""
+    allreduce average of the architecture gradients (None on one process); `w_opt`: see `weight_update`;
+    `arch_reg`: the regularizer of --arch-reg, or None. `fastpath.GraphedSearchStep` replays the same steps from
+    CUDA graphs."""
 
     def __init__(self, model: nn.Module, criterion, arch_params, weights, a_opt, w_opt, grad_clip: float = 0.0,
                  average_arch=None, autocast_dtype=None, scaler=None, freeze_weights: bool = False,
-                 channels_last: bool = False):
-        self.model, self.criterion = model, criterion
+                 channels_last: bool = False, arch_reg=None):
+        self.model, self.criterion, self.arch_reg = model, criterion, arch_reg
         self.arch_params, self.weights = list(arch_params), list(weights)
         self.a_opt, self.w_opt, self.grad_clip, self.average_arch = a_opt, w_opt, grad_clip, average_arch
         self.autocast_dtype, self.scaler, self.channels_last = autocast_dtype, scaler, channels_last
@@ -161,7 +166,7 @@ class SearchStep:
 
     def arch_step(self, x, y) -> torch.Tensor:
         return arch_step(self.model, self.criterion, self.arch_params, self.a_opt, self._in(x), y, self.average_arch,
-                         self.autocast_dtype, self.freeze, self.scaler)
+                         self.autocast_dtype, self.freeze, self.scaler, self.arch_reg)
 
     def weight_step(self, x, y):
         x = self._in(x)

@@ -18,9 +18,10 @@ SCRIPT = str(REPO_ROOT / "bin" / "train_search.py")
 TINY = ["--dataset", "digits", "--init-channels", "8", "--layers", "3", "--workers", "0", "--no-tensorboard",
         "--no-progress", "--eval-steps", "2"]
 # two epochs of one step, each an architecture and a weight step (arch from epoch 0), global batch 32, synchronized
-# BN, float64; the P-DARTS skip cap in the derivation
+# BN, float64; the P-DARTS skip cap in the derivation and the β-DARTS regularization (lambda 5 in the second epoch)
 EQUIV = TINY + ["--epochs", "2", "--arch-start-epoch", "0", "--batch-size", "32", "--steps-per-epoch", "1",
-                "--no-augment", "--sync-bn", "--fp64", "--seed", "3", "--skip-cap", "1"]
+                "--no-augment", "--sync-bn", "--fp64", "--seed", "3", "--skip-cap", "1", "--arch-reg", "beta-decay",
+                "--arch-reg-weight", "10"]
 
 
 def _state(out_dir):
@@ -95,6 +96,7 @@ def test_two_ranks_equal_one_rank(launcher, one_rank_equiv, two_rank_equiv):
     assert g1["genotype"] == json.loads((one_rank_equiv / "genotype.json").read_text())["genotype"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1] and all(m["world_size"] == 2 for m in metrics)
+    assert [m["arch_reg"]["lambda"] for m in metrics] == [0.0, 5.0]
     # the diagnostics of 2 ranks are those of 1 rank
     ones = [json.loads(line) for line in (one_rank_equiv / "metrics.jsonl").read_text().splitlines()]
     for m, o in zip(metrics, ones):
@@ -133,6 +135,23 @@ def test_flat_and_overlap_gradient_allreduce_give_the_same_run(tmp_path, extra, 
     la = [json.loads(x)["train_loss"] for x in ma.splitlines()]
     lb = [json.loads(x)["train_loss"] for x in mb.splitlines()]
     assert len(la) == 2 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-12
+
+
+@pytest.mark.ranks
+def test_early_stop_with_two_ranks_stops_where_one_rank_stops(tmp_path):
+    """--early-stop under mpirun: both ranks end after the same epoch (no rank waits on a collective the other
+    skipped), with the result and the reason of the one-rank run."""
+    args = [*EQUIV, "--epochs", "4", "--arch-start-epoch", "1", "--early-stop", "skip:0"]
+    res = launch([python_exe(), SCRIPT, *args, "--output-dir", tmp_path / "one"], timeout=300)
+    assert res.returncode == 0, describe(res)
+    res = launch(mpirun_cmd(2, [SCRIPT, *args, "--output-dir", tmp_path / "two"]), timeout=300)
+    assert res.returncode == 0, describe(res)
+    one, two = (json.loads((tmp_path / d / "genotype.json").read_text()) for d in ("one", "two"))
+    assert two["early_stop"] == one["early_stop"] and one["early_stop"]["epochs_run"] == 2
+    assert two["genotype"] == one["genotype"]
+    assert max(_max_diffs(_state(tmp_path / "one"), _state(tmp_path / "two"))) < 1e-4
+    rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [0, 1]
 
 
 def test_weight_optimizer_holds_no_arch_parameter_and_arch_step_changes_no_weight(tmp_path):

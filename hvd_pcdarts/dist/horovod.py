@@ -2,6 +2,10 @@
 
 Training loops call these helpers so that they stay importable and testable without MPI: a plain `python`
 process is a size-1 Horovod job.
+
+Replicas (`train_search.py --replicas R`): the W ranks form R groups of W/R consecutive ranks, each a Horovod
+process set running a search of its own. After `init(replicas=R)` every collective below runs inside this rank's
+group, and rank()/size()/is_root() are those within it; `whole_job()` runs collectives over all W ranks.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import zlib
 import torch
 import torch.nn as nn
 
-from ..errors import ConsistencyError
+from ..errors import ConsistencyError, UsageError
 
 _INSTALL_HINT = ("Horovod is not installed (or does not import) in this environment: run `make setup` or "
                  "`PYTHON=.venv/bin/python scripts/install_horovod.sh` (it patches Horovod 0.28.1 to build "
@@ -37,7 +41,7 @@ def hvd():
 CPU_CYCLE_TIME_MS = 20
 
 
-def init(cpu_tuning: bool = False) -> None:
+def init(cpu_tuning: bool = False, replicas: int = 1) -> None:
     # Synchronized batch norm issues two named allreduces per BN layer and step (well over a thousand in the
     # search supernet): give Horovod's response cache room for all of them, unless the user chose a size.
     os.environ.setdefault("HOROVOD_CACHE_CAPACITY", "16384")
@@ -58,8 +62,11 @@ def init(cpu_tuning: bool = False) -> None:
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     h = _hvd()
     if not h.is_initialized():
-        h.init()
+        # process sets formed after init (once the number of ranks is known) need Horovod's dynamic mode
+        h.init(process_sets="dynamic" if replicas > 1 else None)
     _install_lost_peer_hook()
+    if replicas > 1 and _group["set"] is None:
+        _form_replicas(h, replicas)
 
 
 def _install_lost_peer_hook() -> None:
@@ -95,12 +102,83 @@ def _install_lost_peer_hook() -> None:
     sys.excepthook = hook
 
 
-def rank() -> int:
+# this rank's replica: its index, the number of replicas, its process set (None: the whole job) and this rank's
+# rank and the size within it
+_group = dict(index=0, count=1, set=None, rank=0, size=1)
+_whole_job = [False]
+
+
+def _form_replicas(h, count: int) -> None:
+    """Split the W ranks into `count` process sets of W/count consecutive ranks; this rank joins its own.
+    Every rank creates every set, in the same order (Horovod's add_process_set is collective)."""
+    world = h.size()
+    if world % count:
+        raise UsageError(f"--replicas {count} does not divide the {world} rank(s) of this launch: launch a "
+                         f"multiple of {count} ranks, the same number for every replica")
+    per = world // count
+    try:
+        sets = [h.add_process_set(list(range(r * per, (r + 1) * per))) for r in range(count)]
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"--replicas {count}: this launch's Horovod controller cannot form process sets "
+                         f"({first}); launch with horovodrun --gloo, horovodrun --mpi, mpirun or srun") from None
+    index = h.rank() // per
+    _group.update(index=index, count=count, set=sets[index], rank=h.rank() - index * per, size=per)
+
+
+def replica() -> tuple[int, int]:
+    """(this rank's replica, the number of replicas); (0, 1) without --replicas."""
+    return _group["index"], _group["count"]
+
+
+def replica_root() -> bool:
+    """Whether this rank is the first of its replica (of the job without replicas), also within whole_job()."""
+    return _group["rank"] == 0 if _group["set"] is not None else _hvd().rank() == 0
+
+
+def global_rank() -> int:
+    """This rank among all the ranks of the job (rank() is the one within its replica)."""
     return _hvd().rank()
 
 
+@contextlib.contextmanager
+def whole_job():
+    """Within: the collectives, rank(), size() and is_root() are those of all the job's ranks, every replica's."""
+    prev, _whole_job[0] = _whole_job[0], True
+    try:
+        yield
+    finally:
+        _whole_job[0] = prev
+
+
+def job_wide(fn):
+    """`fn` run within whole_job()."""
+    def wrapped(*args, **kwargs):
+        with whole_job():
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def _scoped() -> bool:
+    return _group["set"] is not None and not _whole_job[0]
+
+
+def _pset():
+    """The process set of the collectives: this rank's replica, or the whole job."""
+    return _group["set"] if _scoped() else _hvd().global_process_set
+
+
+def _root(root_rank: int) -> int:
+    """Horovod names a broadcast's root by its rank in the whole job: that of `root_rank` within the set."""
+    return _group["set"].ranks[root_rank] if _scoped() else root_rank
+
+
+def rank() -> int:
+    return _group["rank"] if _scoped() else _hvd().rank()
+
+
 def size() -> int:
-    return _hvd().size()
+    return _group["size"] if _scoped() else _hvd().size()
 
 
 def local_rank() -> int:
@@ -129,38 +207,56 @@ def setup_device(want_gpu: bool | None = None) -> torch.device:
 # --- collectives --------------------------------------------------------------------------------------------
 def allreduce(t: torch.Tensor, name: str | None = None, average: bool = True) -> torch.Tensor:
     h = _hvd()
-    return h.allreduce(t, name=name, op=h.Average if average else h.Sum)
+    return h.allreduce(t, name=name, op=h.Average if average else h.Sum, process_set=_pset())
 
 
 def allreduce_sum(t: torch.Tensor, name: str | None = None) -> torch.Tensor:
     """Differentiable Sum-allreduce (its backward allreduces the gradient)."""
     h = _hvd()
-    return h.allreduce(t, name=name, op=h.Sum)
+    return h.allreduce(t, name=name, op=h.Sum, process_set=_pset())
 
 
 def grouped_average(tensors: list[torch.Tensor], name: str) -> list[torch.Tensor]:
     h = _hvd()
-    if h.size() == 1:
+    if size() == 1:
         return list(tensors)
-    return h.grouped_allreduce(list(tensors), name=name, op=h.Average)
+    return h.grouped_allreduce(list(tensors), name=name, op=h.Average, process_set=_pset())
 
 
-def allgather_object(obj):
-    return _hvd().allgather_object(obj)
+def allgather_object(obj, name: str | None = None) -> list:
+    """Every rank's `obj`, in rank order (hvd.allgather_object, within the process set of the collectives)."""
+    import io
+
+    import cloudpickle
+
+    h = _hvd()
+    name = name or type(obj).__name__
+    buf = io.BytesIO()
+    cloudpickle.dump(obj, buf)
+    t = torch.ByteTensor(bytearray(buf.getvalue()))
+    sizes = h.allgather(torch.IntTensor([t.shape[0]]), name=name + ".sz", process_set=_pset()).tolist()
+    data = h.allgather(t, name=name + ".t", process_set=_pset()).numpy().tobytes()
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [cloudpickle.loads(data[offsets[i]:offsets[i + 1]]) for i in range(len(sizes))]
 
 
 def broadcast_object(obj, root_rank: int = 0, name: str | None = None):
     h = _hvd()
-    if h.size() == 1:
+    if size() == 1:
         return obj
-    return h.broadcast_object(obj, root_rank=root_rank, name=name)
+    return h.broadcast_object(obj, root_rank=_root(root_rank), name=name, process_set=_pset())
 
 
 def broadcast_parameters(module: nn.Module, root_rank: int = 0) -> None:
-    """Parameters and buffers (weights, alphas, betas, BN statistics) from root to every rank."""
+    """Parameters and buffers (weights, alphas, betas, BN statistics) from root to every rank (what
+    hvd.broadcast_parameters does, within the process set of the collectives)."""
     h = _hvd()
-    if h.size() > 1:
-        h.broadcast_parameters(module.state_dict(), root_rank=root_rank)
+    if size() == 1:
+        return
+    handles = [h.broadcast_async_(p, _root(root_rank), name, process_set=_pset())
+               for name, p in sorted(module.state_dict().items())]
+    for handle in handles:
+        h.synchronize(handle)
 
 
 def broadcast_optimizer(optimizer: torch.optim.Optimizer, root_rank: int = 0, name: str = "opt") -> None:
@@ -170,11 +266,9 @@ def broadcast_optimizer(optimizer: torch.optim.Optimizer, root_rank: int = 0, na
     gradients, which with weight decay changes the weights and the momentum buffers - a one-rank run would then
     differ from the published recipe.
     """
-    h = _hvd()
-    if h.size() == 1:
+    if size() == 1:
         return
-    state = h.broadcast_object(optimizer.state_dict(), root_rank=root_rank, name=f"bcast.{name}")
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(broadcast_object(optimizer.state_dict(), root_rank, name=f"bcast.{name}"))
 
 
 def average_buffers(module: nn.Module, name: str = "bn_stats") -> None:
@@ -183,12 +277,12 @@ def average_buffers(module: nn.Module, name: str = "bn_stats") -> None:
     Without synchronized BN every rank accumulates statistics of its own shards; averaging them before an
     evaluation makes every rank (and the checkpoint, written by rank 0) hold the same network."""
     h = _hvd()
-    if h.size() == 1:
+    if size() == 1:
         return
     bufs = [b for b in module.buffers() if b.is_floating_point()]
     if not bufs:
         return
-    out = h.grouped_allreduce(bufs, name=name, op=h.Average)
+    out = h.grouped_allreduce(bufs, name=name, op=h.Average, process_set=_pset())
     with torch.no_grad():
         for b, o in zip(bufs, out):
             b.copy_(o)
@@ -196,102 +290,15 @@ def average_buffers(module: nn.Module, name: str = "bn_stats") -> None:
 
 def barrier() -> None:
     h = _hvd()
-    if h.size() > 1:
-        h.allreduce(torch.zeros(1), name="barrier", op=h.Sum)
+    if size() > 1:
+        h.allreduce(torch.zeros(1), name="barrier", op=h.Sum, process_set=_pset())
 
 
 def distributed_optimizer(optimizer, named_parameters, fp16_allreduce: bool = False):
     h = _hvd()
     compression = h.Compression.fp16 if fp16_allreduce else h.Compression.none
-    return h.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=compression)
-
-
-GRAD_ALLREDUCE_MODES = ("auto", "overlap", "flat")
-
-
-def grad_allreduce_mode(requested: str, device: torch.device) -> str:
-    """`--grad-allreduce auto`: `flat` on the CPU, `overlap` on GPUs (see weight_optimizer)."""
-    if requested == "auto":
-        return "flat" if device.type == "cpu" else "overlap"
-    return requested
-
-
-def weight_optimizer(optimizer, named_parameters, mode: str, fp16_allreduce: bool = False, name: str = "grads"):
-    """The optimizer of the weights with its gradient averaging over the ranks; both modes offer
-    hvd.DistributedOptimizer's interface (`synchronize()`, `skip_synchronize()`, `step()`), used by
-    steps.weight_update.
-
-    - `overlap`: hvd.DistributedOptimizer: one allreduce per gradient tensor, started by backward hooks while
-      backward still runs (overlaps communication with computation on GPUs).
-    - `flat`: after backward, every gradient averaged as ONE flat tensor (one collective a step), see
-      FlatAveraging. On a CPU there is no idle device for the hooks' allreduces to hide behind, and Horovod's
-      handling of the search net's ~1,400 gradient tensors costs the compute threads CPU time; none of
-      hvd.DistributedOptimizer's own settings closes that: 2-rank scaling efficiency on 2 cores, measured in one
-      run of benchmarks/scaling.py (benchmarks/RESULTS.md, "DistributedOptimizer settings on the CPU"):
-      overlap 0.89-0.91, `groups=K` (K grouped allreduces, each once its gradients exist) 0.82-0.88 and slower
-      with shorter cycle times, flat 0.95-1.0. Same numbers as overlap up to summation order.
-    """
-    if mode == "overlap":
-        return distributed_optimizer(optimizer, named_parameters, fp16_allreduce)
-    if mode != "flat":
-        raise ValueError(f"unknown gradient allreduce mode {mode!r}")
-    cls = type("FlatAveraging" + type(optimizer).__name__, (FlatAveraging, type(optimizer)), {})
-    flat = cls(optimizer.param_groups, **optimizer.defaults)  # as hvd.DistributedOptimizer wraps an optimizer
-    flat.load_state_dict(optimizer.state_dict())
-    flat._flat_init(fp16_allreduce, name)
-    return flat
-
-
-class FlatAveraging:
-    """Mixin over a torch optimizer class: `synchronize()` averages the gradients of all parameters over the
-    ranks as one flat tensor (concatenated, one allreduce, copied back; fp16 on the wire with
-    `--fp16-allreduce`); `step()` synchronizes first unless inside `skip_synchronize()` or already synchronized
-    since the last step, as hvd.DistributedOptimizer does, so GradScaler and clipping work the same way."""
-
-    def _flat_init(self, fp16: bool, name: str):
-        self._flat_fp16, self._flat_name = fp16, name
-        self._flat_synced, self._flat_skip = False, False
-
-    def synchronize(self):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        flat_average(grads, self._flat_name, self._flat_fp16)
-        self._flat_synced = True
-
-    @contextlib.contextmanager
-    def skip_synchronize(self):
-        self._flat_skip = True
-        try:
-            yield
-        finally:
-            self._flat_skip = False
-
-    def step(self, closure=None):
-        if not self._flat_skip and not self._flat_synced:
-            self.synchronize()
-        self._flat_synced = False
-        return super().step(closure)
-
-    def zero_grad(self, set_to_none: bool = True):
-        self._flat_synced = False
-        return super().zero_grad(set_to_none=set_to_none)
-
-
-def flat_average(tensors: list[torch.Tensor], name: str, fp16: bool = False) -> None:
-    """Average `tensors` over the ranks IN PLACE with one allreduce per dtype: concatenate, allreduce, copy back."""
-    h = _hvd()
-    if h.size() == 1 or not tensors:
-        return
-    by_dtype: dict = {}
-    for t in tensors:
-        by_dtype.setdefault((t.dtype, t.device), []).append(t)
-    for i, group in enumerate(by_dtype.values()):
-        flat = torch.cat([t.reshape(-1) for t in group])
-        wire = flat.half() if fp16 and flat.is_floating_point() else flat
-        avg = h.allreduce(wire, name=f"{name}.flat{i}", op=h.Average)
-        if avg.dtype != flat.dtype:
-            avg = avg.to(flat.dtype)
-        with torch.no_grad():
-            torch._foreach_copy_(group, [a.view_as(t) for a, t in zip(avg.split([t.numel() for t in group]), group)])
+    return h.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=compression,
+                                  process_set=_pset())
 
 
 def sum_metrics(values: list[float], name: str) -> list[float]:

@@ -83,9 +83,9 @@ class GraphedSearchStep(SearchStep):
 
     def __init__(self, model: nn.Module, criterion, arch_params, weights, a_opt, w_opt, grad_clip: float = 0.0,
                  average_arch=None, average_weights=None, autocast_dtype=None, channels_last: bool = False,
-                 warmup: int = 3, freeze_weights: bool = False):
+                 warmup: int = 3, freeze_weights: bool = False, arch_reg=None):
         super().__init__(model, criterion, arch_params, weights, a_opt, w_opt, grad_clip, average_arch,
-                         autocast_dtype, None, freeze_weights, channels_last)
+                         autocast_dtype, None, freeze_weights, channels_last, arch_reg)
         self.average_weights, self.warmup = average_weights, _warmup(warmup)
         self.pool = torch.cuda.graph_pool_handle()
         self._arch = None  # (graph, x, y, loss, grads)
@@ -97,7 +97,7 @@ class GraphedSearchStep(SearchStep):
 
     def _arch_fwd_bwd(self, x, y):
         loss, grads = arch_gradients(self.model, self.criterion, self.arch_params, x, y, self.autocast_dtype,
-                                     self.freeze)
+                                     self.freeze, reg=self.arch_reg)
         return loss.float(), [g.detach() for g in grads]
 
     def _weight_fwd_bwd(self, x, y):

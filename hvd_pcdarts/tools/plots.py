@@ -25,7 +25,7 @@ CELL_TYPES = (("normal", "alphas_normal", "betas_normal"), ("reduce", "alphas_re
 FORMATS = ("png", "svg", "pdf")
 
 
-def _softmax(xs: list[float]) -> list[float]:
+def softmax(xs: list[float]) -> list[float]:
     m = max(xs)
     e = [math.exp(x - m) for x in xs]
     s = sum(e)
@@ -85,8 +85,8 @@ def read_metrics(run_dir: str) -> list[dict]:
             raise UsageError(f"{path} line {n}: expected a JSON object, got {type(rec).__name__}")
         arch = rec.get("arch")
         if not isinstance(arch, dict):
-            raise UsageError(f"{path} line {n}: no \"arch\" object (plot_search.py needs the metrics of an "
-                             f"architecture search, bin/train_search.py)")
+            raise UsageError(f"{path} line {n}: no \"arch\" object (not the metrics of an architecture "
+                             f"search, bin/train_search.py)")
         for _, akey, bkey in CELL_TYPES:
             alphas, betas = arch.get(akey), arch.get(bkey)
             if (not isinstance(alphas, list) or not alphas
@@ -157,7 +157,7 @@ def _arch_rows(fig, gs, records: list[dict], steps: dict, epochs, marker, colors
     row = 0
     op_handles = None
     for cell, akey, bkey in CELL_TYPES:
-        alphas = [[_softmax(edge) for edge in r["arch"][akey]] for r in records]  # epoch x edge x op
+        alphas = [[softmax(edge) for edge in r["arch"][akey]] for r in records]  # epoch x edge x op
         betas = [r["arch"][bkey] for r in records]
         # one y scale for all edges of a cell type, so that panels compare at a glance
         top = min(1.0, 1.1 * max(max(max(edge) for edge in a) for a in alphas))
@@ -177,7 +177,7 @@ def _arch_rows(fig, gs, records: list[dict], steps: dict, epochs, marker, colors
                     op_handles = ax.get_legend_handles_labels()
             # betas: softmax over this node's input edges, one line per input
             ax = fig.add_subplot(gs[row, cols - 1])
-            norm = [_softmax([b[e] for e in edges]) for b in betas]
+            norm = [softmax([b[e] for e in edges]) for b in betas]
             for c in range(len(edges)):
                 ax.plot(epochs, [n[c] for n in norm], marker=marker, markersize=3, linewidth=1.3,
                         label=edge_source(c))
@@ -218,15 +218,89 @@ def plot_search(run_dir: str, out: str | None = None) -> str:
     if not os.path.isdir(parent):
         raise UsageError(f"--out {out}: folder {parent} does not exist")
     fig = make_figure(records, title=f"architecture weights over the search: {os.path.abspath(run_dir)}")
+    save_figure(fig, out)
+    return out
+
+
+def save_figure(fig, path: str) -> None:
+    """Write `fig` to `path` (format from its extension) atomically and close it."""
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format=ext, dpi=90, bbox_inches="tight")
+        fig.savefig(buf, format=os.path.splitext(path)[1].lstrip(".").lower(), dpi=90, bbox_inches="tight")
     finally:
         import matplotlib.pyplot as plt
 
         plt.close(fig)
     try:
-        atomic_write_bytes(out, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
     except OSError as e:
-        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
-    return out
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def margin_figure(epochs: list[int], cells: dict, threshold: float):
+    """The search report's margins: per cell type (`cells`: {title: [(edge label, margin per epoch), ...]}) one
+    panel, a line per edge, on a y axis fitted to the margins; the threshold dashed when in reach, else named in
+    the title."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(cells), figsize=(6.5 * len(cells), 4.2), squeeze=False)
+    marker = "o" if len(epochs) <= 30 else None
+    for ax, (title, lines) in zip(axes[0], cells.items()):
+        for label, values in lines:
+            ax.plot(epochs, values, marker=marker, markersize=3, linewidth=1.3, label=label)
+        top = max((max(v) for _, v in lines), default=0.0)
+        if threshold <= 2 * top:
+            ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+        else:
+            title += f" (every margin below the threshold {threshold:g})"
+        ax.set_ylim(0, 1.1 * max(top, threshold if threshold <= 2 * top else 0) or 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("margin: top-1 \u2212 top-2 of softmax(\u03b1)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def change_figure(epochs: list[int], cells: dict):
+    """The search report's architecture weights: softmax(alpha) - 1/8 of every operation over the epochs, one panel
+    per edge (`cells`: {title: [(edge label, [[p per operation] per epoch]), ...]}); one column per cell type, a y
+    axis fitted to the data of that cell type (the change shows however small)."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    rows = max(len(edges) for edges in cells.values())
+    fig, axes = plt.subplots(rows, len(cells), figsize=(6 * len(cells), 1.9 * rows + 0.8), squeeze=False,
+                             sharex=True, sharey="col")
+    colors = plt.get_cmap("tab10").colors
+    marker = "o" if len(epochs) <= 30 else None
+    base = 1 / len(PRIMITIVES)
+    for c, (title, edges) in enumerate(cells.items()):
+        for r, (label, probs) in enumerate(edges):
+            ax = axes[r][c]
+            for k, op in enumerate(PRIMITIVES):
+                ax.plot(epochs, [p[k] - base for p in probs], color=colors[k % len(colors)], marker=marker,
+                        markersize=2.5, linewidth=1.2, label=op)
+            ax.axhline(0, color="gray", linewidth=0.6)
+            ax.set_title(f"{title}: {label}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        axes[0][c].set_ylabel(f"softmax(\u03b1) \u2212 1/{len(PRIMITIVES)}", fontsize=8)
+        axes[-1][c].set_xlabel("epoch")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=len(PRIMITIVES), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (1.9 * rows + 0.8)))
+    return fig
