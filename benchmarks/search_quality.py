@@ -55,8 +55,8 @@ OPTIONS = {  # variant name -> the search's flags for its value
     "early-stop": lambda v: ["--early-stop", v],
     "beta-decay": lambda v: ["--arch-reg", "beta-decay", "--arch-reg-weight", v],
 }
-METRICS = ("normal_edges", "normal_inputs", "reduce_edges", "reduce_inputs", "normal_skips", "valid_acc",
-           "epochs_run")
+METRICS = ("normal_edges", "normal_inputs", "reduce_edges", "reduce_inputs", "normal_skips", "normal_undecided",
+           "reduce_undecided", "valid_acc", "epochs_run")
 
 
 def variant_flags(text: str) -> list[str]:
@@ -177,7 +177,7 @@ def search_command(data: str, out: str, variant: str, seed: int, args) -> list[s
 
 
 def run_one(data: str, work: str, variant: str, seed: int, args) -> dict:
-    """One search; its genotype.json and last metrics row, scored."""
+    """One search, scored (read_run)."""
     out = os.path.join(work, f"{variant.replace(':', '_').replace('=', '_')}-s{seed}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT)
     t0 = time.perf_counter()
@@ -186,14 +186,22 @@ def run_one(data: str, work: str, variant: str, seed: int, args) -> dict:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise SystemExit(f"search_quality: {variant} seed {seed} failed (exit {proc.returncode}): " + " | ".join(tail))
-    with open(os.path.join(out, "genotype.json")) as f:
-        gj = json.load(f)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        last = [json.loads(line) for line in f if line.strip()][-1]
+    return read_run(out, variant, seed) | dict(seconds=round(seconds, 1))
+
+
+def read_run(out: str, variant: str, seed: int) -> dict:
+    """A finished search's genotype.json and last metrics row, scored; the edges that its report calls undecided
+    (tools.report, softmax margin below its default threshold)."""
+    from hvd_pcdarts.tools.report import DEFAULT_THRESHOLD, load_run, undecided
+
+    run = load_run(out)
     geno = load_genotype(os.path.join(out, "genotype.json"))
+    last = run.rows[-1]
+    open_edges = undecided(run, DEFAULT_THRESHOLD)
     return dict(variant=variant, seed=seed, genotype=to_dict(geno), **score(geno),
+                normal_undecided=open_edges["normal"][0], reduce_undecided=open_edges["reduce"][0],
                 valid_acc=round(float(last["valid_acc"]), 2), epochs_run=int(last["epoch"]) + 1,
-                early_stop=gj.get("early_stop"), seconds=round(seconds, 1), output_dir=out)
+                early_stop=run.saved.get("early_stop"), output_dir=out)
 
 
 def summarize(runs: list[dict], variants: list[str]) -> dict:
@@ -208,13 +216,15 @@ def summarize(runs: list[dict], variants: list[str]) -> dict:
 
 def table(result: dict) -> str:
     head = ("| variant | normal edges (of 8) | normal inputs (of 8) | reduce edges (of 8) | reduce inputs (of 8) "
-            "| normal skips | search-valid acc % | epochs run |")
-    lines = [head, "|" + "---|" * 8]
+            "| normal skips | undecided edges normal / reduce | search-valid acc % | epochs run |")
+    lines = [head, "|" + "---|" * 9]
+    cells = [(m,) for m in METRICS[:5]] + [METRICS[5:7]] + [(m,) for m in METRICS[7:]]
     for v, s in result["summary"].items():
-        lines.append(f"| {v} | " + " | ".join(f"{s[m][0]:.2f} ± {s[m][1]:.2f}" for m in METRICS) + " |")
+        lines.append(f"| {v} | " + " | ".join(" / ".join(f"{s[m][0]:.2f} ± {s[m][1]:.2f}" for m in ms)
+                                              for ms in cells) + " |")
     c = result["chance"]
     lines.append(f"| chance (uniform genotype) | {c['normal']['edges']:.2f} | {c['normal']['inputs']:.2f} | "
-                 f"{c['reduce']['edges']:.2f} | {c['reduce']['inputs']:.2f} | {c['normal_skips']:.2f} | "
+                 f"{c['reduce']['edges']:.2f} | {c['reduce']['inputs']:.2f} | {c['normal_skips']:.2f} | | "
                  f"{100 / result['teacher']['classes']:.1f} | |")
     return "\n".join(lines)
 
@@ -260,6 +270,7 @@ def main(argv=None) -> int:
     for r in runs:
         print(f"{r['variant']} seed {r['seed']}: normal {r['normal_edges']}/8 edges ({r['normal_inputs']}/8 inputs), "
               f"reduce {r['reduce_edges']}/8 ({r['reduce_inputs']}/8), {r['normal_skips']} skips, "
+              f"{r['normal_undecided']} + {r['reduce_undecided']} undecided, "
               f"valid {r['valid_acc']:.1f}%, {r['epochs_run']} epochs, {r['seconds']:.0f}s", flush=True)
     result = dict(command="python benchmarks/search_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   settings={k: v for k, v in vars(args).items() if k not in ("json", "work_dir")},

@@ -236,5 +236,8 @@ def test_search_quality_runs_the_search_on_the_planted_task(tmp_path, capsys):
         assert 0 <= edges <= inputs <= 8 and inputs >= 2  # node 0 reads both cell inputs, as the teacher's does
     assert run["normal_skips"] == sum(op == "skip_connect" for op, _ in derived["genotype"]["normal"]) <= 1
     assert 0 <= run["valid_acc"] <= 100
+    log = (tmp_path / "skip-cap_1-s3" / "log.txt").read_text()  # the search's own last line agrees on undecided edges
+    n, r = run["normal_undecided"], run["reduce_undecided"]
+    assert (f"{n} of 8 normal edges and {r} of 8 reduction edges" in log) if n + r else ("are decided" in log)
     assert res["summary"]["skip-cap=1"]["normal_edges"] == [run["normal_edges"], 0.0]
     assert "| skip-cap=1 |" in capsys.readouterr().out
