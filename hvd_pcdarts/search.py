@@ -419,21 +419,8 @@ class Searcher(RunLoop):
             if self.elastic:
                 out.info(f"elastic: {st.resets} reset(s), {st.steps_redone} step(s) redone")
             out.info(f"wrote {os.path.join(a.output_dir, 'genotype.json')}, metrics.jsonl, checkpoint.pt")
-            _render_pictures(geno, a.output_dir, out)
-            log_report(a.output_dir, a.margin_threshold, out)  # the last line: a warning when edges are undecided
-
-
-def _render_pictures(geno, out_dir, out):
-    try:
-        from .tools.visualize import have_graphviz, render_genotype
-    except Exception:
-        return
-    if have_graphviz():
-        try:
-            files = render_genotype(geno, os.path.join(out_dir, "cells"))
-            out.info(f"cell pictures: {', '.join(files)}")
-        except Exception as e:  # a picture must never cost a search result
-            out.info(f"cell pictures skipped ({type(e).__name__}: {e})")
+            # RUN/report.md with the cell pictures; the last line: a warning when edges are undecided
+            log_report(a.output_dir, a.margin_threshold, out)
 
 
 def main(argv=None) -> int:

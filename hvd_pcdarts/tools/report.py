@@ -241,14 +241,15 @@ def _pictures(run_dir: str, run: Run, threshold: float) -> list[str]:
 
 
 def _cells(run_dir: str, run: Run) -> list[str]:
-    """Links to RUN/cells/{normal,reduction}.png, drawn when missing and graphviz is installed."""
+    """Links to RUN/cells/{normal,reduction}.png of the result, drawn (again: a resumed search can change the
+    result) when graphviz is installed; without graphviz, the pictures already there."""
     from .visualize import render_genotype
 
     files = [f"cells/{name}.png" for _, _, name in CELLS]
-    if not all(os.path.isfile(os.path.join(run_dir, f)) for f in files):
-        try:
-            render_genotype(from_dict(run.result), os.path.join(run_dir, "cells"), strict=True)
-        except UsageError as e:  # graphviz missing or failing
+    try:
+        render_genotype(from_dict(run.result), os.path.join(run_dir, "cells"), strict=True)
+    except UsageError as e:  # graphviz missing or failing
+        if not all(os.path.isfile(os.path.join(run_dir, f)) for f in files):
             return ["## Cells", "", f"No pictures: {e}.", ""]
     return ["## Cells", ""] + [f"![{name} cell]({f})" for (_, _, name), f in zip(CELLS, files)] + [""]
 
