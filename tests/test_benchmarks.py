@@ -184,3 +184,60 @@ def test_cuda_autocast_emulation_applies_cuda_policies_inside_only():
         assert torch.addcmul(h, h, s).dtype == torch.bfloat16  # unregistered again
     with cuda_autocast.emulate():
         assert torch.addcmul(h, h, s).dtype == torch.bfloat16  # outside autocast: no policy
+
+
+def test_search_quality_scores_edges_node_by_node():
+    import search_quality as sq
+
+    from hvd_pcdarts.space.genotypes import Genotype
+
+    t = sq.TEACHER
+    assert sq.score(t) == dict(normal_edges=8, normal_inputs=8, reduce_edges=8, reduce_inputs=8, normal_skips=1)
+    # node 0 swapped (order within a node is free), node 1's op changed, node 2's input changed
+    normal = [t.normal[1], t.normal[0], ("max_pool_3x3", 0), t.normal[3], ("dil_conv_3x3", 1), t.normal[5],
+              ("skip_connect", 1), ("skip_connect", 4)]
+    s = sq.score(Genotype(normal, t.normal_concat, t.reduce, t.reduce_concat))
+    assert (s["normal_edges"], s["normal_inputs"], s["normal_skips"]) == (4, 7, 3)
+    c = sq.chance(t.normal)  # 2/(j+2) of each node's two teacher inputs is read, 1/7 of those with the op
+    assert c["inputs"] == pytest.approx(2 * (1 + 2 / 3 + 1 / 2 + 2 / 5))
+    assert c["edges"] == pytest.approx(c["inputs"] / 7)
+    assert sq.variant_flags("beta-decay=0.5") == ["--arch-reg", "beta-decay", "--arch-reg-weight", "0.5"]
+    assert sq.variant_flags("early-stop=stable:3") == ["--early-stop", "stable:3"] and sq.variant_flags("plain") == []
+    for bad in ("skip-cap", "skip-cap=", "dropout=0.1"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            sq.variant_flags(bad)
+
+
+@pytest.mark.slow
+def test_search_quality_runs_the_search_on_the_planted_task(tmp_path, capsys):
+    """A tiny run end to end: labels of several classes, genotype.json recounted by hand, the table printed."""
+    import json
+
+    import search_quality as sq
+
+    out = tmp_path / "r.json"
+    assert sq.main(["--variants", "skip-cap=1", "--seeds", "3", "--images", "96", "--classes", "3",
+                    "--teacher-channels", "8", "--layers", "3", "--batch-size", "16", "--epochs", "2",
+                    "--arch-start-epoch", "0", "--jobs", "1", "--work-dir", str(tmp_path), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    counts = res["teacher"]["class_counts"]
+    assert sum(counts) == 96 and len(counts) == 3 and max(counts) < 80  # not all one class
+    assert len(list((tmp_path / "data" / "train").rglob("*.png"))) == 96
+    (run,) = res["runs"]
+    assert run["variant"] == "skip-cap=1" and run["seed"] == 3 and run["epochs_run"] == 2
+    derived = json.loads((tmp_path / "skip-cap_1-s3" / "genotype.json").read_text())
+    assert derived["derivation"] == {"skip_cap": 1}  # the variant's flag reached the search
+    teacher = res["teacher"]["genotype"]
+    for cell in ("normal", "reduce"):
+        d, t = derived["genotype"][cell], teacher[cell]
+        edges = sum(len({tuple(e) for e in d[j:j + 2]} & {tuple(e) for e in t[j:j + 2]}) for j in (0, 2, 4, 6))
+        inputs = sum(len({e[1] for e in d[j:j + 2]} & {e[1] for e in t[j:j + 2]}) for j in (0, 2, 4, 6))
+        assert run[f"{cell}_edges"] == edges and run[f"{cell}_inputs"] == inputs
+        assert 0 <= edges <= inputs <= 8 and inputs >= 2  # node 0 reads both cell inputs, as the teacher's does
+    assert run["normal_skips"] == sum(op == "skip_connect" for op, _ in derived["genotype"]["normal"]) <= 1
+    assert 0 <= run["valid_acc"] <= 100
+    log = (tmp_path / "skip-cap_1-s3" / "log.txt").read_text()  # the search's own last line agrees on undecided edges
+    n, r = run["normal_undecided"], run["reduce_undecided"]
+    assert (f"{n} of 8 normal edges and {r} of 8 reduction edges" in log) if n + r else ("are decided" in log)
+    assert res["summary"]["skip-cap=1"]["normal_edges"] == [run["normal_edges"], 0.0]
+    assert "| skip-cap=1 |" in capsys.readouterr().out
