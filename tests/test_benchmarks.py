@@ -241,3 +241,26 @@ def test_search_quality_runs_the_search_on_the_planted_task(tmp_path, capsys):
     assert (f"{n} of 8 normal edges and {r} of 8 reduction edges" in log) if n + r else ("are decided" in log)
     assert res["summary"]["skip-cap=1"]["normal_edges"] == [run["normal_edges"], 0.0]
     assert "| skip-cap=1 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_early_stop_skip_ends_a_search_driven_into_skips(tmp_path):
+    """The planted task of search_quality.py, search seed 3, turns to skip connections at its first architecture
+    epoch (benchmarks/RESULTS.md, "Search quality on a planted architecture": 4-6 skips from epoch 7 on, from 1 in
+    the initial architecture). --early-stop skip:4 ends the search at that epoch, with that epoch's genotype."""
+    import json
+
+    import search_quality as sq
+
+    out = tmp_path / "r.json"
+    assert sq.main(["--variants", "early-stop=skip:4", "--seeds", "3", "--jobs", "1", "--work-dir", str(tmp_path),
+                    "--json", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    folder = tmp_path / "early-stop_skip_4-s3"
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    skips = [r["diagnostics"]["normal_skips"] for r in rows]
+    assert run["epochs_run"] == len(rows) == 7 and skips[0] < 4 <= skips[-1]  # driven there by the search
+    assert run["early_stop"]["rule"] == "skip:4" and run["early_stop"]["epochs_run"] == 7
+    saved = json.loads((folder / "genotype.json").read_text())
+    assert saved["genotype"] == rows[-1]["genotype"] and run["normal_skips"] == skips[-1]
+    assert "early stop after epoch 7/30 (--early-stop skip:4)" in (folder / "log.txt").read_text()
