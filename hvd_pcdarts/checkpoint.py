@@ -16,9 +16,20 @@ import torch
 from .errors import UsageError
 
 
+def temp_sibling(path: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """(fd, name) of a new temporary file beside `path`, with the permissions an ordinary new file gets (0666
+    less the umask: mkstemp's 0600 would hide every output from the other users of a shared cluster)."""
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=d)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     d = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    fd, tmp = temp_sibling(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

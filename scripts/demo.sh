@@ -7,7 +7,7 @@ OUT=${DEMO_OUT:-runs/demo}
 rm -rf "$OUT/search" "$OUT/train"
 echo "== search: horovodrun -np 2 (Gloo) on digits, output $OUT/search"
 horovodrun --gloo -np 2 -H localhost:2 python bin/train_search.py \
-  --dataset digits --epochs 8 --arch-start-epoch 2 --arch-lr 0.1 --batch-size 64 --init-channels 8 --layers 5 \
+  --dataset digits --epochs 10 --arch-start-epoch 2 --arch-lr 0.1 --batch-size 64 --init-channels 8 --layers 5 \
   --workers 0 --output-dir "$OUT/search"
 echo
 echo "report:        $OUT/search/report.md  (how decided each edge is; pictures in $OUT/search/report/)"

@@ -302,3 +302,18 @@ def test_a_stop_signal_checkpoints_the_step_and_resume_equals_uninterrupted(kind
                 assert abs(ra[key] - rb[key]) <= 1e-6 * max(1.0, abs(ra[key])), (key, ra, rb)
     if kind == "search":
         assert [r["genotype"] for r in rows[0]] == [r["genotype"] for r in rows[1]]
+
+
+def test_atomic_writes_give_ordinary_file_permissions(tmp_path):
+    """Outputs are readable as any new file is (0666 less the umask), not private as a bare temporary file."""
+    from hvd_pcdarts.checkpoint import atomic_save, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(str(tmp_path / "a.json"), "{}\n")
+        atomic_save({"x": torch.zeros(1)}, str(tmp_path / "c.pt"))
+    finally:
+        os.umask(old)
+    for name in ("a.json", "c.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

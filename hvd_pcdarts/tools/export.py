@@ -14,13 +14,12 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 
 import torch
 import torch.nn as nn
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, temp_sibling
 from ..cli import ArgParser, positive_float, positive_int
 from ..data import DIGITS_SIZE
 from ..errors import UsageError
@@ -120,7 +119,7 @@ def export(model: nn.Module, fmt: str, out: str, image_size: int, opset: int = 1
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise UsageError(f"--out {out}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=FORMATS[fmt], dir=folder)
+    fd, tmp = temp_sibling(out, suffix=FORMATS[fmt])
     os.close(fd)
     try:
         with torch.no_grad():
