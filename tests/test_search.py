@@ -245,7 +245,9 @@ def test_two_rank_search_learns_digits_and_writes_outputs(tmp_path):
     assert (out / "args.json").exists() and (out / "log.txt").exists()
     # only rank 0 writes: no stray files from rank 1 (e.g. a second log)
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == \
-        ["args.json", "checkpoint.pt", "genotype.json", "log.txt", "metrics.jsonl"]
+        ["args.json", "checkpoint.pt", "genotype.json", "log.txt", "metrics.jsonl", "report.md"]
+    assert sorted(p.name for p in (out / "report").iterdir()) == ["arch_weights.png", "margins.png"]
+    assert "of the result are" in (out / "log.txt").read_text().splitlines()[-1]  # the report's verdict, last
 
 
 def _write_cifar10(root, n_per_batch=40, n_test=30, seed=0):
