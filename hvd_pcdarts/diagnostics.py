@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.search_network import edge_softmax
+from .space.genotypes import node_edges
 
 
 def cell_diagnostics(alphas: torch.Tensor, betas: torch.Tensor, steps: int) -> dict:
@@ -23,10 +24,7 @@ def cell_diagnostics(alphas: torch.Tensor, betas: torch.Tensor, steps: int) -> d
     top2 = p.topk(2, dim=-1).values
     entropy = -(p * p.clamp_min(1e-300).log()).sum(dim=-1)
     e = edge_softmax(betas.detach().double().cpu(), steps)
-    nodes, start = [], 0
-    for i in range(steps):
-        nodes.append(e[start:start + 2 + i].tolist())
-        start += 2 + i
+    nodes = [e[r.start:r.stop].tolist() for r in node_edges(steps)]
     return {"margin": (top2[:, 0] - top2[:, 1]).tolist(), "entropy": entropy.tolist(), "betas": nodes}
 
 
@@ -38,7 +36,6 @@ def search_diagnostics(model, genotype, changed: bool) -> dict:
             "reduce": cell_diagnostics(model.alphas_reduce, model.betas_reduce, steps),
             "normal_skips": sum(op == "skip_connect" for op, _ in genotype.normal),
             "genotype_changed": changed}
-
 
 
 def early_stop_rule(text: str) -> tuple[str, int]:

@@ -323,9 +323,7 @@ class Searcher(RunLoop):
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
                     arch_pass=st.arch_pass, arch_pos=st.arch_sample // a.batch_size, arch_sample=st.arch_sample,
                     global_step=st.global_step, last_genotype=st.last_genotype, stable_epochs=st.stable_epochs,
-                    rng_torch=torch.get_rng_state(),
-                    world_size=self.world,
-                    args=jsonable(vars(a)))
+                    rng_torch=torch.get_rng_state(), world_size=self.world, args=jsonable(vars(a)))
 
     def _write_epoch(self, out, rec: dict, st) -> None:
         """Rank 0's writes at an epoch's end: the metrics row, genotype.json, checkpoint.pt."""

@@ -137,20 +137,18 @@ def _verdict(results: list[dict], status: int) -> int:
 
 
 def _result(args, outcome) -> dict:
-    """The replica's root: its seed, final search-valid accuracy and genotype, from the files it wrote."""
+    """The replica's root: its seed, final search-valid accuracy and genotype, from the files it wrote (read as
+    the search report reads them)."""
     from ..runtime import jsonable
+    from ..tools.report import load_run
 
     res = dict(replica=args.replica, seed=args.seed, output_dir=os.path.basename(args.output_dir))
     if outcome is not None:
         return res | {outcome[0]: outcome[1]}
-    with open(os.path.join(args.output_dir, "genotype.json"), encoding="utf-8") as f:
-        geno = json.load(f)
-    rows = []
-    with open(os.path.join(args.output_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    last = rows[-1] if rows else {}
-    return res | jsonable(dict(valid_acc=last.get("valid_acc"), epochs=last.get("epoch", -1) + 1,
-                               genotype=geno["genotype"], early_stop=geno.get("early_stop")))
+    run = load_run(args.output_dir)
+    last = run.rows[-1]
+    return res | jsonable(dict(valid_acc=last.get("valid_acc"), epochs=last["epoch"] + 1,
+                               genotype=run.saved["genotype"], early_stop=run.saved.get("early_stop")))
 
 
 def _write_consensus(args, results: list[dict]) -> str | None:

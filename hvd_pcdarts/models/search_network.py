@@ -222,16 +222,23 @@ class SearchNetwork(nn.Module):
 
     # --- the derived cell --------------------------------------------------------------------------------
     def genotype(self, skip_cap: int | None = None) -> Genotype:
-        """The derived cells (`derive_cell`); `skip_cap` applies to the normal cell."""
-        with torch.no_grad():
-            gene_normal = derive_cell(self.alphas_normal, self.betas_normal, self._steps, skip_cap)
-            gene_reduce = derive_cell(self.alphas_reduce, self.betas_reduce, self._steps)
-        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
-        return Genotype(normal=gene_normal, normal_concat=concat, reduce=gene_reduce, reduce_concat=concat)
+        """The derived cells (`derive_genotype`); `skip_cap` applies to the normal cell."""
+        return derive_genotype({n: getattr(self, n) for n in ARCH_PARAM_NAMES}, self._steps, skip_cap,
+                               self._multiplier)
 
     def arch_state(self) -> dict:
         """Raw (unnormalized) architecture parameters as nested lists, for genotype.json and metrics."""
         return {n: getattr(self, n).detach().cpu().double().tolist() for n in ARCH_PARAM_NAMES}
+
+
+def derive_genotype(arch: dict, steps: int, skip_cap: int | None = None, multiplier: int | None = None) -> Genotype:
+    """Both cells derived (`derive_cell`) from `arch` (ARCH_PARAM_NAMES -> tensor), `skip_cap` on the normal cell;
+    a cell's output concatenates its last `multiplier` intermediate nodes (default: all `steps`)."""
+    multiplier = steps if multiplier is None else multiplier
+    normal = derive_cell(arch["alphas_normal"], arch["betas_normal"], steps, skip_cap)
+    reduce = derive_cell(arch["alphas_reduce"], arch["betas_reduce"], steps)
+    concat = list(range(2 + steps - multiplier, steps + 2))
+    return Genotype(normal=normal, normal_concat=concat, reduce=reduce, reduce_concat=concat)
 
 
 def derive_cell(alphas: torch.Tensor, betas: torch.Tensor, steps: int, skip_cap: int | None = None):

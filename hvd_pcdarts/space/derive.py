@@ -9,20 +9,8 @@ import os
 import torch
 
 from ..errors import UsageError
-from .genotypes import Genotype, derivation_rule, save_genotype
-
-ARCH_KEYS = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
-
-
-def _steps(n_edges: int) -> int:
-    """Intermediate nodes of a cell with `n_edges` edges (node i has 2 + i incoming edges)."""
-    steps, total = 0, 0
-    while total < n_edges:
-        total += 2 + steps
-        steps += 1
-    if total != n_edges:
-        raise UsageError(f"{n_edges} edges is no cell's edge count (2 + 3 + ... per node)")
-    return steps
+from ..models.search_network import ARCH_PARAM_NAMES, derive_genotype
+from .genotypes import Genotype, derivation_rule, save_genotype, steps_for_edges
 
 
 def read_arch(path: str) -> dict:
@@ -34,11 +22,11 @@ def read_arch(path: str) -> dict:
             obj = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"{path}: not a readable JSON file ({e})") from None
-    missing = [k for k in ARCH_KEYS if not isinstance(obj, dict) or k not in obj]
+    missing = [k for k in ARCH_PARAM_NAMES if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise UsageError(f"{path}: no {', '.join(missing)}: derive.py needs the genotype.json a search wrote")
     try:
-        arch = {k: torch.tensor(obj[k], dtype=torch.float64) for k in ARCH_KEYS}
+        arch = {k: torch.tensor(obj[k], dtype=torch.float64) for k in ARCH_PARAM_NAMES}
     except (TypeError, ValueError) as e:
         raise UsageError(f"{path}: the architecture parameters are not numeric arrays ({e})") from None
     for cell in ("normal", "reduce"):
@@ -52,17 +40,16 @@ def read_arch(path: str) -> dict:
 def derive_file(path: str, out: str, skip_cap: int | None = None) -> Genotype:
     """Derive both cells from `path`'s saved parameters (`skip_cap` on the normal cell), write `out` with the same
     parameters and the rule, return the genotype."""
-    from ..models.search_network import derive_cell
-
     arch = read_arch(path)
-    steps = _steps(arch["betas_normal"].shape[0])
-    normal = derive_cell(arch["alphas_normal"], arch["betas_normal"], steps, skip_cap)
-    reduce = derive_cell(arch["alphas_reduce"], arch["betas_reduce"], steps)
-    concat = list(range(2, steps + 2))
-    geno = Genotype(normal=normal, normal_concat=concat, reduce=reduce, reduce_concat=concat)
+    n_edges = arch["betas_normal"].shape[0]
+    try:
+        steps = steps_for_edges(n_edges)
+    except ValueError:
+        raise UsageError(f"{n_edges} edges is no cell's edge count (2 + 3 + ... per node)") from None
+    geno = derive_genotype(arch, steps, skip_cap)
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out {out}: folder {out_dir} does not exist")
-    extra = {k: arch[k].tolist() for k in ARCH_KEYS} | derivation_rule(skip_cap)
+    extra = {k: arch[k].tolist() for k in ARCH_PARAM_NAMES} | derivation_rule(skip_cap)
     save_genotype(geno, out, extra=extra)
     return geno

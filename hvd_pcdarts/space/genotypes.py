@@ -109,6 +109,26 @@ def from_dict(obj, where: str = "genotype") -> Genotype:
     return Genotype(normal=normal, normal_concat=normal_concat, reduce=reduce, reduce_concat=reduce_concat)
 
 
+def steps_for_edges(n_edges: int) -> int:
+    """Intermediate nodes of a cell with n_edges edges (node i has 2 + i inputs); raises ValueError if none fits."""
+    steps, total = 0, 0
+    while total < n_edges:
+        total += 2 + steps
+        steps += 1
+    if total != n_edges or steps == 0:
+        raise ValueError(n_edges)
+    return steps
+
+
+def node_edges(steps: int) -> list[range]:
+    """The edge indices of each intermediate node."""
+    out, start = [], 0
+    for i in range(steps):
+        out.append(range(start, start + 2 + i))
+        start += 2 + i
+    return out
+
+
 def derivation_rule(skip_cap: int | None) -> dict:
     """The derivation's rule for genotype.json: {"derivation": {"skip_cap": N}}, or {} for the plain PC-DARTS one."""
     return {} if skip_cap is None else {"derivation": {"skip_cap": int(skip_cap)}}

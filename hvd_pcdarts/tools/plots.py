@@ -19,7 +19,7 @@ import os
 
 from ..checkpoint import atomic_write_bytes
 from ..errors import UsageError
-from ..space.genotypes import PRIMITIVES
+from ..space.genotypes import PRIMITIVES, node_edges, steps_for_edges
 
 CELL_TYPES = (("normal", "alphas_normal", "betas_normal"), ("reduce", "alphas_reduce", "betas_reduce"))
 FORMATS = ("png", "svg", "pdf")
@@ -30,26 +30,6 @@ def softmax(xs: list[float]) -> list[float]:
     e = [math.exp(x - m) for x in xs]
     s = sum(e)
     return [v / s for v in e]
-
-
-def steps_for_edges(n_edges: int) -> int:
-    """Intermediate nodes of a cell with n_edges edges (node i has 2 + i inputs); raises ValueError if none fits."""
-    steps, total = 0, 0
-    while total < n_edges:
-        total += 2 + steps
-        steps += 1
-    if total != n_edges or steps == 0:
-        raise ValueError(n_edges)
-    return steps
-
-
-def node_edges(steps: int) -> list[range]:
-    """The edge indices of each intermediate node."""
-    out, start = [], 0
-    for i in range(steps):
-        out.append(range(start, start + 2 + i))
-        start += 2 + i
-    return out
 
 
 def edge_source(j: int) -> str:
@@ -125,10 +105,7 @@ def _series(records: list[dict], key: str) -> list[float]:
 
 def make_figure(records: list[dict], title: str | None = None):
     """The matplotlib Figure (Agg backend) for validated `records`."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     epochs = _epochs(records)
     marker = "o" if len(records) <= 30 else None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..checkpoint import atomic_write_text
 from ..errors import UsageError
-from ..space.genotypes import PRIMITIVES, from_dict, to_dict
+from ..space.genotypes import PRIMITIVES, from_dict, node_edges, steps_for_edges, to_dict
 from . import plots
 
 DEFAULT_THRESHOLD = 0.05
@@ -48,7 +48,7 @@ def load_run(run_dir: str) -> Run:
     """The finished (or stopped) search in `run_dir`, validated; any problem raises UsageError."""
     rows = plots.read_metrics(run_dir)
     path = os.path.join(run_dir, "metrics.jsonl")
-    steps = {key: plots.steps_for_edges(len(rows[0]["arch"][akey])) for key, akey, _ in CELLS}
+    steps = {key: steps_for_edges(len(rows[0]["arch"][akey])) for key, akey, _ in CELLS}
     for n, row in enumerate(rows, 1):
         if not isinstance(row.get("epoch"), int) or isinstance(row["epoch"], bool):
             raise UsageError(f"{path} epoch {n}: no integer \"epoch\" (not the metrics of bin/train_search.py)")
@@ -93,7 +93,7 @@ def probs(row: dict, alphas_key: str) -> list[list[float]]:
 def result_edges(run: Run, cell: str, alphas_key: str) -> list[dict]:
     """The edges of the result's `cell`, two per node: node, input, op, edge index, settled epoch, final margin."""
     steps = len(run.result[cell]) // 2
-    edges = plots.node_edges(steps)
+    edges = node_edges(steps)
     final = probs(run.rows[-1], alphas_key)
     out = []
     for g, (op, j) in enumerate(run.result[cell]):
@@ -196,7 +196,7 @@ def _margins(run: Run, threshold: float) -> list[str]:
                   "|---|---|---|---|---:|---|"]
         final = probs(run.rows[-1], akey)
         steps = len(run.result[cell]) // 2
-        for node, edges in enumerate(plots.node_edges(steps)):
+        for node, edges in enumerate(node_edges(steps)):
             for j, e in enumerate(edges):
                 top = sorted(range(len(PRIMITIVES)), key=lambda k: (-final[e][k], k))[:2]
                 ops = [f"{PRIMITIVES[k]} {final[e][k]:.5f}" for k in top]
